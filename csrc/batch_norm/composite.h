@@ -1,0 +1,306 @@
+// The Batch Norm operators, written once over a backend `K` that supplies the
+// four kernels (statistics, elementwise normalise, backward reduce, backward
+// elementwise) and a way to run a per-channel function. cpu_kernels.cpp and
+// cuda_kernels.cu instantiate these templates with their own backend.
+//
+// K must provide:
+//   std::tuple<Tensor, Tensor> stats(x)                     mean, biased var (opmath)
+//   Tensor elemt(x, mean, scale, shift)                      (x - mean) * scale + shift
+//   std::tuple<Tensor, Tensor> backward_reduce(dy, x, mean)  sum dy, sum dy * (x - mean)
+//   Tensor backward_elemt(dy, x, mean, a, k, c)              a * dy + k * (x - mean) + c
+//   void for_each_channel(int64_t C, F f)                    f(c) for c in [0, C)
+// where x and dy are canonical (common/layout.h) and per-channel tensors are
+// contiguous vectors of the opmath dtype.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+
+#include <optional>
+#include <tuple>
+
+#include "bnext/batch_norm_math.h"
+#include "common/checks.h"
+#include "common/layout.h"
+
+namespace bnext {
+namespace batch_norm {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// A per-channel tensor as a contiguous opmath vector (undefined stays undefined).
+inline Tensor per_channel(const Tensor& t, at::ScalarType opmath) {
+  return t.defined() ? t.to(opmath).contiguous() : t;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T load_or(const T* p, int64_t c, T fallback) {
+  return p != nullptr ? p[c] : fallback;
+}
+
+template <typename T>
+inline const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+inline void check_args(const char* op, const Tensor& input, const Tensor& weight,
+                       const Tensor& bias, const Tensor& mean, const Tensor& var) {
+  check_input(op, input, 2);
+  const int64_t C = input.size(1);
+  check_param(op, "weight", weight, input, C);
+  check_param(op, "bias", bias, input, C);
+  check_param(op, "running_mean", mean, input, C);
+  check_param(op, "running_var", var, input, C);
+}
+
+// y = (x - mean) * scale + shift for per-channel opmath mean/var.
+template <class K>
+Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                 const Tensor& bias, double eps) {
+  const int64_t C = x.size(1);
+  const auto opmath = mean.scalar_type();
+  const Tensor w = per_channel(weight, opmath);
+  const Tensor b = per_channel(bias, opmath);
+  Tensor scale = at::empty({C}, mean.options());
+  Tensor shift = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_forward_coeffs", [&] {
+    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
+    const scalar_t* w_p = data_or_null<scalar_t>(w);
+    const scalar_t* b_p = data_or_null<scalar_t>(b);
+    scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
+    scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
+    const auto eps_ = static_cast<scalar_t>(eps);
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
+      const auto co = forward_coeffs(inv_std(var_p[c], eps_), load_or(w_p, c, scalar_t(1)),
+                                     load_or(b_p, c, scalar_t(0)));
+      scale_p[c] = co.scale;
+      shift_p[c] = co.shift;
+    });
+  });
+  return K::elemt(x, mean, scale, shift);
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> train(const Tensor& input, const OptTensor& weight,
+                                         const OptTensor& bias, double eps) {
+  const Tensor& w = value_or_undefined(weight);
+  const Tensor& b = value_or_undefined(bias);
+  check_args("bnext::batch_norm_train", input, w, b, Tensor(), Tensor());
+  const Tensor x = canonical(input);
+  Tensor mean, var;
+  std::tie(mean, var) = K::stats(x);
+  return {normalize<K>(x, mean, var, w, b, eps), mean, var};
+}
+
+template <class K>
+Tensor infer(const Tensor& input, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+             const OptTensor& bias, double eps) {
+  const Tensor& w = value_or_undefined(weight);
+  const Tensor& b = value_or_undefined(bias);
+  check_args("bnext::batch_norm_infer", input, w, b, mean, var);
+  const auto opmath = opmath_dtype(input.scalar_type());
+  return normalize<K>(canonical(input), per_channel(mean, opmath), per_channel(var, opmath), w, b,
+                      eps);
+}
+
+// Gradients of y = (x - mean) * invstd * weight' + bias', where in training
+// mean and invstd are the batch statistics (functions of x) and in eval they
+// are constants. `r`/`d` (Batch Renorm) rescale the weight: weight' = weight * r,
+// and add d * sum(dy) to the weight gradient; pass undefined tensors for Batch Norm.
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& input,
+                                            const Tensor& mean_in, const Tensor& var_in,
+                                            const Tensor& weight, const Tensor& r_in,
+                                            const Tensor& d_in, double eps, bool training) {
+  check_args("bnext::batch_norm_backward", input, weight, Tensor(), mean_in, var_in);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(),
+              "bnext::batch_norm_backward: expected grad_out of size ", input.sizes(), ", got ",
+              grad_out.sizes());
+  const Tensor x = canonical(input);
+  const Tensor dy = same_layout(grad_out, x);
+  const int64_t C = x.size(1);
+  const int64_t count = x.numel() / C;
+  const auto opmath = opmath_dtype(input.scalar_type());
+  const Tensor mean = per_channel(mean_in, opmath);
+  const Tensor var = per_channel(var_in, opmath);
+  const Tensor w = per_channel(weight, opmath);
+  const Tensor r = per_channel(r_in, opmath);
+  const Tensor d = per_channel(d_in, opmath);
+
+  Tensor sum_dy, sum_dy_xmu;
+  std::tie(sum_dy, sum_dy_xmu) = K::backward_reduce(dy, x, mean);
+  Tensor grad_weight = at::empty({C}, mean.options());
+  Tensor a = at::empty({C}, mean.options());
+  Tensor k = at::empty({C}, mean.options());
+  Tensor c_ = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_backward_coeffs", [&] {
+    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
+    const scalar_t* w_p = data_or_null<scalar_t>(w);
+    const scalar_t* r_p = data_or_null<scalar_t>(r);
+    const scalar_t* d_p = data_or_null<scalar_t>(d);
+    const scalar_t* sdy_p = sum_dy.const_data_ptr<scalar_t>();
+    const scalar_t* sdx_p = sum_dy_xmu.const_data_ptr<scalar_t>();
+    scalar_t* gw_p = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* a_p = a.mutable_data_ptr<scalar_t>();
+    scalar_t* k_p = k.mutable_data_ptr<scalar_t>();
+    scalar_t* c_p = c_.mutable_data_ptr<scalar_t>();
+    const auto eps_ = static_cast<scalar_t>(eps);
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
+      const scalar_t invstd = inv_std(var_p[c], eps_);
+      const scalar_t r_c = load_or(r_p, c, scalar_t(1));
+      const scalar_t w_c = load_or(w_p, c, scalar_t(1)) * r_c;
+      const auto co = backward_coeffs(invstd, w_c, sdy_p[c], sdx_p[c], count, training);
+      gw_p[c] = r_c * sdx_p[c] * invstd + load_or(d_p, c, scalar_t(0)) * sdy_p[c];
+      a_p[c] = co.a;
+      k_p[c] = co.k;
+      c_p[c] = co.c;
+    });
+  });
+  Tensor grad_input = K::backward_elemt(dy, x, mean, a, k, c_);
+  const auto param_dtype = weight.defined() ? weight.scalar_type() : opmath;
+  return {grad_input, grad_weight.to(param_dtype), sum_dy.to(param_dtype)};
+}
+
+// running = momentum * batch + (1 - momentum) * running, with the unbiased
+// batch variance; momentum=None is the cumulative average 1 / (steps + 1).
+// num_batches_tracked is incremented here, after every check has passed, so a
+// failing call leaves all three buffers as they were. Running tensors may be
+// of any float dtype and are updated in place.
+template <class K>
+void update_stats(const Tensor& running_mean, const Tensor& running_var,
+                  const OptTensor& num_batches_tracked, const Tensor& mean_in,
+                  const Tensor& var_in, std::optional<double> momentum, int64_t count) {
+  const char* op = "bnext::batch_norm_update_stats";
+  const int64_t C = mean_in.numel();
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"running_mean", &running_mean},
+                                {"running_var", &running_var}}) {
+    TORCH_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());
+    TORCH_CHECK(t->device() == mean_in.device(), op, ": expected ", name, " on device ",
+                mean_in.device(), " (the input's device), got ", t->device());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": expected a floating-point ", name,
+                ", got ", t->scalar_type());
+  }
+  const Tensor& steps = value_or_undefined(num_batches_tracked);
+  TORCH_CHECK(momentum.has_value() || steps.defined(), op,
+              ": momentum=None (cumulative average) needs num_batches_tracked");
+  TORCH_CHECK(!steps.defined() || (steps.numel() == 1 && steps.device() == mean_in.device()), op,
+              ": expected num_batches_tracked to be one value on ", mean_in.device(), ", got ",
+              steps.sizes(), " on ", steps.device());
+  TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training, got ", count);
+
+  const auto opmath = mean_in.scalar_type();
+  const auto work = [&](const Tensor& t) {
+    return t.scalar_type() == opmath && t.is_contiguous() ? t : t.to(opmath).contiguous();
+  };
+  Tensor rm = work(running_mean);
+  Tensor rv = work(running_var);
+  const Tensor mean = mean_in.contiguous();
+  const Tensor var = var_in.contiguous();
+  // The step count stays on the device: reading it on the host would synchronise.
+  const Tensor steps_i64 = momentum.has_value() ? Tensor() : steps.to(at::kLong);
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_update_stats", [&] {
+    scalar_t* rm_p = rm.mutable_data_ptr<scalar_t>();
+    scalar_t* rv_p = rv.mutable_data_ptr<scalar_t>();
+    const scalar_t* mean_p = mean.const_data_ptr<scalar_t>();
+    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
+    const int64_t* steps_p = steps_i64.defined() ? steps_i64.const_data_ptr<int64_t>() : nullptr;
+    const auto fixed = static_cast<scalar_t>(momentum.value_or(0.0));
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
+      const scalar_t m =
+          steps_p != nullptr ? scalar_t(1) / static_cast<scalar_t>(steps_p[0] + 1) : fixed;
+      rm_p[c] = running_update(rm_p[c], mean_p[c], m);
+      rv_p[c] = running_update(rv_p[c], unbiased_var(var_p[c], count), m);
+    });
+  });
+  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
+  if (!rv.is_same(running_var)) running_var.copy_(rv);
+  if (steps.defined()) steps.add_(1);
+}
+
+// ------------------------------------------------ operator entry points
+// The split ops receive tensors straight from Python: check and canonicalise.
+
+template <class K>
+std::tuple<Tensor, Tensor> stats_op(const Tensor& input) {
+  check_input("bnext::batch_norm_stats", input, 2);
+  return K::stats(canonical(input));
+}
+
+inline void check_channel_vectors(const char* op, const Tensor& x,
+                                  std::initializer_list<const Tensor*> vectors) {
+  for (const Tensor* t : vectors) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": expected per-channel vectors of ",
+                x.size(1), " elements, got size ", t->sizes());
+    TORCH_CHECK(t->device() == x.device(), op, ": expected per-channel vectors on ", x.device(),
+                ", got ", t->device());
+  }
+}
+
+template <class K>
+Tensor elemt_op(const Tensor& input, const Tensor& mean, const Tensor& scale,
+                const Tensor& shift) {
+  check_input("bnext::batch_norm_elemt", input, 2);
+  check_channel_vectors("bnext::batch_norm_elemt", input, {&mean, &scale, &shift});
+  const auto opmath = opmath_dtype(input.scalar_type());
+  return K::elemt(canonical(input), per_channel(mean, opmath), per_channel(scale, opmath),
+                  per_channel(shift, opmath));
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> backward_reduce_op(const Tensor& grad_out, const Tensor& input,
+                                              const Tensor& mean) {
+  check_input("bnext::batch_norm_backward_reduce", input, 2);
+  check_channel_vectors("bnext::batch_norm_backward_reduce", input, {&mean});
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype(),
+              "bnext::batch_norm_backward_reduce: expected grad_out of size ", input.sizes(),
+              " and dtype ", input.scalar_type(), ", got ", grad_out.sizes(), " and ",
+              grad_out.scalar_type());
+  const Tensor x = canonical(input);
+  return K::backward_reduce(same_layout(grad_out, x), x,
+                            per_channel(mean, opmath_dtype(input.scalar_type())));
+}
+
+template <class K>
+Tensor backward_elemt_op(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                         const Tensor& a, const Tensor& k, const Tensor& c) {
+  check_input("bnext::batch_norm_backward_elemt", input, 2);
+  check_channel_vectors("bnext::batch_norm_backward_elemt", input, {&mean, &a, &k, &c});
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype(),
+              "bnext::batch_norm_backward_elemt: expected grad_out of size ", input.sizes(),
+              " and dtype ", input.scalar_type(), ", got ", grad_out.sizes(), " and ",
+              grad_out.scalar_type());
+  const Tensor x = canonical(input);
+  const auto opmath = opmath_dtype(input.scalar_type());
+  return K::backward_elemt(same_layout(grad_out, x), x, per_channel(mean, opmath),
+                           per_channel(a, opmath), per_channel(k, opmath), per_channel(c, opmath));
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> backward_op(const Tensor& grad_out, const Tensor& input,
+                                               const Tensor& mean, const Tensor& var,
+                                               const OptTensor& weight, double eps,
+                                               bool training) {
+  return backward<K>(grad_out, input, mean, var, value_or_undefined(weight), Tensor(), Tensor(),
+                     eps, training);
+}
+
+template <class K>
+void register_kernels(torch::Library& m) {
+  m.impl("batch_norm_stats", &stats_op<K>);
+  m.impl("batch_norm_elemt", &elemt_op<K>);
+  m.impl("batch_norm_backward_reduce", &backward_reduce_op<K>);
+  m.impl("batch_norm_backward_elemt", &backward_elemt_op<K>);
+  m.impl("batch_norm_train", &train<K>);
+  m.impl("batch_norm_infer", &infer<K>);
+  m.impl("batch_norm_backward", &backward_op<K>);
+  m.impl("batch_norm_update_stats", &update_stats<K>);
+}
+
+}  // namespace batch_norm
+}  // namespace bnext

@@ -1,0 +1,30 @@
+// The CPU implementation of the Batch Norm building blocks (see composite.h
+// for the contract); Batch Renorm instantiates its operators with it too.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace bnext {
+namespace batch_norm {
+
+struct CpuBackend {
+  using Tensor = at::Tensor;
+  static std::tuple<Tensor, Tensor> stats(const Tensor& x);
+  static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift);
+  static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x,
+                                                    const Tensor& mean);
+  static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                               const Tensor& a, const Tensor& k, const Tensor& c);
+
+  // Per-channel work is a few hundred flops at most: not worth a thread.
+  template <typename F>
+  static void for_each_channel(int64_t C, const F& f) {
+    for (int64_t c = 0; c < C; ++c) f(c);
+  }
+};
+
+}  // namespace batch_norm
+}  // namespace bnext

@@ -1,0 +1,395 @@
+// Batch Norm CPU kernels. Two layouts, each with its own loop order:
+//   channels-first (NCHW): a channel's values come in planes of S contiguous
+//     elements; planes are reduced independently and merged per channel.
+//   channels-last (NHWC, and (N, C) input): rows of C contiguous channels;
+//     vectors run across channels and rows are split into chunks.
+// The partition into planes/chunks depends on the shape only, never on the
+// thread count, so results are bitwise reproducible across thread settings.
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "batch_norm/composite.h"
+#include "batch_norm/cpu_backend.h"
+#include "bnext/welford.h"
+#include "common/cpu_vec.h"
+
+namespace bnext {
+namespace batch_norm {
+namespace {
+
+using cpu::acc_t;
+using cpu::hsum;
+using cpu::kLanes;
+using cpu::load_acc;
+using cpu::store_acc;
+using cpu::Vec;
+
+// Enough elements per task that scheduling costs stay below ~1%.
+constexpr int64_t kGrainElements = 32768;
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
+}
+
+int64_t num_row_chunks(int64_t rows, int64_t C) {
+  const int64_t by_rows = (rows + 63) / 64;
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(1, std::min({by_rows, by_memory, int64_t(64)}));
+}
+
+int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t rows) { return chunk * rows / chunks; }
+
+// ---------------------------------------------------------------- statistics
+
+// Mean and m2 of n contiguous values: two passes over L1-sized blocks (the
+// second re-reads from cache), blocks merged with Chan's formula.
+template <typename scalar_t>
+Welford<acc_t<scalar_t>> contiguous_stats(const scalar_t* p, int64_t n) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  constexpr int64_t kBlock = 4096;
+  Welford<T> acc;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - b0);
+    const int64_t vec_end = len - len % L;
+    const scalar_t* q = p + b0;
+    Vec<scalar_t> vsum(T(0));
+    for (int64_t i = 0; i < vec_end; i += L) vsum += load_acc(q + i);
+    T sum = hsum<scalar_t>(vsum);
+    for (int64_t i = vec_end; i < len; ++i) sum += static_cast<T>(q[i]);
+    const T mean = sum / static_cast<T>(len);
+    const Vec<scalar_t> vmean(mean);
+    Vec<scalar_t> vm2(T(0));
+    for (int64_t i = 0; i < vec_end; i += L) {
+      const auto d = load_acc(q + i) - vmean;
+      vm2 = at::vec::fmadd(d, d, vm2);
+    }
+    T m2 = hsum<scalar_t>(vm2);
+    for (int64_t i = vec_end; i < len; ++i) {
+      const T d = static_cast<T>(q[i]) - mean;
+      m2 += d * d;
+    }
+    acc = welford_merge(acc, Welford<T>{mean, m2, len});
+  }
+  return acc;
+}
+
+template <typename T>
+void write_stats(const std::vector<Welford<T>>& parts, int64_t C, int64_t parts_per_channel,
+                 Tensor& mean, Tensor& var) {
+  T* mean_p = mean.mutable_data_ptr<T>();
+  T* var_p = var.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    Welford<T> acc;
+    for (int64_t j = 0; j < parts_per_channel; ++j) acc = welford_merge(acc, parts[j * C + c]);
+    mean_p[c] = acc.mean;
+    var_p[c] = welford_var(acc);
+  }
+}
+
+template <typename scalar_t>
+void stats_channels_first(const Tensor& x, const ChannelView& v, Tensor& mean, Tensor& var) {
+  using T = acc_t<scalar_t>;
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  std::vector<Welford<T>> planes(v.N * v.C);  // index n * C + c
+  at::parallel_for(0, v.N * v.C, grain_for(v.S), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) planes[i] = contiguous_stats(x_p + i * v.S, v.S);
+  });
+  write_stats(planes, v.C, v.N, mean, var);
+}
+
+// Welford across rows, vectorised across channels: every lane has seen the
+// same number of rows, so the 1/count factor is a scalar.
+template <typename scalar_t>
+void stats_channels_last(const Tensor& x, const ChannelView& v, Tensor& mean, Tensor& var) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t C = v.C;
+  const int64_t rows = v.rows();
+  const int64_t chunks = num_row_chunks(rows, C);
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  std::vector<T> chunk_mean(chunks * C, T(0));
+  std::vector<T> chunk_m2(chunks * C, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t r0 = chunk_begin(ch, chunks, rows);
+      const int64_t r1 = chunk_begin(ch + 1, chunks, rows);
+      T* m_p = chunk_mean.data() + ch * C;
+      T* q_p = chunk_m2.data() + ch * C;
+      const int64_t vec_end = C - C % L;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = x_p + r * C;
+        const T inv = T(1) / static_cast<T>(r - r0 + 1);
+        const Vec<scalar_t> vinv(inv);
+        for (int64_t c = 0; c < vec_end; c += L) {
+          const auto xv = load_acc(row + c);
+          auto m = Vec<scalar_t>::loadu(m_p + c);
+          const auto d = xv - m;
+          m = at::vec::fmadd(d, vinv, m);
+          m.store(m_p + c);
+          at::vec::fmadd(d, xv - m, Vec<scalar_t>::loadu(q_p + c)).store(q_p + c);
+        }
+        for (int64_t c = vec_end; c < C; ++c) {
+          const T xs = static_cast<T>(row[c]);
+          const T d = xs - m_p[c];
+          m_p[c] += d * inv;
+          q_p[c] += d * (xs - m_p[c]);
+        }
+      }
+    }
+  });
+  std::vector<Welford<T>> parts(chunks * C);
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t count = chunk_begin(ch + 1, chunks, rows) - chunk_begin(ch, chunks, rows);
+    for (int64_t c = 0; c < C; ++c) {
+      parts[ch * C + c] = Welford<T>{chunk_mean[ch * C + c], chunk_m2[ch * C + c], count};
+    }
+  }
+  write_stats(parts, C, chunks, mean, var);
+}
+
+// ------------------------------------------------- backward reduce (two sums)
+
+template <typename T>
+void write_sums(const std::vector<T>& sum_dy_parts, const std::vector<T>& sum_dyx_parts,
+                int64_t C, int64_t parts_per_channel, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+  T* a_p = sum_dy.mutable_data_ptr<T>();
+  T* b_p = sum_dy_xmu.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    T a = T(0);
+    T b = T(0);
+    for (int64_t j = 0; j < parts_per_channel; ++j) {
+      a += sum_dy_parts[j * C + c];
+      b += sum_dyx_parts[j * C + c];
+    }
+    a_p[c] = a;
+    b_p[c] = b;
+  }
+}
+
+template <typename scalar_t>
+void reduce_channels_first(const Tensor& dy, const Tensor& x, const ChannelView& v,
+                           const Tensor& mean, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  const scalar_t* g_p = dy.const_data_ptr<scalar_t>();
+  const T* mean_p = mean.const_data_ptr<T>();
+  std::vector<T> part_dy(v.N * v.C);
+  std::vector<T> part_dyx(v.N * v.C);
+  const int64_t S = v.S;
+  const int64_t vec_end = S - S % L;
+  at::parallel_for(0, v.N * v.C, grain_for(S), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* xq = x_p + i * S;
+      const scalar_t* gq = g_p + i * S;
+      const T m = mean_p[i % v.C];
+      const Vec<scalar_t> vm(m);
+      Vec<scalar_t> s_dy(T(0));
+      Vec<scalar_t> s_dyx(T(0));
+      for (int64_t j = 0; j < vec_end; j += L) {
+        const auto g = load_acc(gq + j);
+        s_dy += g;
+        s_dyx = at::vec::fmadd(g, load_acc(xq + j) - vm, s_dyx);
+      }
+      T a = hsum<scalar_t>(s_dy);
+      T b = hsum<scalar_t>(s_dyx);
+      for (int64_t j = vec_end; j < S; ++j) {
+        const T g = static_cast<T>(gq[j]);
+        a += g;
+        b += g * (static_cast<T>(xq[j]) - m);
+      }
+      part_dy[i] = a;
+      part_dyx[i] = b;
+    }
+  });
+  write_sums(part_dy, part_dyx, v.C, v.N, sum_dy, sum_dy_xmu);
+}
+
+template <typename scalar_t>
+void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& v,
+                          const Tensor& mean, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t C = v.C;
+  const int64_t rows = v.rows();
+  const int64_t chunks = num_row_chunks(rows, C);
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  const scalar_t* g_p = dy.const_data_ptr<scalar_t>();
+  const T* mean_p = mean.const_data_ptr<T>();
+  std::vector<T> part_dy(chunks * C, T(0));
+  std::vector<T> part_dyx(chunks * C, T(0));
+  const int64_t vec_end = C - C % L;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      T* a_p = part_dy.data() + ch * C;
+      T* b_p = part_dyx.data() + ch * C;
+      for (int64_t r = chunk_begin(ch, chunks, rows); r < chunk_begin(ch + 1, chunks, rows); ++r) {
+        const scalar_t* xr = x_p + r * C;
+        const scalar_t* gr = g_p + r * C;
+        for (int64_t c = 0; c < vec_end; c += L) {
+          const auto g = load_acc(gr + c);
+          (Vec<scalar_t>::loadu(a_p + c) + g).store(a_p + c);
+          const auto xmu = load_acc(xr + c) - Vec<scalar_t>::loadu(mean_p + c);
+          at::vec::fmadd(g, xmu, Vec<scalar_t>::loadu(b_p + c)).store(b_p + c);
+        }
+        for (int64_t c = vec_end; c < C; ++c) {
+          const T g = static_cast<T>(gr[c]);
+          a_p[c] += g;
+          b_p[c] += g * (static_cast<T>(xr[c]) - mean_p[c]);
+        }
+      }
+    }
+  });
+  write_sums(part_dy, part_dyx, C, chunks, sum_dy, sum_dy_xmu);
+}
+
+// ------------------------------------------- elementwise: a*g + k*(x-mean) + c
+// The forward pass is the same map without g: y = scale * (x - mean) + shift.
+
+template <typename scalar_t, bool kWithGrad>
+void affine_channels_first(const scalar_t* g_p, const Tensor& x, const ChannelView& v,
+                           const Tensor& mean, const acc_t<scalar_t>* a_p, const Tensor& k,
+                           const Tensor& c_, Tensor& out) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  scalar_t* o_p = out.mutable_data_ptr<scalar_t>();
+  const T* mean_p = mean.const_data_ptr<T>();
+  const T* k_p = k.const_data_ptr<T>();
+  const T* c_p = c_.const_data_ptr<T>();
+  const int64_t S = v.S;
+  const int64_t vec_end = S - S % L;
+  at::parallel_for(0, v.N * v.C, grain_for(S), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ch = i % v.C;
+      const T m = mean_p[ch];
+      const T kk = k_p[ch];
+      const T cc = c_p[ch];
+      const T aa = kWithGrad ? a_p[ch] : T(0);
+      const Vec<scalar_t> vm(m), vk(kk), vc(cc), va(aa);
+      const scalar_t* xq = x_p + i * S;
+      scalar_t* oq = o_p + i * S;
+      for (int64_t j = 0; j < vec_end; j += L) {
+        auto y = at::vec::fmadd(load_acc(xq + j) - vm, vk, vc);
+        if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(g_p + i * S + j), va, y);
+        store_acc(oq + j, y);
+      }
+      for (int64_t j = vec_end; j < S; ++j) {
+        T y = (static_cast<T>(xq[j]) - m) * kk + cc;
+        if constexpr (kWithGrad) y += aa * static_cast<T>(g_p[i * S + j]);
+        oq[j] = static_cast<scalar_t>(y);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, bool kWithGrad>
+void affine_channels_last(const scalar_t* g_p, const Tensor& x, const ChannelView& v,
+                          const Tensor& mean, const acc_t<scalar_t>* a_p, const Tensor& k,
+                          const Tensor& c_, Tensor& out) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  scalar_t* o_p = out.mutable_data_ptr<scalar_t>();
+  const T* mean_p = mean.const_data_ptr<T>();
+  const T* k_p = k.const_data_ptr<T>();
+  const T* c_p = c_.const_data_ptr<T>();
+  const int64_t C = v.C;
+  const int64_t vec_end = C - C % L;
+  at::parallel_for(0, v.rows(), grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x_p + r * C;
+      scalar_t* orow = o_p + r * C;
+      for (int64_t c = 0; c < vec_end; c += L) {
+        const auto xmu = load_acc(xr + c) - Vec<scalar_t>::loadu(mean_p + c);
+        auto y = at::vec::fmadd(xmu, Vec<scalar_t>::loadu(k_p + c), Vec<scalar_t>::loadu(c_p + c));
+        if constexpr (kWithGrad) {
+          y = at::vec::fmadd(load_acc(g_p + r * C + c), Vec<scalar_t>::loadu(a_p + c), y);
+        }
+        store_acc(orow + c, y);
+      }
+      for (int64_t c = vec_end; c < C; ++c) {
+        T y = (static_cast<T>(xr[c]) - mean_p[c]) * k_p[c] + c_p[c];
+        if constexpr (kWithGrad) y += a_p[c] * static_cast<T>(g_p[r * C + c]);
+        orow[c] = static_cast<scalar_t>(y);
+      }
+    }
+  });
+}
+
+template <bool kWithGrad>
+Tensor affine(const Tensor& g, const Tensor& x, const Tensor& mean, const Tensor& a,
+              const Tensor& k, const Tensor& c_) {
+  Tensor out = empty_same_layout(x, x.scalar_type());
+  if (x.numel() == 0) return out;
+  const ChannelView v = channel_view(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_affine", [&] {
+    using T = acc_t<scalar_t>;
+    const scalar_t* g_p = kWithGrad ? g.const_data_ptr<scalar_t>() : nullptr;
+    const T* a_p = kWithGrad ? a.const_data_ptr<T>() : nullptr;
+    if (v.layout == Layout::kChannelsFirst) {
+      affine_channels_first<scalar_t, kWithGrad>(g_p, x, v, mean, a_p, k, c_, out);
+    } else {
+      affine_channels_last<scalar_t, kWithGrad>(g_p, x, v, mean, a_p, k, c_, out);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------- backend
+
+std::tuple<Tensor, Tensor> CpuBackend::stats(const Tensor& x) {
+  const auto opmath = opmath_dtype(x.scalar_type());
+  Tensor mean = at::zeros({x.size(1)}, x.options().dtype(opmath));
+  Tensor var = at::zeros({x.size(1)}, x.options().dtype(opmath));
+  if (x.numel() == 0) return {mean, var};
+  const ChannelView v = channel_view(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_stats", [&] {
+    if (v.layout == Layout::kChannelsFirst) {
+      stats_channels_first<scalar_t>(x, v, mean, var);
+    } else {
+      stats_channels_last<scalar_t>(x, v, mean, var);
+    }
+  });
+  return {mean, var};
+}
+
+Tensor CpuBackend::elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                         const Tensor& shift) {
+  return affine<false>(Tensor(), x, mean, Tensor(), scale, shift);
+}
+
+std::tuple<Tensor, Tensor> CpuBackend::backward_reduce(const Tensor& dy, const Tensor& x,
+                                                       const Tensor& mean) {
+  Tensor sum_dy = at::zeros({x.size(1)}, mean.options());
+  Tensor sum_dy_xmu = at::zeros({x.size(1)}, mean.options());
+  if (x.numel() == 0) return {sum_dy, sum_dy_xmu};
+  const ChannelView v = channel_view(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_reduce", [&] {
+    if (v.layout == Layout::kChannelsFirst) {
+      reduce_channels_first<scalar_t>(dy, x, v, mean, sum_dy, sum_dy_xmu);
+    } else {
+      reduce_channels_last<scalar_t>(dy, x, v, mean, sum_dy, sum_dy_xmu);
+    }
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor CpuBackend::backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                  const Tensor& a, const Tensor& k, const Tensor& c) {
+  return affine<true>(dy, x, mean, a, k, c);
+}
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  register_kernels<CpuBackend>(m);
+}
+
+}  // namespace batch_norm
+}  // namespace bnext

@@ -1,0 +1,59 @@
+// Vector loads and stores in the accumulation type: half/bfloat16 are widened
+// to float on load and narrowed on store, so kernels are written once.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace bnext {
+namespace cpu {
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+template <typename scalar_t>
+using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+
+template <typename scalar_t>
+constexpr int64_t kLanes = Vec<scalar_t>::size();
+
+// Loads `n` <= kLanes values (the rest of the lanes are zero).
+template <typename scalar_t>
+inline Vec<scalar_t> load_acc(const scalar_t* p, int64_t n = kLanes<scalar_t>) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return Vec<scalar_t>::loadu(p, n);
+  } else {
+    Vec<scalar_t> out;
+    if (n == kLanes<scalar_t>) {
+      at::vec::load_to_float(p, out);
+    } else {
+      scalar_t buf[kLanes<scalar_t>] = {};
+      std::copy(p, p + n, buf);
+      at::vec::load_to_float(buf, out);
+    }
+    return out;
+  }
+}
+
+template <typename scalar_t>
+inline void store_acc(scalar_t* p, const Vec<scalar_t>& v, int64_t n = kLanes<scalar_t>) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+  }
+}
+
+template <typename scalar_t>
+inline acc_t<scalar_t> hsum(const Vec<scalar_t>& v) {
+  return at::vec::vec_reduce_all<acc_t<scalar_t>>(
+      [](const Vec<scalar_t>& a, const Vec<scalar_t>& b) { return a + b; }, v);
+}
+
+}  // namespace cpu
+}  // namespace bnext

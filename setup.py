@@ -1,0 +1,125 @@
+"""Build torch_bnext._C: the bnext operator library (C++ CPU kernels, plus CUDA
+kernels when a CUDA toolkit is present).
+
+Environment:
+  BNEXT_CUDA=1|0            force / forbid the CUDA build (default: when nvcc is found)
+  TORCH_CUDA_ARCH_LIST      GPU architectures (default: the visible GPUs, else "8.0;9.0")
+  BNEXT_CPU_CAPABILITY      avx512 | avx2 | default (default: what this machine's CPU has)
+  MAX_JOBS                  parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import site
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []
+    candidates += [shutil.which("nvcc") or "", os.path.join(DEFAULT_CUDA_HOME, "bin", "nvcc")]
+    return next((c for c in candidates if c and os.path.isfile(c)), None)
+
+
+def want_cuda():
+    flag = os.environ.get("BNEXT_CUDA")
+    nvcc = find_nvcc()
+    if flag == "0":
+        return False
+    if flag == "1" and nvcc is None:
+        sys.exit("BNEXT_CUDA=1 but no nvcc was found (set CUDA_HOME)")
+    if nvcc is not None and not os.environ.get("CUDA_HOME"):
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(nvcc))
+    return nvcc is not None
+
+
+WITH_CUDA = want_cuda()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled)
+from torch.utils.cpp_extension import (  # noqa: E402
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+
+def cpu_capability_flags():
+    """ATen's Vectorized<T> picks its instruction set from these macros; the
+    compiler flags must match them."""
+    wanted = os.environ.get("BNEXT_CPU_CAPABILITY")
+    if wanted is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(next(l for l in f if l.startswith("flags")).split())
+        except (OSError, StopIteration):
+            flags = set()
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+            wanted = "avx512"
+        elif {"avx2", "fma"} <= flags:
+            wanted = "avx2"
+        else:
+            wanted = "default"
+    return {
+        "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+        "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+        "default": ["-DCPU_CAPABILITY=DEFAULT"],
+    }[wanted]
+
+
+def cuda_wheel_include_dirs():
+    """ATen's CUDA headers include cusparse.h and friends; a bare nvcc toolkit
+    may lack them while the nvidia-* wheels that torch depends on ship them."""
+    toolkit_include = os.path.join(os.environ.get("CUDA_HOME", DEFAULT_CUDA_HOME), "include")
+    if os.path.isfile(os.path.join(toolkit_include, "cusparse.h")):
+        return []
+    dirs = []
+    for sp in site.getsitepackages() + [os.path.dirname(os.path.dirname(torch.__file__))]:
+        for sub in ("cu13", "cu12"):
+            d = os.path.join(sp, "nvidia", sub, "include")
+            if os.path.isfile(os.path.join(d, "cusparse.h")) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def sources(pattern):
+    return sorted(glob.glob(os.path.join("csrc", "**", pattern), recursive=True))
+
+
+def extension():
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-fno-math-errno"] + cpu_capability_flags()
+    if not WITH_CUDA:
+        return CppExtension("torch_bnext._C", sources("*.cpp"), include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx_flags}, py_limited_api=False)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # Without a visible GPU, torch would build for every architecture it knows.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    nvcc_flags = ["-O3", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
+    return CUDAExtension(
+        "torch_bnext._C",
+        sources("*.cpp") + sources("*.cu"),
+        include_dirs=include_dirs + cuda_wheel_include_dirs(),
+        define_macros=[("BNEXT_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    name="torch_bnext",
+    version="0.1.0",
+    description="Batch Norm, Batch Renorm, LayerNorm and RMSNorm with C++/CUDA kernels for PyTorch",
+    packages=find_packages(include=["torch_bnext", "torch_bnext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+)

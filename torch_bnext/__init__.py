@@ -1,0 +1,20 @@
+"""torch_bnext: Batch Norm, Batch Renorm, LayerNorm and RMSNorm with custom
+C++ and CUDA kernels, registered as PyTorch operators (torch.ops.bnext.*)."""
+
+from . import _extension  # noqa: F401  (loads the kernels first)
+from . import ops  # noqa: F401  (fake kernels and autograd)
+from . import functional
+from ._extension import HAS_CUDA_KERNELS
+from .convert import convert_model
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "HAS_CUDA_KERNELS",
+    "convert_model",
+    "functional",
+]

@@ -1,0 +1,65 @@
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.bnext
+
+
+def _verify_batch_size(input: Tensor) -> None:
+    # Same check and message as torch.nn.functional.batch_norm.
+    if math.prod(input.shape[i] for i in range(input.dim()) if i != 1) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+
+
+def batch_norm_training(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """Training-mode Batch Norm; updates the running buffers (and counts the step
+    in num_batches_tracked) only after every argument has been checked."""
+    if input.dim() < 2:
+        raise ValueError(f"Expected 2D or higher input (got {input.dim()}D input)")
+    _verify_batch_size(input)
+    out, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is not None and input.numel() > 0:
+        count = input.numel() // input.shape[1]
+        _ops.batch_norm_update_stats(
+            running_mean, running_var, num_batches_tracked, mean, var, momentum, count
+        )
+    return out
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch Normalization, with the signature and semantics of
+    torch.nn.functional.batch_norm.
+
+    In training, normalises with the batch statistics and, when given, updates
+    running_mean and running_var in place (running_var receives the unbiased
+    batch variance). In eval, normalises with the running statistics.
+    """
+    if training:
+        return batch_norm_training(input, running_mean, running_var, weight, bias, momentum, eps)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be defined in evaluation mode")
+    return _ops.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)

@@ -1,0 +1,48 @@
+import torch
+from torch import Tensor, nn
+
+from ..functional.batch_norm import batch_norm_training
+
+_ops = torch.ops.bnext
+
+
+class _BatchNormForward:
+    """forward() for subclasses of torch.nn.modules.batchnorm._BatchNorm.
+
+    Constructor, buffers, state_dict keys, reset_* and _check_input_dim are
+    inherited unchanged; only the computation is ours. Unlike torch, a call
+    that fails leaves num_batches_tracked untouched too.
+    """
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self._use_batch_stats():
+            return _ops.batch_norm_infer(
+                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        track = self.training and self.track_running_stats and self.running_mean is not None
+        return batch_norm_training(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            self.num_batches_tracked if track else None,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """Drop-in for torch.nn.BatchNorm1d on (N, C) or (N, C, L) input."""
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """Drop-in for torch.nn.BatchNorm2d on (N, C, H, W) input, NCHW or channels_last."""
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """Drop-in for torch.nn.BatchNorm3d on (N, C, D, H, W) input, NCDHW or channels_last_3d."""
