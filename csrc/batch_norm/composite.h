@@ -9,6 +9,7 @@
 //   std::tuple<Tensor, Tensor> backward_reduce(dy, x, mean)  sum dy, sum dy * (x - mean)
 //   Tensor backward_elemt(dy, x, mean, a, k, c)              a * dy + k * (x - mean) + c
 //   void for_each_channel(int64_t C, F f)                    f(c) for c in [0, C)
+//   struct DeviceGuard { explicit DeviceGuard(at::Device); }  makes the device current
 // where x and dy are canonical (common/layout.h) and per-channel tensors are
 // contiguous vectors of the opmath dtype.
 #pragma once
@@ -92,6 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> train(const Tensor& input, const OptTensor& w
   const Tensor& w = value_or_undefined(weight);
   const Tensor& b = value_or_undefined(bias);
   check_args("bnext::batch_norm_train", input, w, b, Tensor(), Tensor());
+  const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   Tensor mean, var;
   std::tie(mean, var) = K::stats(x);
@@ -104,6 +106,7 @@ Tensor infer(const Tensor& input, const Tensor& mean, const Tensor& var, const O
   const Tensor& w = value_or_undefined(weight);
   const Tensor& b = value_or_undefined(bias);
   check_args("bnext::batch_norm_infer", input, w, b, mean, var);
+  const typename K::DeviceGuard guard(input.device());
   const auto opmath = opmath_dtype(input.scalar_type());
   return normalize<K>(canonical(input), per_channel(mean, opmath), per_channel(var, opmath), w, b,
                       eps);
@@ -122,6 +125,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
   TORCH_CHECK(grad_out.sizes() == input.sizes(),
               "bnext::batch_norm_backward: expected grad_out of size ", input.sizes(), ", got ",
               grad_out.sizes());
+  const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const Tensor dy = same_layout(grad_out, x);
   const int64_t C = x.size(1);
@@ -193,6 +197,7 @@ void update_stats(const Tensor& running_mean, const Tensor& running_var,
               ": expected num_batches_tracked to be one value on ", mean_in.device(), ", got ",
               steps.sizes(), " on ", steps.device());
   TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training, got ", count);
+  const typename K::DeviceGuard guard(mean_in.device());
 
   const auto opmath = mean_in.scalar_type();
   const auto work = [&](const Tensor& t) {
@@ -229,6 +234,7 @@ void update_stats(const Tensor& running_mean, const Tensor& running_var,
 template <class K>
 std::tuple<Tensor, Tensor> stats_op(const Tensor& input) {
   check_input("bnext::batch_norm_stats", input, 2);
+  const typename K::DeviceGuard guard(input.device());
   return K::stats(canonical(input));
 }
 
@@ -247,6 +253,7 @@ Tensor elemt_op(const Tensor& input, const Tensor& mean, const Tensor& scale,
                 const Tensor& shift) {
   check_input("bnext::batch_norm_elemt", input, 2);
   check_channel_vectors("bnext::batch_norm_elemt", input, {&mean, &scale, &shift});
+  const typename K::DeviceGuard guard(input.device());
   const auto opmath = opmath_dtype(input.scalar_type());
   return K::elemt(canonical(input), per_channel(mean, opmath), per_channel(scale, opmath),
                   per_channel(shift, opmath));
@@ -261,6 +268,7 @@ std::tuple<Tensor, Tensor> backward_reduce_op(const Tensor& grad_out, const Tens
               "bnext::batch_norm_backward_reduce: expected grad_out of size ", input.sizes(),
               " and dtype ", input.scalar_type(), ", got ", grad_out.sizes(), " and ",
               grad_out.scalar_type());
+  const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   return K::backward_reduce(same_layout(grad_out, x), x,
                             per_channel(mean, opmath_dtype(input.scalar_type())));
@@ -275,6 +283,7 @@ Tensor backward_elemt_op(const Tensor& grad_out, const Tensor& input, const Tens
               "bnext::batch_norm_backward_elemt: expected grad_out of size ", input.sizes(),
               " and dtype ", input.scalar_type(), ", got ", grad_out.sizes(), " and ",
               grad_out.scalar_type());
+  const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const auto opmath = opmath_dtype(input.scalar_type());
   return K::backward_elemt(same_layout(grad_out, x), x, per_channel(mean, opmath),
