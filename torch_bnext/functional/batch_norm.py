@@ -1,4 +1,3 @@
-import math
 from typing import Optional
 
 import torch
@@ -9,7 +8,11 @@ _ops = torch.ops.bnext
 
 def _verify_batch_size(input: Tensor) -> None:
     # Same check and message as torch.nn.functional.batch_norm.
-    if math.prod(input.shape[i] for i in range(input.dim()) if i != 1) == 1:
+    size = input.shape
+    values_per_channel = size[0]
+    for d in range(2, len(size)):  # a plain loop: dynamo cannot trace math.prod(<genexpr>)
+        values_per_channel *= size[d]
+    if values_per_channel == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
         )
@@ -38,6 +41,9 @@ def batch_norm_training(
         _ops.batch_norm_update_stats(
             running_mean, running_var, num_batches_tracked, mean, var, momentum, count
         )
+    elif num_batches_tracked is not None and input.numel() == 0:
+        # torch counts an empty batch as a step but leaves the statistics alone.
+        num_batches_tracked.add_(1)
     return out
 
 
