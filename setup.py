@@ -21,24 +21,36 @@ DEFAULT_CUDA_HOME = "/usr/local/cuda"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
-def find_nvcc():
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []
-    candidates += [shutil.which("nvcc") or "", os.path.join(DEFAULT_CUDA_HOME, "bin", "nvcc")]
-    return next((c for c in candidates if c and os.path.isfile(c)), None)
+def find_cuda_home():
+    """The toolkit folder (holding bin/nvcc, include/, lib64/), or None."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [explicit] if explicit else []
+    # nvcc on PATH may be a wrapper script outside the toolkit (/usr/local/bin/nvcc):
+    # only a folder that also has the runtime headers is a toolkit.
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(on_path))))
+    candidates.append(DEFAULT_CUDA_HOME)
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
+    return None
 
 
 def want_cuda():
     flag = os.environ.get("BNEXT_CUDA")
-    nvcc = find_nvcc()
     if flag == "0":
         return False
-    if flag == "1" and nvcc is None:
-        sys.exit("BNEXT_CUDA=1 but no nvcc was found (set CUDA_HOME)")
-    if nvcc is not None and not os.environ.get("CUDA_HOME"):
-        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(nvcc))
-    return nvcc is not None
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        if flag == "1":
+            sys.exit("BNEXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return False
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    return True
 
 
 WITH_CUDA = want_cuda()
