@@ -147,18 +147,25 @@ def test_statistics_are_accurate_for_large_mean(fmt):
     assert rel_err(y, y_ref) <= 2e-3
 
 
-def test_results_do_not_depend_on_thread_count():
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_results_do_not_depend_on_thread_count(fmt):
+    """With 3 channels, one thread runs the CPU's fused channel-by-channel
+    passes and four threads the split kernels: the results must be bitwise equal."""
     torch.manual_seed(0)
-    x = random_input((8, 16, 20, 20), torch.float32, "channels_last")
+    x = random_input((8, 3, 20, 20), torch.float32, fmt)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    g = torch.randn_like(x)
     old = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = ops.batch_norm_stats(x)
-        torch.set_num_threads(2)
-        two = ops.batch_norm_stats(x)
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            out, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
+            results.append((out, mean, var) + tuple(ops.batch_norm_backward(g, x, mean, var, w, 1e-5, True)))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for one, four in zip(*results):
+        assert torch.equal(one, four)
 
 
 # ---------------------------------------------------------------- gradcheck

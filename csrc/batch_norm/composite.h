@@ -12,18 +12,31 @@
 //   struct DeviceGuard { explicit DeviceGuard(at::Device); }  makes the device current
 // where x and dy are canonical (common/layout.h) and per-channel tensors are
 // contiguous vectors of the opmath dtype.
+//
+// A backend may also fuse the two passes of a training step (the CPU does it
+// channel by channel, while the channel's values are still in cache). It then
+// sets `static constexpr bool kFusesPasses = true` and provides, for T the
+// opmath type and fn the per-channel step described at stats_normalize and
+// reduce_elemt below,
+//   std::optional<std::tuple<Tensor, Tensor, Tensor>>
+//     fused_stats_normalize(x, scale, shift, c10::function_ref<void(int64_t, T, T)> fn)
+//       -> out, mean, var
+//     fused_reduce_elemt(dy, x, mean, a, k, c, c10::function_ref<void(int64_t, T, T)> fn)
+//       -> grad_input, sum_dy, sum_dy_xmu
+// returning std::nullopt where fusing does not pay (the unfused kernels run).
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
 #include <initializer_list>
-
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "bnext/batch_norm_math.h"
 #include "common/checks.h"
@@ -87,17 +100,84 @@ Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const T
   return K::elemt(x, mean, scale, shift);
 }
 
+template <class K, class = void>
+struct FusesPasses : std::false_type {};
+template <class K>
+struct FusesPasses<K, std::enable_if_t<K::kFusesPasses>> : std::true_type {};
+
+// Batch statistics, then y = (x - mean) * scale + shift, where the per-channel
+// step fn(c, mean_c, var_c) fills scale[c] and shift[c] (and whatever else its
+// caller records, e.g. Batch Renorm's r and d). Returns (y, mean, var).
+template <class K, typename T, class F>
+std::tuple<Tensor, Tensor, Tensor> stats_normalize(const Tensor& x, const Tensor& scale,
+                                                   const Tensor& shift, const F& fn) {
+  if constexpr (FusesPasses<K>::value) {
+    if (auto fused = K::fused_stats_normalize(x, scale, shift,
+                                              c10::function_ref<void(int64_t, T, T)>(fn))) {
+      return *fused;
+    }
+  }
+  Tensor mean, var;
+  std::tie(mean, var) = K::stats(x);
+  const T* mean_p = mean.const_data_ptr<T>();
+  const T* var_p = var.const_data_ptr<T>();
+  K::for_each_channel(x.size(1), [=] C10_HOST_DEVICE(int64_t c) { fn(c, mean_p[c], var_p[c]); });
+  return {K::elemt(x, mean, scale, shift), mean, var};
+}
+
+// The backward sums, then dx = a * dy + k * (x - mean) + c, where the
+// per-channel step fn(c, sum_dy_c, sum_dy_xmu_c) fills a[c], k[c], c[c] (and
+// the weight gradient). Returns (dx, sum_dy, sum_dy_xmu).
+template <class K, typename T, class F>
+std::tuple<Tensor, Tensor, Tensor> reduce_elemt(const Tensor& dy, const Tensor& x,
+                                                const Tensor& mean, const Tensor& a,
+                                                const Tensor& k, const Tensor& c, const F& fn) {
+  if constexpr (FusesPasses<K>::value) {
+    if (auto fused = K::fused_reduce_elemt(dy, x, mean, a, k, c,
+                                           c10::function_ref<void(int64_t, T, T)>(fn))) {
+      return *fused;
+    }
+  }
+  Tensor sum_dy, sum_dy_xmu;
+  std::tie(sum_dy, sum_dy_xmu) = K::backward_reduce(dy, x, mean);
+  const T* sdy_p = sum_dy.const_data_ptr<T>();
+  const T* sdx_p = sum_dy_xmu.const_data_ptr<T>();
+  K::for_each_channel(x.size(1), [=] C10_HOST_DEVICE(int64_t ch) { fn(ch, sdy_p[ch], sdx_p[ch]); });
+  return {K::backward_elemt(dy, x, mean, a, k, c), sum_dy, sum_dy_xmu};
+}
+
+inline Tensor empty_channel_vector(const Tensor& x, at::ScalarType opmath) {
+  return at::empty({x.size(1)}, x.options().dtype(opmath));
+}
+
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> train(const Tensor& input, const OptTensor& weight,
                                          const OptTensor& bias, double eps) {
-  const Tensor& w = value_or_undefined(weight);
-  const Tensor& b = value_or_undefined(bias);
-  check_args("bnext::batch_norm_train", input, w, b, Tensor(), Tensor());
+  check_args("bnext::batch_norm_train", input, value_or_undefined(weight),
+             value_or_undefined(bias), Tensor(), Tensor());
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
-  Tensor mean, var;
-  std::tie(mean, var) = K::stats(x);
-  return {normalize<K>(x, mean, var, w, b, eps), mean, var};
+  const auto opmath = opmath_dtype(x.scalar_type());
+  const Tensor w = per_channel(value_or_undefined(weight), opmath);
+  const Tensor b = per_channel(value_or_undefined(bias), opmath);
+  const Tensor scale = empty_channel_vector(x, opmath);
+  const Tensor shift = empty_channel_vector(x, opmath);
+  std::tuple<Tensor, Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_train", [&] {
+    const scalar_t* w_p = data_or_null<scalar_t>(w);
+    const scalar_t* b_p = data_or_null<scalar_t>(b);
+    scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
+    scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
+    const auto eps_ = static_cast<scalar_t>(eps);
+    result = stats_normalize<K, scalar_t>(
+        x, scale, shift, [=] C10_HOST_DEVICE(int64_t c, scalar_t /*mean*/, scalar_t var) {
+          const auto co = forward_coeffs(inv_std(var, eps_), load_or(w_p, c, scalar_t(1)),
+                                         load_or(b_p, c, scalar_t(0)));
+          scale_p[c] = co.scale;
+          shift_p[c] = co.shift;
+        });
+  });
+  return result;
 }
 
 template <class K>
@@ -137,36 +217,34 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
   const Tensor r = per_channel(r_in, opmath);
   const Tensor d = per_channel(d_in, opmath);
 
-  Tensor sum_dy, sum_dy_xmu;
-  std::tie(sum_dy, sum_dy_xmu) = K::backward_reduce(dy, x, mean);
-  Tensor grad_weight = at::empty({C}, mean.options());
-  Tensor a = at::empty({C}, mean.options());
-  Tensor k = at::empty({C}, mean.options());
-  Tensor c_ = at::empty({C}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_backward_coeffs", [&] {
+  Tensor grad_weight = empty_channel_vector(x, opmath);
+  const Tensor a = empty_channel_vector(x, opmath);
+  const Tensor k = empty_channel_vector(x, opmath);
+  const Tensor c_ = empty_channel_vector(x, opmath);
+  Tensor grad_input, sum_dy, sum_dy_xmu;
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_backward", [&] {
     const scalar_t* var_p = var.const_data_ptr<scalar_t>();
     const scalar_t* w_p = data_or_null<scalar_t>(w);
     const scalar_t* r_p = data_or_null<scalar_t>(r);
     const scalar_t* d_p = data_or_null<scalar_t>(d);
-    const scalar_t* sdy_p = sum_dy.const_data_ptr<scalar_t>();
-    const scalar_t* sdx_p = sum_dy_xmu.const_data_ptr<scalar_t>();
     scalar_t* gw_p = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* a_p = a.mutable_data_ptr<scalar_t>();
     scalar_t* k_p = k.mutable_data_ptr<scalar_t>();
     scalar_t* c_p = c_.mutable_data_ptr<scalar_t>();
     const auto eps_ = static_cast<scalar_t>(eps);
-    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
-      const scalar_t invstd = inv_std(var_p[c], eps_);
-      const scalar_t r_c = load_or(r_p, c, scalar_t(1));
-      const scalar_t w_c = load_or(w_p, c, scalar_t(1)) * r_c;
-      const auto co = backward_coeffs(invstd, w_c, sdy_p[c], sdx_p[c], count, training);
-      gw_p[c] = r_c * sdx_p[c] * invstd + load_or(d_p, c, scalar_t(0)) * sdy_p[c];
-      a_p[c] = co.a;
-      k_p[c] = co.k;
-      c_p[c] = co.c;
-    });
+    std::tie(grad_input, sum_dy, sum_dy_xmu) = reduce_elemt<K, scalar_t>(
+        dy, x, mean, a, k, c_,
+        [=] C10_HOST_DEVICE(int64_t c, scalar_t sum_dy_c, scalar_t sum_dy_xmu_c) {
+          const scalar_t invstd = inv_std(var_p[c], eps_);
+          const scalar_t r_c = load_or(r_p, c, scalar_t(1));
+          const scalar_t w_c = load_or(w_p, c, scalar_t(1)) * r_c;
+          const auto co = backward_coeffs(invstd, w_c, sum_dy_c, sum_dy_xmu_c, count, training);
+          gw_p[c] = r_c * sum_dy_xmu_c * invstd + load_or(d_p, c, scalar_t(0)) * sum_dy_c;
+          a_p[c] = co.a;
+          k_p[c] = co.k;
+          c_p[c] = co.c;
+        });
   });
-  Tensor grad_input = K::backward_elemt(dy, x, mean, a, k, c_);
   const auto param_dtype = weight.defined() ? weight.scalar_type() : opmath;
   return {grad_input, grad_weight.to(param_dtype), sum_dy.to(param_dtype)};
 }
