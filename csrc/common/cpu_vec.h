@@ -55,5 +55,24 @@ inline acc_t<scalar_t> hsum(const Vec<scalar_t>& v) {
       [](const Vec<scalar_t>& a, const Vec<scalar_t>& b) { return a + b; }, v);
 }
 
+// acc = step(i, acc) for i = 0, L, 2L, ... < vec_end (a multiple of L), over
+// four independent accumulators so that the latency of each add or FMA does
+// not bound the loop; returns their sum.
+template <typename scalar_t, class Step>
+inline Vec<scalar_t> accumulate4(int64_t vec_end, const Step& step) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  using T = acc_t<scalar_t>;
+  Vec<scalar_t> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+  int64_t i = 0;
+  for (; i + 4 * L <= vec_end; i += 4 * L) {
+    a0 = step(i, a0);
+    a1 = step(i + L, a1);
+    a2 = step(i + 2 * L, a2);
+    a3 = step(i + 3 * L, a3);
+  }
+  for (; i < vec_end; i += L) a0 = step(i, a0);
+  return (a0 + a1) + (a2 + a3);
+}
+
 }  // namespace cpu
 }  // namespace bnext
