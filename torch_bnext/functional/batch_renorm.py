@@ -3,9 +3,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import _verify_batch_size
-
 _ops = torch.ops.bnext
+
+
+def _verify_batch_size(input: Tensor) -> None:
+    # Batch Norm's check and message. Not imported from functional/batch_norm.py:
+    # its math.prod over a generator breaks torch.compile(fullgraph=True).
+    values = 1
+    for i, size in enumerate(input.shape):
+        if i != 1:
+            values *= size
+    if values == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
 
 
 def check_renorm_limits(r_max: float, d_max: float) -> None:
