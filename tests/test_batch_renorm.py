@@ -31,9 +31,9 @@ def rel_err(actual, expected):
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def assert_rel(actual, expected, dtype, what, factor=1.0):
+def assert_rel(actual, expected, dtype, what):
     err = rel_err(actual, expected)
-    tol = REL_TOL[dtype] * factor
+    tol = REL_TOL[dtype]
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({dtype})"
 
 
