@@ -351,7 +351,8 @@ def test_errors_match_torch_and_leave_buffers(mistake):
 
 def test_limit_and_buffer_errors():
     x = torch.randn(4, 3, 2) + 1
-    rm, rv = torch.zeros(3), torch.ones(3)
+    rm, rv = torch.randn(3) * 0.1, torch.rand(3) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
     for r_max, d_max, match in ((0.5, 1.0, "r_max"), (2.0, -1.0, "d_max"),
                                 (float("nan"), 1.0, "r_max")):
         with pytest.raises(ValueError, match=match):
@@ -360,16 +361,16 @@ def test_limit_and_buffer_errors():
             _ops.batch_renorm_train(x, rm, rv, None, None, 1e-5, r_max, d_max)
         with pytest.raises(ValueError, match=match):
             tb.BatchRenorm1d(3, r_max=r_max, d_max=d_max)
-    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
     with pytest.raises(ValueError, match="running_mean and running_var"):
         batch_renorm(x, None, None, training=True)
     layer = tb.BatchRenorm1d(3, r_max=lambda step: 0.5)
     with pytest.raises(ValueError, match="r_max"):
         layer(x)
-    assert layer.num_batches_tracked.item() == 0 and torch.equal(layer.running_var, rv)
+    assert layer.num_batches_tracked.item() == 0 and torch.equal(layer.running_var, torch.ones(3))
     with pytest.raises(RuntimeError, match="running_mean"):
-        batch_renorm(x, torch.zeros(4), rv, training=True)
-    assert torch.equal(rv, torch.ones(3))
+        batch_renorm(x, torch.randn(4), rv, training=True)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
 # ------------------------------------------------------- opcheck and compile
@@ -388,14 +389,15 @@ def test_opcheck_train():
                               (x, rm, rv, None, None, 1e-3, 3.0, 5.0))
     x = torch.randn(4, 6, dtype=torch.bfloat16)
     torch.library.opcheck(_ops.batch_renorm_train.default,
-                          (x, torch.zeros(6), torch.ones(6), torch.ones(6), None, 1e-5, 3.0, 5.0))
+                          (x, torch.randn(6), torch.rand(6) + 0.5, torch.rand(6) + 0.5, None, 1e-5,
+                           3.0, 5.0))
 
 
 def test_opcheck_backward():
     torch.manual_seed(8)
     x = torch.randn(3, 4, 5, 2) + 0.5
     g = torch.randn_like(x)
-    _, mean, var, r, d = _ops.batch_renorm_train(x, torch.zeros(4), torch.ones(4) * 2, None,
+    _, mean, var, r, d = _ops.batch_renorm_train(x, torch.randn(4), torch.rand(4) + 1, None,
                                                  None, 1e-5, 3.0, 5.0)
     w = torch.rand(4) + 0.5
     torch.library.opcheck(_ops.batch_renorm_backward.default, (g, x, mean, var, w, r, d, 1e-5))
