@@ -7,6 +7,8 @@ from . import functional
 from ._extension import HAS_CUDA_KERNELS
 from .convert import convert_model
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .schedule import renorm_schedule
 
 __version__ = "0.1.0"
 
@@ -14,7 +16,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "HAS_CUDA_KERNELS",
     "convert_model",
     "functional",
+    "renorm_schedule",
 ]

@@ -4,19 +4,34 @@ import torch
 from torch import nn
 
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .modules.batch_renorm import _BatchRenorm
 
 _BATCH_NORM = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+# Ours as well as torch's: a model already converted to our Batch Norm can
+# still be moved to Batch Renorm.
+_BATCH_RENORM = {
+    nn.BatchNorm1d: BatchRenorm1d,
+    nn.BatchNorm2d: BatchRenorm2d,
+    nn.BatchNorm3d: BatchRenorm3d,
+    BatchNorm1d: BatchRenorm1d,
+    BatchNorm2d: BatchRenorm2d,
+    BatchNorm3d: BatchRenorm3d,
+}
+_TARGETS = {"batchnorm": _BATCH_NORM, "batchrenorm": _BATCH_RENORM}
 
 
-def _swap_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls) -> nn.Module:
-    new = cls(
-        module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
-        device="meta",
-    )
+def _swap_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls, kwargs) -> nn.Module:
+    options = dict(eps=module.eps, momentum=module.momentum, affine=module.affine)
+    if issubclass(cls, _BatchRenorm):
+        if module.running_mean is None:
+            raise ValueError(
+                f"cannot convert {type(module).__name__} with track_running_stats=False to "
+                "Batch Renorm: its r and d are computed from the running statistics"
+            )
+    else:
+        options["track_running_stats"] = module.track_running_stats
+    new = cls(module.num_features, **{**options, **kwargs}, device="meta")
     # Reuse the very Parameter and buffer objects: optimisers and tied
     # references keep pointing at the live tensors, device and dtype kept.
     new.weight, new.bias = module.weight, module.bias
@@ -26,18 +41,26 @@ def _swap_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls) -> nn.Module:
     return new
 
 
-def convert_model(module: nn.Module) -> nn.Module:
+def convert_model(module: nn.Module, norm: str = "batchnorm", **kwargs) -> nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
-    torch_bnext equivalent (parameters, buffers, train/eval mode, device and
-    dtype preserved), in the manner of nn.SyncBatchNorm.convert_sync_batchnorm.
-    Layers that are already torch_bnext ones are left as they are."""
-    cls = _BATCH_NORM.get(type(module))
+    torch_bnext layer named by `norm` (parameters, buffers, train/eval mode,
+    device and dtype preserved), in the manner of
+    nn.SyncBatchNorm.convert_sync_batchnorm.
+
+    norm="batchnorm": torch_bnext.BatchNorm*d. norm="batchrenorm":
+    torch_bnext.BatchRenorm*d, from torch's or torch_bnext's Batch Norm layers.
+    `kwargs` (e.g. r_max, d_max, momentum) go to the new layers' constructors;
+    eps, momentum and affine are otherwise taken from the replaced layer.
+    Layers that are already of the target kind are left as they are."""
+    if norm not in _TARGETS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(_TARGETS)}")
+    cls = _TARGETS[norm].get(type(module))
     if cls is not None:
-        out = _swap_batch_norm(module, cls)
+        out = _swap_batch_norm(module, cls, kwargs)
     else:
         out = module
     for name, child in module.named_children():
-        new_child = convert_model(child)
+        new_child = convert_model(child, norm, **kwargs)
         if new_child is not child:
             out.add_module(name, new_child)
     return out

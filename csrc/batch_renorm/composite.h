@@ -1,0 +1,109 @@
+// Batch Renorm (Ioffe 2017) operators, written once over a Batch Norm backend
+// `K` (contract: batch_norm/composite.h). With r and d constants for autograd,
+// training is Batch Norm with weight' = weight * r and bias' = bias + weight * d,
+// so the forward is Batch Norm's normalize<K> with those coefficients and the
+// backward is Batch Norm's backward<K>, which already takes r and d.
+//
+// Compiled by both the host compiler (cpu.cpp) and nvcc (cuda.cu): keep it
+// free of host-only code in anything that runs per channel.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "batch_norm/composite.h"
+#include "bnext/batch_norm_math.h"
+#include "common/checks.h"
+#include "common/layout.h"
+
+namespace bnext {
+namespace batch_renorm {
+
+using at::Tensor;
+using batch_norm::OptTensor;
+
+inline void check_limits(const char* op, double r_max, double d_max) {
+  // Comparisons are false for NaN, so a NaN limit is rejected too.
+  TORCH_CHECK_VALUE(r_max >= 1.0, op, ": expected r_max >= 1 (r is clipped to [1/r_max, r_max]), got ",
+                    r_max);
+  TORCH_CHECK_VALUE(d_max >= 0.0, op, ": expected d_max >= 0 (d is clipped to [-d_max, d_max]), got ",
+                    d_max);
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
+    const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+    const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max) {
+  const char* op = "bnext::batch_renorm_train";
+  check_limits(op, r_max, d_max);
+  const Tensor& w_in = value_or_undefined(weight);
+  const Tensor& b_in = value_or_undefined(bias);
+  batch_norm::check_args(op, input, w_in, b_in, running_mean, running_var);
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor x = canonical(input);
+  const int64_t C = x.size(1);
+  Tensor mean, var;
+  std::tie(mean, var) = K::stats(x);
+  const auto opmath = mean.scalar_type();
+  const Tensor rm = batch_norm::per_channel(running_mean, opmath);
+  const Tensor rv = batch_norm::per_channel(running_var, opmath);
+  const Tensor w = batch_norm::per_channel(w_in, opmath);
+  const Tensor b = batch_norm::per_channel(b_in, opmath);
+  Tensor r = at::empty({C}, mean.options());
+  Tensor d = at::empty({C}, mean.options());
+  Tensor w_eff = at::empty({C}, mean.options());
+  Tensor b_eff = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_renorm_coeffs", [&] {
+    const scalar_t* mean_p = mean.const_data_ptr<scalar_t>();
+    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
+    const scalar_t* rm_p = rm.const_data_ptr<scalar_t>();
+    const scalar_t* rv_p = rv.const_data_ptr<scalar_t>();
+    const scalar_t* w_p = batch_norm::data_or_null<scalar_t>(w);
+    const scalar_t* b_p = batch_norm::data_or_null<scalar_t>(b);
+    scalar_t* r_p = r.mutable_data_ptr<scalar_t>();
+    scalar_t* d_p = d.mutable_data_ptr<scalar_t>();
+    scalar_t* we_p = w_eff.mutable_data_ptr<scalar_t>();
+    scalar_t* be_p = b_eff.mutable_data_ptr<scalar_t>();
+    const auto eps_ = static_cast<scalar_t>(eps);
+    const auto r_max_ = static_cast<scalar_t>(r_max);
+    const auto d_max_ = static_cast<scalar_t>(d_max);
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
+      const auto rd =
+          renorm_correction(mean_p[c], var_p[c], rm_p[c], rv_p[c], eps_, r_max_, d_max_);
+      const scalar_t w_c = batch_norm::load_or(w_p, c, scalar_t(1));
+      r_p[c] = rd.r;
+      d_p[c] = rd.d;
+      we_p[c] = w_c * rd.r;
+      be_p[c] = batch_norm::load_or(b_p, c, scalar_t(0)) + w_c * rd.d;
+    });
+  });
+  Tensor out = batch_norm::normalize<K>(x, mean, var, w_eff, b_eff, eps);
+  return {out, mean, var, r, d};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& input,
+                                            const Tensor& mean, const Tensor& var,
+                                            const OptTensor& weight, const Tensor& r,
+                                            const Tensor& d, double eps) {
+  check_input("bnext::batch_renorm_backward", input, 2);
+  batch_norm::check_channel_vectors("bnext::batch_renorm_backward", input, {&r, &d});
+  return batch_norm::backward<K>(grad_out, input, mean, var, value_or_undefined(weight), r, d,
+                                 eps, /*training=*/true);
+}
+
+template <class K>
+void register_renorm_kernels(torch::Library& m) {
+  m.impl("batch_renorm_train", &train<K>);
+  m.impl("batch_renorm_backward", &backward<K>);
+}
+
+}  // namespace batch_renorm
+}  // namespace bnext

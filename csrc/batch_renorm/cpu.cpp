@@ -1,0 +1,15 @@
+// Batch Renorm on CPU: the composite operators over Batch Norm's CPU backend.
+#include <torch/library.h>
+
+#include "batch_norm/cpu_backend.h"
+#include "batch_renorm/composite.h"
+
+namespace bnext {
+namespace batch_renorm {
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  register_renorm_kernels<batch_norm::CpuBackend>(m);
+}
+
+}  // namespace batch_renorm
+}  // namespace bnext

@@ -1,0 +1,109 @@
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.bnext
+
+
+def _verify_batch_size(input: Tensor) -> None:
+    # Batch Norm's check and message. Not imported from functional/batch_norm.py:
+    # its math.prod over a generator breaks torch.compile(fullgraph=True).
+    values = 1
+    for i, size in enumerate(input.shape):
+        if i != 1:
+            values *= size
+    if values == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+
+
+def check_renorm_limits(r_max: float, d_max: float) -> None:
+    # `not (x >= lo)` so that NaN is rejected too.
+    if not r_max >= 1.0:
+        raise ValueError(f"r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
+    if not d_max >= 0.0:
+        raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
+
+
+def batch_renorm_training(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    r_max: float,
+    d_max: float,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """Training-mode Batch Renorm. r and d are computed from the running buffers
+    as they are before this step; the buffers (and num_batches_tracked) are then
+    updated with Batch Norm's operator, only after every check has passed."""
+    if input.dim() < 2:
+        raise ValueError(f"Expected 2D or higher input (got {input.dim()}D input)")
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_renorm needs running_mean and running_var in training: r and d are "
+            "computed from them"
+        )
+    check_renorm_limits(r_max, d_max)
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    _verify_batch_size(input)
+    out, mean, var, _r, _d = _ops.batch_renorm_train(
+        input, running_mean, running_var, weight, bias, eps, float(r_max), float(d_max)
+    )
+    if input.numel() > 0:
+        count = input.numel() // input.shape[1]
+        _ops.batch_norm_update_stats(
+            running_mean, running_var, num_batches_tracked, mean, var, momentum, count
+        )
+    return out
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+) -> Tensor:
+    """Batch Renormalization (Ioffe, 2017).
+
+    In training, with the batch mean mu_B and biased variance var_B, and the
+    running statistics as they are before this call (sigma = sqrt(running_var
+    + eps), sigma_B = sqrt(var_B + eps)):
+
+        r = clamp(sigma_B / sigma, 1 / r_max, r_max)
+        d = clamp((mu_B - running_mean) / sigma, -d_max, d_max)
+        y = weight * ((x - mu_B) / sigma_B * r + d) + bias
+
+    with r and d constants for autograd; then running_mean and running_var are
+    updated in place exactly as torch.nn.functional.batch_norm does (running_var
+    receives the unbiased batch variance). In eval, y is Batch Norm's eval output.
+
+    Unlike the paper, the running statistic is the variance, as in torch's
+    Batch Norm, not a moving average of sigma_B: sigma is derived from it, and
+    Batch Norm checkpoints load unchanged. The two differ by Jensen's gap
+    (E[sigma_B] <= sqrt(E[var_B])) plus the unbiased-variance factor.
+
+    The running buffers are required in training (they define r and d); r_max
+    must be >= 1 and d_max >= 0 (ValueError otherwise). r_max = 1, d_max = 0 is
+    Batch Norm.
+    """
+    if training:
+        return batch_renorm_training(
+            input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max
+        )
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be defined in evaluation mode")
+    check_renorm_limits(r_max, d_max)
+    return _ops.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
