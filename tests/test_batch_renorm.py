@@ -13,40 +13,10 @@ from torch import nn
 import torch_bnext as tb
 from torch_bnext.functional import batch_renorm
 
+from conftest import REL_TOL, assert_close_rel, rel_err, to_format
+
 _ops = torch.ops.bnext
 
-REL_TOL = {
-    torch.float64: 1e-12,
-    torch.float32: 1e-5,
-    torch.float16: 1e-3,
-    torch.bfloat16: 1.6e-2,
-}
-
-
-def rel_err(actual, expected):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values"
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
-def assert_rel(actual, expected, dtype, what):
-    err = rel_err(actual, expected)
-    tol = REL_TOL[dtype]
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({dtype})"
-
-
-def to_format(x, fmt):
-    if fmt == "contiguous":
-        return x.contiguous()
-    if fmt == "channels_last":
-        return x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[x.dim()])
-    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
-    wide[..., ::2] = x
-    view = wide[..., ::2]
-    assert not view.is_contiguous()
-    return view
 
 
 def reference_step(x, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max, step):
@@ -132,10 +102,10 @@ def test_matches_reference_over_steps(shape, fmt, dtype, momentum):
 
         assert y.dtype == dtype and y.shape == x.shape
         what = f"step {step}"
-        assert_rel(y, yr, dtype, f"{what} output")
-        assert_rel(x.grad, xr.grad, dtype, f"{what} grad_input")
-        assert_rel(layer.weight.grad, w.grad, dtype, f"{what} grad_weight")
-        assert_rel(layer.bias.grad, b.grad, dtype, f"{what} grad_bias")
+        assert_close_rel(y, yr, dtype, f"{what} output")
+        assert_close_rel(x.grad, xr.grad, dtype, f"{what} grad_input")
+        assert_close_rel(layer.weight.grad, w.grad, dtype, f"{what} grad_weight")
+        assert_close_rel(layer.bias.grad, b.grad, dtype, f"{what} grad_bias")
         buffer_tol = max(REL_TOL[param_dtype], REL_TOL[dtype])
         assert rel_err(layer.running_mean, ref_mean) <= buffer_tol
         assert rel_err(layer.running_var, ref_var) <= buffer_tol
@@ -194,7 +164,7 @@ def test_gradients_match_detached_reference_inside_limits():
     yr = reference_step(x, running_mean, running_var, w, b, 0.01, 1e-5, 3.0, 5.0, 0)[0]
     expected = torch.autograd.grad(yr, (x, w, b), grad)
     for g, e, name in zip(got, expected, ("input", "weight", "bias")):
-        assert_rel(g, e, torch.float64, f"grad_{name}")
+        assert_close_rel(g, e, torch.float64, f"grad_{name}")
     # The stop-gradient matters here: through r and d the gradient differs.
     xs = x.detach().requires_grad_()
     dims = [0, 2]
@@ -295,7 +265,7 @@ def test_schedule_values_and_module_uses_step_count():
         y = layer(x)
         yr, r, d, mean, var = reference_step(x, mean, var, w, b, 0.5, 1e-5, r_fn(step),
                                              d_fn(step), step)
-        assert_rel(y, yr, torch.float64, f"step {step}")
+        assert_close_rel(y, yr, torch.float64, f"step {step}")
     with pytest.raises(ValueError, match="r_max"):
         tb.renorm_schedule(r_max=0.5)
     with pytest.raises(ValueError, match="d_max_steps"):

@@ -1,8 +1,9 @@
 // Batch Renorm (Ioffe 2017) operators, written once over a Batch Norm backend
 // `K` (contract: batch_norm/composite.h). With r and d constants for autograd,
 // training is Batch Norm with weight' = weight * r and bias' = bias + weight * d,
-// so the forward is Batch Norm's normalize<K> with those coefficients and the
-// backward is Batch Norm's backward<K>, which already takes r and d.
+// so the forward is Batch Norm's stats_normalize<K> with those coefficients
+// (fused on the CPU like Batch Norm's) and the backward is Batch Norm's
+// backward<K>, which already takes r and d.
 //
 // Compiled by both the host compiler (cpu.cpp) and nvcc (cuda.cu): keep it
 // free of host-only code in anything that runs per channel.
@@ -48,43 +49,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
   batch_norm::check_args(op, input, w_in, b_in, running_mean, running_var);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
-  const int64_t C = x.size(1);
-  Tensor mean, var;
-  std::tie(mean, var) = K::stats(x);
-  const auto opmath = mean.scalar_type();
+  const auto opmath = opmath_dtype(x.scalar_type());
   const Tensor rm = batch_norm::per_channel(running_mean, opmath);
   const Tensor rv = batch_norm::per_channel(running_var, opmath);
   const Tensor w = batch_norm::per_channel(w_in, opmath);
   const Tensor b = batch_norm::per_channel(b_in, opmath);
-  Tensor r = at::empty({C}, mean.options());
-  Tensor d = at::empty({C}, mean.options());
-  Tensor w_eff = at::empty({C}, mean.options());
-  Tensor b_eff = at::empty({C}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_renorm_coeffs", [&] {
-    const scalar_t* mean_p = mean.const_data_ptr<scalar_t>();
-    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
+  const Tensor r = batch_norm::empty_channel_vector(x, opmath);
+  const Tensor d = batch_norm::empty_channel_vector(x, opmath);
+  const Tensor scale = batch_norm::empty_channel_vector(x, opmath);
+  const Tensor shift = batch_norm::empty_channel_vector(x, opmath);
+  Tensor out, mean, var;
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_renorm_train", [&] {
     const scalar_t* rm_p = rm.const_data_ptr<scalar_t>();
     const scalar_t* rv_p = rv.const_data_ptr<scalar_t>();
     const scalar_t* w_p = batch_norm::data_or_null<scalar_t>(w);
     const scalar_t* b_p = batch_norm::data_or_null<scalar_t>(b);
     scalar_t* r_p = r.mutable_data_ptr<scalar_t>();
     scalar_t* d_p = d.mutable_data_ptr<scalar_t>();
-    scalar_t* we_p = w_eff.mutable_data_ptr<scalar_t>();
-    scalar_t* be_p = b_eff.mutable_data_ptr<scalar_t>();
+    scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
+    scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
     const auto eps_ = static_cast<scalar_t>(eps);
     const auto r_max_ = static_cast<scalar_t>(r_max);
     const auto d_max_ = static_cast<scalar_t>(d_max);
-    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
-      const auto rd =
-          renorm_correction(mean_p[c], var_p[c], rm_p[c], rv_p[c], eps_, r_max_, d_max_);
-      const scalar_t w_c = batch_norm::load_or(w_p, c, scalar_t(1));
-      r_p[c] = rd.r;
-      d_p[c] = rd.d;
-      we_p[c] = w_c * rd.r;
-      be_p[c] = batch_norm::load_or(b_p, c, scalar_t(0)) + w_c * rd.d;
-    });
+    std::tie(out, mean, var) = batch_norm::stats_normalize<K, scalar_t>(
+        x, scale, shift, [=] C10_HOST_DEVICE(int64_t c, scalar_t mean_c, scalar_t var_c) {
+          const auto rd = renorm_correction(mean_c, var_c, rm_p[c], rv_p[c], eps_, r_max_, d_max_);
+          const scalar_t w_c = batch_norm::load_or(w_p, c, scalar_t(1));
+          const auto co = forward_coeffs(inv_std(var_c, eps_), w_c * rd.r,
+                                         batch_norm::load_or(b_p, c, scalar_t(0)) + w_c * rd.d);
+          r_p[c] = rd.r;
+          d_p[c] = rd.d;
+          scale_p[c] = co.scale;
+          shift_p[c] = co.shift;
+        });
   });
-  Tensor out = batch_norm::normalize<K>(x, mean, var, w_eff, b_eff, eps);
   return {out, mean, var, r, d};
 }
 

@@ -6,7 +6,7 @@ from torch import Tensor
 _ops = torch.ops.bnext
 
 
-def _verify_batch_size(input: Tensor) -> None:
+def verify_batch_size(input: Tensor) -> None:
     # Same check and message as torch.nn.functional.batch_norm.
     size = input.shape
     values_per_channel = size[0]
@@ -32,19 +32,27 @@ def batch_norm_training(
     in num_batches_tracked) only after every argument has been checked."""
     if input.dim() < 2:
         raise ValueError(f"Expected 2D or higher input (got {input.dim()}D input)")
-    _verify_batch_size(input)
+    verify_batch_size(input)
     out, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None and input.numel() > 0:
+    if running_mean is not None:
+        update_running_stats(input, running_mean, running_var, num_batches_tracked, mean, var,
+                             momentum)
+    return out
+
+
+def update_running_stats(input, running_mean, running_var, num_batches_tracked, mean, var,
+                         momentum) -> None:
+    """Folds this batch's statistics into the running buffers (in place)."""
+    if input.numel() > 0:
         count = input.numel() // input.shape[1]
         _ops.batch_norm_update_stats(
             running_mean, running_var, num_batches_tracked, mean, var, momentum, count
         )
-    elif num_batches_tracked is not None and input.numel() == 0:
+    elif num_batches_tracked is not None:
         # torch counts an empty batch as a step but leaves the statistics alone.
         num_batches_tracked.add_(1)
-    return out
 
 
 def batch_norm(

@@ -3,20 +3,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .batch_norm import update_running_stats, verify_batch_size
+
 _ops = torch.ops.bnext
-
-
-def _verify_batch_size(input: Tensor) -> None:
-    # Batch Norm's check and message. Not imported from functional/batch_norm.py:
-    # its math.prod over a generator breaks torch.compile(fullgraph=True).
-    values = 1
-    for i, size in enumerate(input.shape):
-        if i != 1:
-            values *= size
-    if values == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {input.size()}"
-        )
 
 
 def check_renorm_limits(r_max: float, d_max: float) -> None:
@@ -52,15 +41,11 @@ def batch_renorm_training(
     check_renorm_limits(r_max, d_max)
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    _verify_batch_size(input)
+    verify_batch_size(input)
     out, mean, var, _r, _d = _ops.batch_renorm_train(
         input, running_mean, running_var, weight, bias, eps, float(r_max), float(d_max)
     )
-    if input.numel() > 0:
-        count = input.numel() // input.shape[1]
-        _ops.batch_norm_update_stats(
-            running_mean, running_var, num_batches_tracked, mean, var, momentum, count
-        )
+    update_running_stats(input, running_mean, running_var, num_batches_tracked, mean, var, momentum)
     return out
 
 
