@@ -25,6 +25,25 @@ __device__ __forceinline__ Welford<T> shfl_down(const Welford<T>& w, int offset)
   return out;
 }
 
+// Two sums reduced together (the backward pass needs sum dy and sum dy * (x - mean)).
+template <typename T>
+struct Pair {
+  T a;
+  T b;
+};
+
+template <typename T>
+__device__ __forceinline__ Pair<T> shfl_down(const Pair<T>& p, int offset) {
+  return {shfl_down(p.a, offset), shfl_down(p.b, offset)};
+}
+
+struct PairSumOp {
+  template <typename T>
+  __device__ __forceinline__ Pair<T> operator()(const Pair<T>& x, const Pair<T>& y) const {
+    return {x.a + y.a, x.b + y.b};
+  }
+};
+
 struct SumOp {
   template <typename T>
   __device__ __forceinline__ T operator()(const T& a, const T& b) const {
@@ -62,6 +81,25 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T* scratch, const T& ident
     v = lane < warps ? scratch[lane] : identity;
     v = warp_reduce(v, op);
   }
+  __syncthreads();
+  return v;
+}
+
+// Reduction over threadIdx.y of a 2-D block, separately for every column
+// threadIdx.x (blockDim.y a power of two). A fixed tree, so the result does not
+// depend on scheduling; it is valid in the threads with threadIdx.y == 0.
+// `scratch` holds blockDim.x * blockDim.y values. Ends with a barrier so that
+// `scratch` may be reused right away.
+template <typename T, class Op>
+__device__ __forceinline__ T column_reduce(T v, Op op, T* scratch) {
+  const int idx = threadIdx.y * blockDim.x + threadIdx.x;
+  scratch[idx] = v;
+  __syncthreads();
+  for (int stride = blockDim.y / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.y < stride) scratch[idx] = op(scratch[idx], scratch[idx + stride * blockDim.x]);
+    __syncthreads();
+  }
+  if (threadIdx.y == 0) v = scratch[idx];
   __syncthreads();
   return v;
 }
