@@ -6,7 +6,7 @@ from . import ops  # noqa: F401  (fake kernels and autograd)
 from . import functional
 from ._extension import HAS_CUDA_KERNELS
 from .convert import convert_model
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, RMSNorm
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,8 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "HAS_CUDA_KERNELS",
+    "LayerNorm",
+    "RMSNorm",
     "convert_model",
     "functional",
 ]
