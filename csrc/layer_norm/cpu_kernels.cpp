@@ -165,7 +165,7 @@ void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Te
 
 // ------------------------------------------------------------------ backward
 
-// dx = a * g + k * (x - mean) + c with g = dy * w (layer_norm_math.h), fused
+// dx = a * (g + k * (x - mean) + c) with g = dy * w (layer_norm_math.h), fused
 // with the column sums dw += dy * (x - mean) * rstd and db += dy when wanted.
 template <typename scalar_t, bool kCentred, bool kColumns>
 void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, Tensor& dx,
@@ -216,7 +216,8 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
           const auto d = load_acc(dy + i, n);
           const auto xm = load_acc(x + i, n) - vm;
           const auto g = d * Vec<scalar_t>::loadu(w_p + i, n);
-          store_acc(dxr + i, at::vec::fmadd(va, g, at::vec::fmadd(vk, xm, vc)), n);
+          // Same order of operations as row_backward_dx (layer_norm_math.h).
+          store_acc(dxr + i, va * at::vec::fmadd(vk, xm, g + vc), n);
           if constexpr (kColumns) {
             at::vec::fmadd(d * xm, vs, Vec<scalar_t>::loadu(dw + i, n)).store(dw + i, n);
             if constexpr (kCentred) (Vec<scalar_t>::loadu(db + i, n) + d).store(db + i, n);

@@ -42,6 +42,12 @@ def rms_norm(
 ) -> Tensor:
     """Root Mean Square Layer Normalization, with the signature and semantics of
     torch.nn.functional.rms_norm (eps=None: the epsilon of the accumulation dtype)."""
+    shape = _as_shape(normalized_shape)
+    if input.dim() < len(shape):
+        # torch raises this one as a ValueError before its shape check.
+        raise ValueError(
+            f"Input tensor must have at least {len(shape)} dimensions, but got {input.dim()}"
+        )
     if eps is None:
         eps = _default_rms_eps(input.dtype)
-    return _ops.rms_norm_fwd(input, _as_shape(normalized_shape), weight, eps)[0]
+    return _ops.rms_norm_fwd(input, shape, weight, eps)[0]

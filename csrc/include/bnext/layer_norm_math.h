@@ -37,9 +37,11 @@ C10_HOST_DEVICE inline T rms_norm_rstd(T sum_sq, int64_t n, T eps) {
 
 // Backward of y = w * (x - mean) * rstd (+ b) with respect to x, per row of n
 // values and g = dy * w:
-//   dx = a * g + k * (x - mean) + c
-//   LayerNorm: a = rstd, k = -rstd^3 * sum(g * (x - mean)) / n, c = -rstd * sum(g) / n
-//   RMSNorm (mean = 0): the same without the c term, which comes from d(mean)/dx.
+//   dx = a * (g + k * (x - mean) + c)
+//   LayerNorm: a = rstd, k = -rstd^2 * sum(g * (x - mean)) / n, c = -sum(g) / n
+//   RMSNorm (mean = 0): the same without c, which comes from d(mean)/dx.
+// rstd is applied last so that g + c, which cancels exactly for a row of one
+// value (dx = 0), is formed before any rounding of g by rstd.
 template <typename T>
 struct RowBackwardCoeffs {
   T a;
@@ -51,8 +53,12 @@ template <typename T>
 C10_HOST_DEVICE inline RowBackwardCoeffs<T> row_backward_coeffs(T rstd, T sum_g, T sum_g_xmu,
                                                                  int64_t n, bool centred) {
   const T inv_n = T(1) / static_cast<T>(n);
-  const T k = -rstd * rstd * rstd * sum_g_xmu * inv_n;
-  return {rstd, k, centred ? -rstd * sum_g * inv_n : T(0)};
+  return {rstd, -rstd * rstd * sum_g_xmu * inv_n, centred ? -sum_g * inv_n : T(0)};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T row_backward_dx(const RowBackwardCoeffs<T>& co, T g, T xmu) {
+  return co.a * (co.k * xmu + (g + co.c));
 }
 
 }  // namespace bnext
