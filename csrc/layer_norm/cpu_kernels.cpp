@@ -7,20 +7,16 @@
 // bitwise reproducible across thread settings.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <optional>
-#include <tuple>
 #include <vector>
 
 #include "bnext/layer_norm_math.h"
 #include "bnext/welford.h"
 #include "common/checks.h"
 #include "common/cpu_vec.h"
+#include "layer_norm/operators.h"
 #include "layer_norm/prepare.h"
 
 namespace bnext {
@@ -33,7 +29,6 @@ using cpu::kLanes;
 using cpu::load_acc;
 using cpu::store_acc;
 using cpu::Vec;
-using OptTensor = std::optional<Tensor>;
 
 // Enough elements per task that scheduling costs stay below ~1%.
 constexpr int64_t kGrainElements = 32768;
@@ -246,99 +241,36 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
   }
 }
 
-// ----------------------------------------------------------------- operators
-
-template <bool kCentred>
-void dispatch_forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
-  if (p.M == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd",
-                                  [&] { forward_rows<scalar_t, kCentred>(p, eps, out, mean, rstd); });
-}
-
-template <bool kCentred>
-void dispatch_backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
-                       Tensor& dx, Tensor& dw_col, Tensor& db_col) {
-  if (p.M == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd", [&] {
-    if (columns) {
-      backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
-    } else {
-      backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
-    }
-  });
-}
-
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
-                                                  const OptTensor& weight, const OptTensor& bias,
-                                                  double eps) {
-  const char* op = "bnext::layer_norm_fwd";
-  const RowProblem p = prepare_forward(op, input, normalized_shape, value_or_undefined(weight),
-                                       value_or_undefined(bias));
-  const auto stat_opts = p.x.options().dtype(opmath_dtype(input.scalar_type()));
-  Tensor out = at::empty(input.sizes(), p.x.options());
-  Tensor mean = at::empty(p.stat_shape, stat_opts);
-  Tensor rstd = at::empty(p.stat_shape, stat_opts);
-  dispatch_forward<true>(p, eps, out, mean, rstd);
-  return {out, mean, rstd};
-}
-
-std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
-                                        const OptTensor& weight, double eps) {
-  const char* op = "bnext::rms_norm_fwd";
-  const RowProblem p =
-      prepare_forward(op, input, normalized_shape, value_or_undefined(weight), Tensor());
-  Tensor out = at::empty(input.sizes(), p.x.options());
-  Tensor rstd = at::empty(p.stat_shape, p.x.options().dtype(opmath_dtype(input.scalar_type())));
-  Tensor unused;
-  dispatch_forward<false>(p, eps, out, unused, rstd);
-  return {out, rstd};
-}
-
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const Tensor& input,
-                                                  const Tensor& mean, const Tensor& rstd,
-                                                  const OptTensor& weight,
-                                                  std::array<bool, 2> output_mask) {
-  const char* op = "bnext::layer_norm_bwd";
-  const Tensor& w = value_or_undefined(weight);
-  TORCH_CHECK(mean.sizes() == rstd.sizes(), op, ": mean and rstd shapes differ: ", mean.sizes(),
-              " vs ", rstd.sizes());
-  TORCH_CHECK(w.defined() || !output_mask[0], op, ": grad_weight requested without a weight");
-  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w);
-  const bool columns = output_mask[0] || output_mask[1];
-  Tensor dx = at::empty(input.sizes(), p.x.options());
-  const auto col_opts = rstd.options();
-  Tensor dw_col = columns ? at::zeros({p.N}, col_opts) : Tensor();
-  Tensor db_col = columns ? at::zeros({p.N}, col_opts) : Tensor();
-  const Tensor mean_c = mean.contiguous();
-  const Tensor rstd_c = rstd.contiguous();
-  dispatch_backward<true>(p, mean_c, rstd_c, columns, dx, dw_col, db_col);
-  const auto dtype = param_grad_dtype(w, input);
-  return {dx, finish_param_grad(dw_col, output_mask[0], p, dtype),
-          finish_param_grad(db_col, output_mask[1], p, dtype)};
-}
-
-std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& input,
-                                        const Tensor& rstd, const OptTensor& weight,
-                                        bool weight_grad) {
-  const char* op = "bnext::rms_norm_bwd";
-  const Tensor& w = value_or_undefined(weight);
-  TORCH_CHECK(w.defined() || !weight_grad, op, ": grad_weight requested without a weight");
-  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w);
-  Tensor dx = at::empty(input.sizes(), p.x.options());
-  Tensor dw_col = weight_grad ? at::zeros({p.N}, rstd.options()) : Tensor();
-  Tensor unused;
-  const Tensor rstd_c = rstd.contiguous();
-  dispatch_backward<false>(p, Tensor(), rstd_c, weight_grad, dx, dw_col, unused);
-  return {dx, finish_param_grad(dw_col, weight_grad, p, param_grad_dtype(w, input))};
-}
-
 }  // namespace
 
+// ------------------------------------------------------------------- backend
+
+struct CpuKernels {
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+
+  template <bool kCentred>
+  static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd",
+                                    [&] { forward_rows<scalar_t, kCentred>(p, eps, out, mean, rstd); });
+  }
+
+  template <bool kCentred>
+  static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
+                       Tensor& dx, Tensor& dw_col, Tensor& db_col) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd", [&] {
+      if (columns) {
+        backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
+      } else {
+        backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
+      }
+    });
+  }
+};
+
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  m.impl("layer_norm_fwd", &layer_norm_fwd);
-  m.impl("layer_norm_bwd", &layer_norm_bwd);
-  m.impl("rms_norm_fwd", &rms_norm_fwd);
-  m.impl("rms_norm_bwd", &rms_norm_bwd);
+  register_kernels<CpuKernels>(m);
 }
 
 }  // namespace layer_norm
