@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "bnext/layer_norm_math.h"
 #include "bnext/welford.h"
@@ -224,7 +225,14 @@ void column_sums(const RowProblem& p, const Tensor& mean, const Tensor& rstd, Te
 // ------------------------------------------------------------------- backend
 
 struct CudaKernels {
-  using DeviceGuard = c10::cuda::CUDAGuard;
+  // A CPU input can land here when a parameter is on the GPU; leaving the
+  // device alone then lets the argument checks report the mismatch.
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device device) {
+      if (device.is_cuda()) guard.emplace(device);
+    }
+    std::optional<c10::cuda::CUDAGuard> guard;
+  };
 
   template <bool kCentred>
   static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
