@@ -1,5 +1,5 @@
 import copy
-import itertools
+import zlib
 
 import pytest
 import torch
@@ -59,7 +59,7 @@ def test_module_parity_with_torch(dim, shape, fmt, dtype, momentum, affine, trac
     """Several training steps then eval, against torch.nn.BatchNorm*d run in
     float64 on the same values: outputs, all gradients, running statistics and
     num_batches_tracked."""
-    torch.manual_seed(hash((shape, fmt, str(dtype))) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((shape, fmt, dtype, momentum, affine, track)).encode()))
     C = shape[1]
     pdt = param_dtype_for(dtype)
     ref = TORCH_BN[dim](C, momentum=momentum, affine=affine, track_running_stats=track)
@@ -75,7 +75,8 @@ def test_module_parity_with_torch(dim, shape, fmt, dtype, momentum, affine, trac
     for step, training in enumerate([True, True, True, False]):
         ref.train(training)
         ours.train(training)
-        x = random_input(shape, dtype, fmt, device, mean=step - 1.0).requires_grad_()
+        # Batch means away from 0, where a relative error of the running mean means little.
+        x = random_input(shape, dtype, fmt, device, mean=step + 0.5).requires_grad_()
         x_ref = x.detach().double().requires_grad_()
         y = ours(x)
         y_ref = ref(x_ref)

@@ -6,8 +6,16 @@ from . import ops  # noqa: F401  (fake kernels and autograd)
 from . import functional
 from ._extension import HAS_CUDA_KERNELS
 from .convert import convert_model
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .modules import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    LayerNorm,
+    RMSNorm,
+)
 from .schedule import renorm_schedule
 
 __version__ = "0.1.0"
@@ -20,6 +28,8 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "HAS_CUDA_KERNELS",
+    "LayerNorm",
+    "RMSNorm",
     "convert_model",
     "functional",
     "renorm_schedule",

@@ -3,8 +3,16 @@
 import torch
 from torch import nn
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .modules import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    LayerNorm,
+    RMSNorm,
+)
 from .modules.batch_renorm import _BatchRenorm
 
 _BATCH_NORM = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
@@ -41,7 +49,24 @@ def _swap_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls, kwargs) -> nn
     return new
 
 
-def convert_model(module: nn.Module, norm: str = "batchnorm", **kwargs) -> nn.Module:
+def _swap_row_norm(module: nn.Module) -> nn.Module:
+    # Built on "meta" and handed the very Parameter objects, as for Batch Norm.
+    if type(module) is nn.LayerNorm:
+        new = LayerNorm(module.normalized_shape, eps=module.eps,
+                        elementwise_affine=module.elementwise_affine,
+                        bias=module.bias is not None or not module.elementwise_affine,
+                        device="meta")
+        new.weight, new.bias = module.weight, module.bias
+    else:
+        new = RMSNorm(module.normalized_shape, eps=module.eps,
+                      elementwise_affine=module.elementwise_affine, device="meta")
+        new.weight = module.weight
+    new.train(module.training)
+    return new
+
+
+def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = False,
+                  **kwargs) -> nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
     torch_bnext layer named by `norm` (parameters, buffers, train/eval mode,
     device and dtype preserved), in the manner of
@@ -51,16 +76,20 @@ def convert_model(module: nn.Module, norm: str = "batchnorm", **kwargs) -> nn.Mo
     torch_bnext.BatchRenorm*d, from torch's or torch_bnext's Batch Norm layers.
     `kwargs` (e.g. r_max, d_max, momentum) go to the new layers' constructors;
     eps, momentum and affine are otherwise taken from the replaced layer.
+    With layernorm=True, torch.nn.LayerNorm and torch.nn.RMSNorm are replaced
+    by torch_bnext.LayerNorm and RMSNorm too.
     Layers that are already of the target kind are left as they are."""
     if norm not in _TARGETS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(_TARGETS)}")
     cls = _TARGETS[norm].get(type(module))
     if cls is not None:
         out = _swap_batch_norm(module, cls, kwargs)
+    elif layernorm and type(module) in (nn.LayerNorm, nn.RMSNorm):
+        out = _swap_row_norm(module)
     else:
         out = module
     for name, child in module.named_children():
-        new_child = convert_model(child, norm, **kwargs)
+        new_child = convert_model(child, norm, layernorm, **kwargs)
         if new_child is not child:
             out.add_module(name, new_child)
     return out

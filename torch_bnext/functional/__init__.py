@@ -2,5 +2,6 @@
 
 from .batch_norm import batch_norm
 from .batch_renorm import batch_renorm
+from .layer_norm import layer_norm, rms_norm
 
-__all__ = ["batch_norm", "batch_renorm"]
+__all__ = ["batch_norm", "batch_renorm", "layer_norm", "rms_norm"]

@@ -6,3 +6,4 @@ this package adds what torch.compile and autograd need on top of them.
 
 from . import batch_norm  # noqa: F401
 from . import batch_renorm  # noqa: F401
+from . import layer_norm  # noqa: F401

@@ -1,0 +1,277 @@
+// LayerNorm / RMSNorm CPU kernels. Rows are independent, so the forward and
+// the dx part of the backward are one task per group of rows; each row is read
+// once from memory for its statistics (then re-read from cache).
+// Parameter gradients are column sums over rows: every chunk of rows adds into
+// its own buffer and the buffers are merged in a fixed order. The chunking
+// depends on the shape only, never on the thread count, so results are
+// bitwise reproducible across thread settings.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "bnext/layer_norm_math.h"
+#include "bnext/welford.h"
+#include "common/checks.h"
+#include "common/cpu_vec.h"
+#include "layer_norm/operators.h"
+#include "layer_norm/prepare.h"
+
+namespace bnext {
+namespace layer_norm {
+namespace {
+
+using cpu::acc_t;
+using cpu::hsum;
+using cpu::kLanes;
+using cpu::load_acc;
+using cpu::store_acc;
+using cpu::Vec;
+
+// Enough elements per task that scheduling costs stay below ~1%.
+constexpr int64_t kGrainElements = 32768;
+
+int64_t rows_grain(int64_t N) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N, 1));
+}
+
+// Row chunks for the column sums: enough for 64 threads, few enough that the
+// per-chunk buffers stay within ~8 MiB of floats and merging stays cheap.
+int64_t num_row_chunks(int64_t M, int64_t N) {
+  const int64_t by_rows = (M + 15) / 16;
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(N, 1));
+  return std::max<int64_t>(1, std::min({by_rows, by_memory, int64_t(64)}));
+}
+
+int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t M) { return chunk * M / chunks; }
+
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// ---------------------------------------------------------------- statistics
+
+// Mean and m2 of a row: exact two passes over L1-sized blocks (the second
+// re-reads from cache), blocks merged with Chan's formula.
+template <typename scalar_t>
+Welford<acc_t<scalar_t>> row_welford(const scalar_t* p, int64_t n) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  constexpr int64_t kBlock = 4096;
+  Welford<T> acc;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - b0);
+    const int64_t vec_end = len - len % L;
+    const scalar_t* q = p + b0;
+    Vec<scalar_t> vsum(T(0));
+    for (int64_t i = 0; i < vec_end; i += L) vsum += load_acc(q + i);
+    if (vec_end < len) vsum += load_acc(q + vec_end, len - vec_end);
+    const T mean = hsum<scalar_t>(vsum) / static_cast<T>(len);
+    const Vec<scalar_t> vmean(mean);
+    Vec<scalar_t> vm2(T(0));
+    for (int64_t i = 0; i < vec_end; i += L) {
+      const auto d = load_acc(q + i) - vmean;
+      vm2 = at::vec::fmadd(d, d, vm2);
+    }
+    T m2 = hsum<scalar_t>(vm2);
+    for (int64_t i = vec_end; i < len; ++i) {
+      const T d = static_cast<T>(q[i]) - mean;
+      m2 += d * d;
+    }
+    acc = welford_merge(acc, Welford<T>{mean, m2, len});
+  }
+  return acc;
+}
+
+// Squares are non-negative: no cancellation, a plain sum is accurate.
+template <typename scalar_t>
+acc_t<scalar_t> row_sum_sq(const scalar_t* p, int64_t n) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t vec_end = n - n % L;
+  Vec<scalar_t> acc0(T(0));
+  Vec<scalar_t> acc1(T(0));
+  int64_t i = 0;
+  // Two accumulators hide the fma latency.
+  for (; i + 2 * L <= vec_end; i += 2 * L) {
+    const auto a = load_acc(p + i);
+    const auto b = load_acc(p + i + L);
+    acc0 = at::vec::fmadd(a, a, acc0);
+    acc1 = at::vec::fmadd(b, b, acc1);
+  }
+  for (; i < vec_end; i += L) {
+    const auto a = load_acc(p + i);
+    acc0 = at::vec::fmadd(a, a, acc0);
+  }
+  if (vec_end < n) {
+    const auto a = load_acc(p + vec_end, n - vec_end);
+    acc1 = at::vec::fmadd(a, a, acc1);
+  }
+  return hsum<scalar_t>(acc0 + acc1);
+}
+
+// ------------------------------------------------------------------- forward
+
+// y = (x - mean) * rstd * w + b; RMSNorm is kCentred = false (mean 0, no b).
+template <typename scalar_t, bool kCentred>
+void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t N = p.N;
+  const int64_t vec_end = N - N % L;
+  const scalar_t* x_p = p.x.const_data_ptr<scalar_t>();
+  scalar_t* y_p = out.mutable_data_ptr<scalar_t>();
+  T* mean_p = kCentred ? mean.mutable_data_ptr<T>() : nullptr;
+  T* rstd_p = rstd.mutable_data_ptr<T>();
+  const T* w_p = data_or_null<T>(p.w);
+  const T* b_p = data_or_null<T>(p.b);
+  const T eps_ = static_cast<T>(eps);
+  at::parallel_for(0, p.M, rows_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* x = x_p + r * N;
+      scalar_t* y = y_p + r * N;
+      T m = T(0);
+      T s;
+      if constexpr (kCentred) {
+        const auto st = row_welford(x, N);
+        m = st.mean;
+        s = layer_norm_rstd(st, eps_);
+        mean_p[r] = m;
+      } else {
+        s = rms_norm_rstd(row_sum_sq(x, N), N, eps_);
+      }
+      rstd_p[r] = s;
+      const Vec<scalar_t> vm(m);
+      const Vec<scalar_t> vs(s);
+      auto apply = [&](int64_t i, int64_t n) {
+        auto scale = w_p ? vs * Vec<scalar_t>::loadu(w_p + i, n) : vs;
+        auto v = (load_acc(x + i, n) - vm) * scale;
+        if (b_p) v = v + Vec<scalar_t>::loadu(b_p + i, n);
+        store_acc(y + i, v, n);
+      };
+      for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
+      if (vec_end < N) apply(vec_end, N - vec_end);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+// dx = a * (g + k * (x - mean) + c) with g = dy * w (layer_norm_math.h), fused
+// with the column sums dw += dy * (x - mean) * rstd and db += dy when wanted.
+template <typename scalar_t, bool kCentred, bool kColumns>
+void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, Tensor& dx,
+                   Tensor& dw_col, Tensor& db_col) {
+  using T = acc_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t M = p.M;
+  const int64_t N = p.N;
+  const int64_t vec_end = N - N % L;
+  const scalar_t* x_p = p.x.const_data_ptr<scalar_t>();
+  const scalar_t* dy_p = p.dy.const_data_ptr<scalar_t>();
+  scalar_t* dx_p = dx.mutable_data_ptr<scalar_t>();
+  const T* mean_p = kCentred ? mean.const_data_ptr<T>() : nullptr;
+  const T* rstd_p = rstd.const_data_ptr<T>();
+  // Without a weight g = dy; a row of ones keeps the inner loops branch-free.
+  std::vector<T> ones(p.w.defined() ? 0 : N, T(1));
+  const T* w_p = p.w.defined() ? p.w.const_data_ptr<T>() : ones.data();
+  const int64_t chunks = num_row_chunks(M, N);
+  std::vector<T> dw_parts(kColumns ? chunks * N : 0, T(0));
+  std::vector<T> db_parts(kColumns && kCentred ? chunks * N : 0, T(0));
+
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      T* dw = kColumns ? dw_parts.data() + ch * N : nullptr;
+      T* db = kColumns && kCentred ? db_parts.data() + ch * N : nullptr;
+      for (int64_t r = chunk_begin(ch, chunks, M); r < chunk_begin(ch + 1, chunks, M); ++r) {
+        const scalar_t* x = x_p + r * N;
+        const scalar_t* dy = dy_p + r * N;
+        scalar_t* dxr = dx_p + r * N;
+        const T s = rstd_p[r];
+        const Vec<scalar_t> vm(kCentred ? mean_p[r] : T(0));
+        Vec<scalar_t> s_g(T(0));
+        Vec<scalar_t> s_gx(T(0));
+        // Padding lanes load dy = 0, so they add nothing to either sum.
+        auto reduce = [&](int64_t i, int64_t n) {
+          const auto g = load_acc(dy + i, n) * Vec<scalar_t>::loadu(w_p + i, n);
+          if constexpr (kCentred) s_g += g;
+          s_gx = at::vec::fmadd(g, load_acc(x + i, n) - vm, s_gx);
+        };
+        for (int64_t i = 0; i < vec_end; i += L) reduce(i, L);
+        if (vec_end < N) reduce(vec_end, N - vec_end);
+        const auto co = row_backward_coeffs(s, hsum<scalar_t>(s_g), hsum<scalar_t>(s_gx), N, kCentred);
+        const Vec<scalar_t> va(co.a);
+        const Vec<scalar_t> vk(co.k);
+        const Vec<scalar_t> vc(co.c);
+        const Vec<scalar_t> vs(s);
+        auto apply = [&](int64_t i, int64_t n) {
+          const auto d = load_acc(dy + i, n);
+          const auto xm = load_acc(x + i, n) - vm;
+          const auto g = d * Vec<scalar_t>::loadu(w_p + i, n);
+          // Same order of operations as row_backward_dx (layer_norm_math.h).
+          store_acc(dxr + i, va * at::vec::fmadd(vk, xm, g + vc), n);
+          if constexpr (kColumns) {
+            at::vec::fmadd(d * xm, vs, Vec<scalar_t>::loadu(dw + i, n)).store(dw + i, n);
+            if constexpr (kCentred) (Vec<scalar_t>::loadu(db + i, n) + d).store(db + i, n);
+          }
+        };
+        for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
+        if (vec_end < N) apply(vec_end, N - vec_end);
+      }
+    }
+  });
+  if constexpr (kColumns) {
+    T* dw_out = dw_col.mutable_data_ptr<T>();
+    T* db_out = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
+    at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        T w_sum = T(0);
+        T b_sum = T(0);
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          w_sum += dw_parts[ch * N + c];
+          if constexpr (kCentred) b_sum += db_parts[ch * N + c];
+        }
+        dw_out[c] = w_sum;
+        if constexpr (kCentred) db_out[c] = b_sum;
+      }
+    });
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------- backend
+
+struct CpuKernels {
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+
+  template <bool kCentred>
+  static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd",
+                                    [&] { forward_rows<scalar_t, kCentred>(p, eps, out, mean, rstd); });
+  }
+
+  template <bool kCentred>
+  static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
+                       Tensor& dx, Tensor& dw_col, Tensor& db_col) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd", [&] {
+      if (columns) {
+        backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
+      } else {
+        backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
+      }
+    });
+  }
+};
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  register_kernels<CpuKernels>(m);
+}
+
+}  // namespace layer_norm
+}  // namespace bnext

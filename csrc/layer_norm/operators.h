@@ -1,0 +1,111 @@
+// The LayerNorm / RMSNorm operators, written once over a backend `K` that
+// supplies the row kernels; cpu_kernels.cpp and cuda_kernels.cu register them
+// with their own backend. K must provide:
+//   struct DeviceGuard { explicit DeviceGuard(at::Device); }  makes the device current
+//   template <bool kCentred> void forward(p, eps, out, mean, rstd)
+//       rows of p.x normalised into out; mean (kCentred only) and rstd filled
+//   template <bool kCentred> void backward(p, mean, rstd, columns, dx, dw_col, db_col)
+//       dx; with `columns`, the opmath column sums of dy * xhat (and of dy when
+//       kCentred) added into the zeroed dw_col (db_col)
+// kCentred = true is LayerNorm, false is RMSNorm (mean 0, no bias).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+#include "layer_norm/prepare.h"
+
+namespace bnext {
+namespace layer_norm {
+
+using OptTensor = std::optional<Tensor>;
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
+                                                  at::IntArrayRef normalized_shape,
+                                                  const OptTensor& weight, const OptTensor& bias,
+                                                  double eps) {
+  const typename K::DeviceGuard guard(input.device());
+  const RowProblem p = prepare_forward("bnext::layer_norm_fwd", input, normalized_shape,
+                                       value_or_undefined(weight), value_or_undefined(bias));
+  const auto stat_opts = p.x.options().dtype(opmath_dtype(input.scalar_type()));
+  Tensor out = at::empty(input.sizes(), p.x.options());
+  Tensor mean = at::empty(p.stat_shape, stat_opts);
+  Tensor rstd = at::empty(p.stat_shape, stat_opts);
+  if (p.M > 0) K::template forward<true>(p, eps, out, mean, rstd);
+  return {out, mean, rstd};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
+                                        const OptTensor& weight, double eps) {
+  const typename K::DeviceGuard guard(input.device());
+  const RowProblem p = prepare_forward("bnext::rms_norm_fwd", input, normalized_shape,
+                                       value_or_undefined(weight), Tensor());
+  Tensor out = at::empty(input.sizes(), p.x.options());
+  Tensor rstd = at::empty(p.stat_shape, p.x.options().dtype(opmath_dtype(input.scalar_type())));
+  Tensor no_mean;
+  if (p.M > 0) K::template forward<false>(p, eps, out, no_mean, rstd);
+  return {out, rstd};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const Tensor& input,
+                                                  const Tensor& mean, const Tensor& rstd,
+                                                  const OptTensor& weight,
+                                                  std::array<bool, 2> output_mask) {
+  const char* op = "bnext::layer_norm_bwd";
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor& w = value_or_undefined(weight);
+  TORCH_CHECK(mean.sizes() == rstd.sizes() && mean.scalar_type() == rstd.scalar_type(), op,
+              ": mean and rstd differ: ", mean.sizes(), " ", mean.scalar_type(), " vs ",
+              rstd.sizes(), " ", rstd.scalar_type());
+  TORCH_CHECK(w.defined() || !output_mask[0], op, ": grad_weight requested without a weight");
+  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w);
+  const bool columns = output_mask[0] || output_mask[1];
+  Tensor dx = at::empty(input.sizes(), p.x.options());
+  Tensor dw_col = columns ? at::zeros({p.N}, rstd.options()) : Tensor();
+  Tensor db_col = columns ? at::zeros({p.N}, rstd.options()) : Tensor();
+  if (p.M > 0) {
+    K::template backward<true>(p, mean.contiguous(), rstd.contiguous(), columns, dx, dw_col,
+                               db_col);
+  }
+  const auto dtype = param_grad_dtype(w, input);
+  return {dx, finish_param_grad(dw_col, output_mask[0], p, dtype),
+          finish_param_grad(db_col, output_mask[1], p, dtype)};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& input,
+                                        const Tensor& rstd, const OptTensor& weight,
+                                        bool weight_grad) {
+  const char* op = "bnext::rms_norm_bwd";
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor& w = value_or_undefined(weight);
+  TORCH_CHECK(w.defined() || !weight_grad, op, ": grad_weight requested without a weight");
+  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w);
+  Tensor dx = at::empty(input.sizes(), p.x.options());
+  Tensor dw_col = weight_grad ? at::zeros({p.N}, rstd.options()) : Tensor();
+  Tensor no_db;
+  if (p.M > 0) K::template backward<false>(p, Tensor(), rstd.contiguous(), weight_grad, dx, dw_col, no_db);
+  return {dx, finish_param_grad(dw_col, weight_grad, p, param_grad_dtype(w, input))};
+}
+
+template <class K>
+void register_kernels(torch::Library& m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd<K>);
+  m.impl("layer_norm_bwd", &layer_norm_bwd<K>);
+  m.impl("rms_norm_fwd", &rms_norm_fwd<K>);
+  m.impl("rms_norm_bwd", &rms_norm_bwd<K>);
+}
+
+}  // namespace layer_norm
+}  // namespace bnext

@@ -1,0 +1,94 @@
+#include "layer_norm/prepare.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include "common/checks.h"
+
+namespace bnext {
+namespace layer_norm {
+namespace {
+
+void check_param_shape(const char* op, const char* name, const Tensor& param,
+                       const Tensor& input, at::IntArrayRef normalized_shape) {
+  if (!param.defined()) return;
+  TORCH_CHECK(param.sizes() == normalized_shape, "Expected ", name,
+              " to be of same shape as normalized_shape, but got ", name, " of shape ",
+              param.sizes(), " and normalized_shape = ", normalized_shape);
+  check_param(op, name, param, input, param.numel());
+}
+
+Tensor opmath_contiguous(const Tensor& t, at::ScalarType opmath) {
+  return t.defined() ? t.to(opmath).contiguous() : t;
+}
+
+void fill_view(RowProblem& p, const Tensor& input, int64_t axis) {
+  const auto sizes = input.sizes();
+  p.stat_shape.assign(sizes.begin(), sizes.begin() + axis);
+  p.param_shape.assign(sizes.begin() + axis, sizes.end());
+  p.M = 1;
+  for (int64_t d : p.stat_shape) p.M *= d;
+  p.N = 1;
+  for (int64_t d : p.param_shape) p.N *= d;
+}
+
+}  // namespace
+
+RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
+                           const Tensor& weight, const Tensor& bias) {
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(nd >= 1,
+              "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+              "least one element, but got normalized_shape = ",
+              normalized_shape);
+  check_input(op, input, 0);
+  const auto sizes = input.sizes();
+  TORCH_CHECK(input.dim() >= nd && sizes.slice(input.dim() - nd) == normalized_shape,
+              "Given normalized_shape=", normalized_shape, ", expected input with shape [*, ",
+              c10::Join(", ", normalized_shape), "], but got input of size", sizes);
+  check_param_shape(op, "weight", weight, input, normalized_shape);
+  check_param_shape(op, "bias", bias, input, normalized_shape);
+  RowProblem p;
+  const auto opmath = opmath_dtype(input.scalar_type());
+  p.x = input.contiguous();
+  p.w = opmath_contiguous(weight, opmath);
+  p.b = opmath_contiguous(bias, opmath);
+  fill_view(p, input, input.dim() - nd);
+  return p;
+}
+
+RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
+                            const Tensor& stat, const Tensor& weight) {
+  check_input(op, input, 0);
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
+                  grad_out.device() == input.device(),
+              op, ": expected grad_out like the input (", input.sizes(), ", ", input.dtype(),
+              ", ", input.device(), "), got ", grad_out.sizes(), ", ", grad_out.dtype(), ", ",
+              grad_out.device());
+  const auto opmath = opmath_dtype(input.scalar_type());
+  TORCH_CHECK(stat.dim() <= input.dim() && stat.sizes() == input.sizes().slice(0, stat.dim()) &&
+                  stat.scalar_type() == opmath && stat.device() == input.device(),
+              op, ": expected row statistics of shape ", input.sizes().slice(0, stat.dim()),
+              " and dtype ", opmath, " on ", input.device(), ", got ", stat.sizes(), ", ",
+              stat.scalar_type(), ", ", stat.device());
+  RowProblem p;
+  fill_view(p, input, stat.dim());
+  check_param_shape(op, "weight", weight, input, p.param_shape);
+  p.x = input.contiguous();
+  p.dy = grad_out.contiguous();
+  p.w = opmath_contiguous(weight, opmath);
+  return p;
+}
+
+Tensor finish_param_grad(const Tensor& column_sum, bool requested, const RowProblem& p,
+                         at::ScalarType dtype) {
+  if (!requested) return at::empty({0}, p.x.options().dtype(dtype));
+  return column_sum.view(p.param_shape).to(dtype);
+}
+
+at::ScalarType param_grad_dtype(const Tensor& weight, const Tensor& input) {
+  return weight.defined() ? weight.scalar_type() : input.scalar_type();
+}
+
+}  // namespace layer_norm
+}  // namespace bnext

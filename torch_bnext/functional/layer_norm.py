@@ -1,0 +1,53 @@
+import numbers
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.bnext
+
+_Shape = Union[int, Sequence[int], torch.Size]
+
+
+def _as_shape(normalized_shape: _Shape) -> List[int]:
+    # nn.LayerNorm accepts a bare int; the ops take a list of ints.
+    if isinstance(normalized_shape, numbers.Integral):
+        return [int(normalized_shape)]
+    return [int(d) for d in normalized_shape]
+
+
+def _default_rms_eps(dtype: torch.dtype) -> float:
+    # torch uses the epsilon of the accumulation type: float32's for
+    # half/bfloat16 input, float64's for float64.
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer Normalization over the trailing `normalized_shape` dimensions, with
+    the signature and semantics of torch.nn.functional.layer_norm."""
+    return _ops.layer_norm_fwd(input, _as_shape(normalized_shape), weight, bias, eps)[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """Root Mean Square Layer Normalization, with the signature and semantics of
+    torch.nn.functional.rms_norm (eps=None: the epsilon of the accumulation dtype)."""
+    shape = _as_shape(normalized_shape)
+    if input.dim() < len(shape):
+        # torch raises this one as a ValueError before its shape check.
+        raise ValueError(
+            f"Input tensor must have at least {len(shape)} dimensions, but got {input.dim()}"
+        )
+    if eps is None:
+        eps = _default_rms_eps(input.dtype)
+    return _ops.rms_norm_fwd(input, shape, weight, eps)[0]
