@@ -108,10 +108,14 @@ def sources(pattern):
 
 def extension():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-fno-math-errno"] + cpu_capability_flags()
+    # at::parallel_for is inlined into our code: with torch built on OpenMP
+    # (AT_PARALLEL_OPENMP), it runs on one thread unless we compile with -fopenmp.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"] + cpu_capability_flags()
+    link_flags = ["-fopenmp"]
     if not WITH_CUDA:
         return CppExtension("torch_bnext._C", sources("*.cpp"), include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags}, py_limited_api=False)
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
+                            py_limited_api=False)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # Without a visible GPU, torch would build for every architecture it knows.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
@@ -122,6 +126,7 @@ def extension():
         include_dirs=include_dirs + cuda_wheel_include_dirs(),
         define_macros=[("BNEXT_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

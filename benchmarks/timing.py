@@ -9,7 +9,8 @@ import torch.utils.benchmark as benchmark
 
 
 def _cpu_median(fn, min_run_time):
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # Timer defaults to one thread; measure with the threads the caller set.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

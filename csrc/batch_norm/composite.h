@@ -12,31 +12,17 @@
 //   struct DeviceGuard { explicit DeviceGuard(at::Device); }  makes the device current
 // where x and dy are canonical (common/layout.h) and per-channel tensors are
 // contiguous vectors of the opmath dtype.
-//
-// A backend may also fuse the two passes of a training step (the CPU does it
-// channel by channel, while the channel's values are still in cache). It then
-// sets `static constexpr bool kFusesPasses = true` and provides, for T the
-// opmath type and fn the per-channel step described at stats_normalize and
-// reduce_elemt below,
-//   std::optional<std::tuple<Tensor, Tensor, Tensor>>
-//     fused_stats_normalize(x, scale, shift, c10::function_ref<void(int64_t, T, T)> fn)
-//       -> out, mean, var
-//     fused_reduce_elemt(dy, x, mean, a, k, c, c10::function_ref<void(int64_t, T, T)> fn)
-//       -> grad_input, sum_dy, sum_dy_xmu
-// returning std::nullopt where fusing does not pay (the unfused kernels run).
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/macros/Macros.h>
-#include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
 #include <initializer_list>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "bnext/batch_norm_math.h"
 #include "common/checks.h"
@@ -100,23 +86,12 @@ Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const T
   return K::elemt(x, mean, scale, shift);
 }
 
-template <class K, class = void>
-struct FusesPasses : std::false_type {};
-template <class K>
-struct FusesPasses<K, std::enable_if_t<K::kFusesPasses>> : std::true_type {};
-
 // Batch statistics, then y = (x - mean) * scale + shift, where the per-channel
 // step fn(c, mean_c, var_c) fills scale[c] and shift[c] (and whatever else its
 // caller records, e.g. Batch Renorm's r and d). Returns (y, mean, var).
 template <class K, typename T, class F>
 std::tuple<Tensor, Tensor, Tensor> stats_normalize(const Tensor& x, const Tensor& scale,
                                                    const Tensor& shift, const F& fn) {
-  if constexpr (FusesPasses<K>::value) {
-    if (auto fused = K::fused_stats_normalize(x, scale, shift,
-                                              c10::function_ref<void(int64_t, T, T)>(fn))) {
-      return *fused;
-    }
-  }
   Tensor mean, var;
   std::tie(mean, var) = K::stats(x);
   const T* mean_p = mean.const_data_ptr<T>();
@@ -132,12 +107,6 @@ template <class K, typename T, class F>
 std::tuple<Tensor, Tensor, Tensor> reduce_elemt(const Tensor& dy, const Tensor& x,
                                                 const Tensor& mean, const Tensor& a,
                                                 const Tensor& k, const Tensor& c, const F& fn) {
-  if constexpr (FusesPasses<K>::value) {
-    if (auto fused = K::fused_reduce_elemt(dy, x, mean, a, k, c,
-                                           c10::function_ref<void(int64_t, T, T)>(fn))) {
-      return *fused;
-    }
-  }
   Tensor sum_dy, sum_dy_xmu;
   std::tie(sum_dy, sum_dy_xmu) = K::backward_reduce(dy, x, mean);
   const T* sdy_p = sum_dy.const_data_ptr<T>();

@@ -3,10 +3,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/FunctionRef.h>
 
 #include <cstdint>
-#include <optional>
 #include <tuple>
 
 namespace bnext {
@@ -23,18 +21,6 @@ struct CpuBackend {
                                                     const Tensor& mean);
   static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                const Tensor& a, const Tensor& k, const Tensor& c);
-
-  // Channels-first training passes run channel by channel, cache-resident
-  // (see composite.h for the contract).
-  static constexpr bool kFusesPasses = true;
-  template <typename T>
-  static std::optional<std::tuple<Tensor, Tensor, Tensor>> fused_stats_normalize(
-      const Tensor& x, const Tensor& scale, const Tensor& shift,
-      c10::function_ref<void(int64_t, T, T)> fn);
-  template <typename T>
-  static std::optional<std::tuple<Tensor, Tensor, Tensor>> fused_reduce_elemt(
-      const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& a, const Tensor& k,
-      const Tensor& c, c10::function_ref<void(int64_t, T, T)> fn);
 
   // Per-channel work is a few hundred flops at most: not worth a thread.
   template <typename F>

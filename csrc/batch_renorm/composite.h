@@ -2,8 +2,7 @@
 // `K` (contract: batch_norm/composite.h). With r and d constants for autograd,
 // training is Batch Norm with weight' = weight * r and bias' = bias + weight * d,
 // so the forward is Batch Norm's stats_normalize<K> with those coefficients
-// (fused on the CPU like Batch Norm's) and the backward is Batch Norm's
-// backward<K>, which already takes r and d.
+// and the backward is Batch Norm's backward<K>, which already takes r and d.
 //
 // Compiled by both the host compiler (cpu.cpp) and nvcc (cuda.cu): keep it
 // free of host-only code in anything that runs per channel.
