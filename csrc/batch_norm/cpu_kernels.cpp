@@ -40,13 +40,30 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
 }
 
-int64_t num_row_chunks(int64_t rows, int64_t C) {
-  const int64_t by_rows = (rows + 63) / 64;
-  const int64_t by_memory = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(C, 1));
-  return std::max<int64_t>(1, std::min({by_rows, by_memory, int64_t(64)}));
+// Channels-last reductions split the rows into chunks (by shape only) that
+// stay in L2 while they are swept once per tile of channels; a tile is up to
+// kTileVecs vectors of channels whose accumulators live in registers for the
+// whole chunk. Lanes past C load zeros and are never stored.
+constexpr int64_t kChunkBytes = 256 * 1024;
+constexpr int kTileVecs = 4;
+
+int64_t rows_per_chunk(int64_t C, int64_t elem_size) {
+  return std::max<int64_t>(16, kChunkBytes / std::max<int64_t>(C * elem_size, 1));
 }
 
-int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t rows) { return chunk * rows / chunks; }
+// Calls f(c0, counts) for each tile of channels starting at c0, where
+// counts[j] is the number of valid lanes of the tile's j-th vector.
+template <typename scalar_t, class F>
+void for_each_tile(int64_t C, const F& f) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  for (int64_t c0 = 0; c0 < C; c0 += kTileVecs * L) {
+    int64_t counts[kTileVecs];
+    for (int j = 0; j < kTileVecs; ++j) {
+      counts[j] = std::clamp<int64_t>(C - c0 - j * L, 0, L);
+    }
+    f(c0, counts);
+  }
+}
 
 // ---------------------------------------------------------------- statistics
 
@@ -104,53 +121,66 @@ void stats_channels_first(const Tensor& x, const ChannelView& v, Tensor& mean, T
   write_stats(planes, v.C, v.N, mean, var);
 }
 
-// Welford across rows, vectorised across channels: every lane has seen the
-// same number of rows, so the 1/count factor is a scalar.
+// Vectorised across channels: blocks of kRowBlock rows are reduced in two
+// sweeps (sum, then squared deviations from the block mean, re-read from L1)
+// and merged into the tile's running (mean, m2) with Chan's formula. Every
+// lane has seen the same rows, so the merge weights are scalars.
+constexpr int64_t kRowBlock = 64;
+
 template <typename scalar_t>
 void stats_channels_last(const Tensor& x, const ChannelView& v, Tensor& mean, Tensor& var) {
   using T = acc_t<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t C = v.C;
   const int64_t rows = v.rows();
-  const int64_t chunks = num_row_chunks(rows, C);
+  const int64_t per_chunk = rows_per_chunk(C, sizeof(scalar_t));
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
-  std::vector<T> chunk_mean(chunks * C, T(0));
-  std::vector<T> chunk_m2(chunks * C, T(0));
+  std::vector<Welford<T>> parts(chunks * C);  // index chunk * C + c
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t r0 = chunk_begin(ch, chunks, rows);
-      const int64_t r1 = chunk_begin(ch + 1, chunks, rows);
-      T* m_p = chunk_mean.data() + ch * C;
-      T* q_p = chunk_m2.data() + ch * C;
-      const int64_t vec_end = C - C % L;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x_p + r * C;
-        const T inv = T(1) / static_cast<T>(r - r0 + 1);
-        const Vec<scalar_t> vinv(inv);
-        for (int64_t c = 0; c < vec_end; c += L) {
-          const auto xv = load_acc(row + c);
-          auto m = Vec<scalar_t>::loadu(m_p + c);
-          const auto d = xv - m;
-          m = at::vec::fmadd(d, vinv, m);
-          m.store(m_p + c);
-          at::vec::fmadd(d, xv - m, Vec<scalar_t>::loadu(q_p + c)).store(q_p + c);
+      const int64_t r0 = ch * per_chunk;
+      const int64_t r1 = std::min(rows, r0 + per_chunk);
+      for_each_tile<scalar_t>(C, [&](int64_t c0, const int64_t* counts) {
+        Vec<scalar_t> m[kTileVecs], q[kTileVecs], bm[kTileVecs], bq[kTileVecs];
+        for (int j = 0; j < kTileVecs; ++j) m[j] = q[j] = Vec<scalar_t>(T(0));
+        int64_t seen = 0;
+        for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+          const int64_t b1 = std::min(r1, b0 + kRowBlock);
+          for (int j = 0; j < kTileVecs; ++j) bm[j] = bq[j] = Vec<scalar_t>(T(0));
+          for (int64_t r = b0; r < b1; ++r) {
+            for (int j = 0; j < kTileVecs; ++j) bm[j] += load_acc(x_p + r * C + c0 + j * L, counts[j]);
+          }
+          const Vec<scalar_t> inv_len(T(1) / static_cast<T>(b1 - b0));
+          for (int j = 0; j < kTileVecs; ++j) bm[j] = bm[j] * inv_len;
+          for (int64_t r = b0; r < b1; ++r) {
+            for (int j = 0; j < kTileVecs; ++j) {
+              const auto d = load_acc(x_p + r * C + c0 + j * L, counts[j]) - bm[j];
+              bq[j] = at::vec::fmadd(d, d, bq[j]);
+            }
+          }
+          // welford_merge, lane-wise: the block has b1 - b0 rows, the tile `seen`.
+          const int64_t total = seen + (b1 - b0);
+          const T frac = static_cast<T>(b1 - b0) / static_cast<T>(total);
+          const Vec<scalar_t> vfrac(frac), vw(static_cast<T>(seen) * frac);
+          for (int j = 0; j < kTileVecs; ++j) {
+            const auto delta = bm[j] - m[j];
+            m[j] = at::vec::fmadd(delta, vfrac, m[j]);
+            q[j] = at::vec::fmadd(delta * delta, vw, q[j] + bq[j]);
+          }
+          seen = total;
         }
-        for (int64_t c = vec_end; c < C; ++c) {
-          const T xs = static_cast<T>(row[c]);
-          const T d = xs - m_p[c];
-          m_p[c] += d * inv;
-          q_p[c] += d * (xs - m_p[c]);
+        T m_lanes[L], q_lanes[L];
+        for (int j = 0; j < kTileVecs; ++j) {
+          m[j].store(m_lanes);
+          q[j].store(q_lanes);
+          for (int64_t l = 0; l < counts[j]; ++l) {
+            parts[ch * C + c0 + j * L + l] = Welford<T>{m_lanes[l], q_lanes[l], r1 - r0};
+          }
         }
-      }
+      });
     }
   });
-  std::vector<Welford<T>> parts(chunks * C);
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    const int64_t count = chunk_begin(ch + 1, chunks, rows) - chunk_begin(ch, chunks, rows);
-    for (int64_t c = 0; c < C; ++c) {
-      parts[ch * C + c] = Welford<T>{chunk_mean[ch * C + c], chunk_m2[ch * C + c], count};
-    }
-  }
   write_stats(parts, C, chunks, mean, var);
 }
 
@@ -228,32 +258,36 @@ void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& 
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t C = v.C;
   const int64_t rows = v.rows();
-  const int64_t chunks = num_row_chunks(rows, C);
+  const int64_t per_chunk = rows_per_chunk(C, 2 * sizeof(scalar_t));  // dy and x
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
   const scalar_t* g_p = dy.const_data_ptr<scalar_t>();
   const T* mean_p = mean.const_data_ptr<T>();
-  std::vector<T> part_dy(chunks * C, T(0));
-  std::vector<T> part_dyx(chunks * C, T(0));
-  const int64_t vec_end = C - C % L;
+  std::vector<T> part_dy(chunks * C);
+  std::vector<T> part_dyx(chunks * C);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
-      T* a_p = part_dy.data() + ch * C;
-      T* b_p = part_dyx.data() + ch * C;
-      for (int64_t r = chunk_begin(ch, chunks, rows); r < chunk_begin(ch + 1, chunks, rows); ++r) {
-        const scalar_t* xr = x_p + r * C;
-        const scalar_t* gr = g_p + r * C;
-        for (int64_t c = 0; c < vec_end; c += L) {
-          const auto g = load_acc(gr + c);
-          (Vec<scalar_t>::loadu(a_p + c) + g).store(a_p + c);
-          const auto xmu = load_acc(xr + c) - Vec<scalar_t>::loadu(mean_p + c);
-          at::vec::fmadd(g, xmu, Vec<scalar_t>::loadu(b_p + c)).store(b_p + c);
+      const int64_t r0 = ch * per_chunk;
+      const int64_t r1 = std::min(rows, r0 + per_chunk);
+      for_each_tile<scalar_t>(C, [&](int64_t c0, const int64_t* counts) {
+        Vec<scalar_t> a[kTileVecs], b[kTileVecs], mv[kTileVecs];
+        for (int j = 0; j < kTileVecs; ++j) {
+          a[j] = b[j] = Vec<scalar_t>(T(0));
+          mv[j] = Vec<scalar_t>::loadu(mean_p + c0 + j * L, counts[j]);
         }
-        for (int64_t c = vec_end; c < C; ++c) {
-          const T g = static_cast<T>(gr[c]);
-          a_p[c] += g;
-          b_p[c] += g * (static_cast<T>(xr[c]) - mean_p[c]);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t off = r * C + c0;
+          for (int j = 0; j < kTileVecs; ++j) {
+            const auto g = load_acc(g_p + off + j * L, counts[j]);
+            a[j] += g;
+            b[j] = at::vec::fmadd(g, load_acc(x_p + off + j * L, counts[j]) - mv[j], b[j]);
+          }
         }
-      }
+        for (int j = 0; j < kTileVecs; ++j) {
+          a[j].store(part_dy.data() + ch * C + c0 + j * L, counts[j]);
+          b[j].store(part_dyx.data() + ch * C + c0 + j * L, counts[j]);
+        }
+      });
     }
   });
   write_sums(part_dy, part_dyx, C, chunks, sum_dy, sum_dy_xmu);
