@@ -1,4 +1,4 @@
-"""Fake kernels and autograd for the Batch Norm operators (csrc/batch_norm/)."""
+"""Fake kernels of the Batch Norm operators (csrc/batch_norm/)."""
 
 import torch
 
@@ -70,53 +70,5 @@ def _update_stats_fake(running_mean, running_var, num_batches_tracked, mean, var
                    running_var=running_var)
     return None
 
-
-# ---------------------------------------------------------------- autograd
-# Batch statistics returned by batch_norm_train are outputs without gradient:
-# the training formula already differentiates through them.
-
-
-def _train_setup(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, mean, var = output
-    ctx.save_for_backward(input, weight, mean, var)
-    ctx.eps = eps
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _train_backward(ctx, grad_out, _grad_mean, _grad_var):
-    input, weight, mean, var = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
-        grad_out, input, mean, var, weight, ctx.eps, True
-    )
-    return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        grad_weight if ctx.needs_input_grad[1] else None,
-        grad_bias if ctx.needs_input_grad[2] else None,
-        None,
-    )
-
-
-def _infer_setup(ctx, inputs, output):
-    input, mean, var, weight, bias, eps = inputs
-    ctx.save_for_backward(input, mean, var, weight)
-    ctx.eps = eps
-
-
-def _infer_backward(ctx, grad_out):
-    input, mean, var, weight = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
-        grad_out, input, mean, var, weight, ctx.eps, False
-    )
-    return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        None,
-        None,
-        grad_weight if ctx.needs_input_grad[3] else None,
-        grad_bias if ctx.needs_input_grad[4] else None,
-        None,
-    )
-
-
-torch.library.register_autograd("bnext::batch_norm_train", _train_backward, setup_context=_train_setup)
-torch.library.register_autograd("bnext::batch_norm_infer", _infer_backward, setup_context=_infer_setup)
+# Autograd: csrc/batch_norm/autograd.cpp, in C++ because a Python
+# autograd.Function costs as much as the kernels on small inputs.

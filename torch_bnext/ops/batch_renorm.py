@@ -29,39 +29,5 @@ def _backward_fake(grad_out, input, mean, var, weight, r, d, eps):
         _channel_vector(input, param_dtype),
     )
 
-
-# ---------------------------------------------------------------- autograd
-# r and d are stop-gradient (the paper treats them as constants), and the
-# batch statistics are differentiated through by the training formula, so
-# none of the per-channel outputs carries a gradient; neither do the running
-# buffers, which only enter through r and d.
-
-
-def _train_setup(ctx, inputs, output):
-    input, _running_mean, _running_var, weight, _bias, eps, _r_max, _d_max = inputs
-    _, mean, var, r, d = output
-    ctx.save_for_backward(input, weight, mean, var, r, d)
-    ctx.eps = eps
-    ctx.mark_non_differentiable(mean, var, r, d)
-
-
-def _train_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_r, _grad_d):
-    input, weight, mean, var, r, d = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _ops.batch_renorm_backward(
-        grad_out, input, mean, var, weight, r, d, ctx.eps
-    )
-    return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        None,
-        None,
-        grad_weight if ctx.needs_input_grad[3] else None,
-        grad_bias if ctx.needs_input_grad[4] else None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "bnext::batch_renorm_train", _train_backward, setup_context=_train_setup
-)
+# Autograd: csrc/batch_renorm/autograd.cpp (r, d and the batch statistics are
+# outputs without gradient).
