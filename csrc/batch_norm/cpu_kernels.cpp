@@ -15,6 +15,7 @@
 #include "batch_norm/composite.h"
 #include "batch_norm/cpu_backend.h"
 #include "bnext/welford.h"
+#include "common/cpu_reduce.h"
 #include "common/cpu_vec.h"
 
 namespace bnext {
@@ -22,6 +23,8 @@ namespace batch_norm {
 namespace {
 
 using cpu::acc_t;
+using cpu::contiguous_welford;
+using cpu::kBlock;
 using cpu::accumulate4;
 using cpu::hsum;
 using cpu::kLanes;
@@ -31,10 +34,6 @@ using cpu::Vec;
 
 // Enough elements per task that scheduling costs stay below ~1%.
 constexpr int64_t kGrainElements = 32768;
-
-// Elements of one block of a two-sweep reduction: the second sweep reads the
-// block from L1 (two 16 KB float32 inputs fit the 32-48 KB of current cores).
-constexpr int64_t kBlock = 4096;
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
@@ -67,36 +66,6 @@ void for_each_tile(int64_t C, const F& f) {
 
 // ---------------------------------------------------------------- statistics
 
-// Mean and m2 of n contiguous values: two passes over L1-sized blocks (the
-// second re-reads from cache), blocks merged with Chan's formula.
-template <typename scalar_t>
-Welford<acc_t<scalar_t>> contiguous_stats(const scalar_t* p, int64_t n) {
-  using T = acc_t<scalar_t>;
-  constexpr int64_t L = kLanes<scalar_t>;
-  Welford<T> acc;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t len = std::min(kBlock, n - b0);
-    const int64_t vec_end = len - len % L;
-    const scalar_t* q = p + b0;
-    T sum = hsum<scalar_t>(accumulate4<scalar_t>(
-        vec_end, [q](int64_t i, const Vec<scalar_t>& a) { return a + load_acc(q + i); }));
-    for (int64_t i = vec_end; i < len; ++i) sum += static_cast<T>(q[i]);
-    const T mean = sum / static_cast<T>(len);
-    const Vec<scalar_t> vmean(mean);
-    const auto vm2 = accumulate4<scalar_t>(vec_end, [q, vmean](int64_t i, const Vec<scalar_t>& a) {
-      const auto d = load_acc(q + i) - vmean;
-      return at::vec::fmadd(d, d, a);
-    });
-    T m2 = hsum<scalar_t>(vm2);
-    for (int64_t i = vec_end; i < len; ++i) {
-      const T d = static_cast<T>(q[i]) - mean;
-      m2 += d * d;
-    }
-    acc = welford_merge(acc, Welford<T>{mean, m2, len});
-  }
-  return acc;
-}
-
 template <typename T>
 void write_stats(const std::vector<Welford<T>>& parts, int64_t C, int64_t parts_per_channel,
                  Tensor& mean, Tensor& var) {
@@ -116,7 +85,7 @@ void stats_channels_first(const Tensor& x, const ChannelView& v, Tensor& mean, T
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
   std::vector<Welford<T>> planes(v.N * v.C);  // index n * C + c
   at::parallel_for(0, v.N * v.C, grain_for(v.S), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) planes[i] = contiguous_stats(x_p + i * v.S, v.S);
+    for (int64_t i = begin; i < end; ++i) planes[i] = contiguous_welford(x_p + i * v.S, v.S);
   });
   write_stats(planes, v.C, v.N, mean, var);
 }

@@ -15,6 +15,7 @@
 #include "bnext/layer_norm_math.h"
 #include "bnext/welford.h"
 #include "common/checks.h"
+#include "common/cpu_reduce.h"
 #include "common/cpu_vec.h"
 #include "layer_norm/operators.h"
 #include "layer_norm/prepare.h"
@@ -24,6 +25,7 @@ namespace layer_norm {
 namespace {
 
 using cpu::acc_t;
+using cpu::contiguous_welford;
 using cpu::hsum;
 using cpu::kLanes;
 using cpu::load_acc;
@@ -53,38 +55,6 @@ const T* data_or_null(const Tensor& t) {
 }
 
 // ---------------------------------------------------------------- statistics
-
-// Mean and m2 of a row: exact two passes over L1-sized blocks (the second
-// re-reads from cache), blocks merged with Chan's formula.
-template <typename scalar_t>
-Welford<acc_t<scalar_t>> row_welford(const scalar_t* p, int64_t n) {
-  using T = acc_t<scalar_t>;
-  constexpr int64_t L = kLanes<scalar_t>;
-  constexpr int64_t kBlock = 4096;
-  Welford<T> acc;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t len = std::min(kBlock, n - b0);
-    const int64_t vec_end = len - len % L;
-    const scalar_t* q = p + b0;
-    Vec<scalar_t> vsum(T(0));
-    for (int64_t i = 0; i < vec_end; i += L) vsum += load_acc(q + i);
-    if (vec_end < len) vsum += load_acc(q + vec_end, len - vec_end);
-    const T mean = hsum<scalar_t>(vsum) / static_cast<T>(len);
-    const Vec<scalar_t> vmean(mean);
-    Vec<scalar_t> vm2(T(0));
-    for (int64_t i = 0; i < vec_end; i += L) {
-      const auto d = load_acc(q + i) - vmean;
-      vm2 = at::vec::fmadd(d, d, vm2);
-    }
-    T m2 = hsum<scalar_t>(vm2);
-    for (int64_t i = vec_end; i < len; ++i) {
-      const T d = static_cast<T>(q[i]) - mean;
-      m2 += d * d;
-    }
-    acc = welford_merge(acc, Welford<T>{mean, m2, len});
-  }
-  return acc;
-}
 
 // Squares are non-negative: no cancellation, a plain sum is accurate.
 template <typename scalar_t>
@@ -136,7 +106,7 @@ void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Te
       T m = T(0);
       T s;
       if constexpr (kCentred) {
-        const auto st = row_welford(x, N);
+        const auto st = contiguous_welford(x, N);
         m = st.mean;
         s = layer_norm_rstd(st, eps_);
         mean_p[r] = m;
