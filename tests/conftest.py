@@ -45,6 +45,24 @@ def to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
     raise ValueError(fmt)
 
 
+def formats_for(shape):
+    fmts = ["contiguous", "strided"]
+    if len(shape) >= 4:
+        fmts.append("channels_last")
+    return fmts
+
+
+def random_input(shape, dtype, fmt, device="cpu", mean=0.5, std=2.0):
+    """Random values (never zeros) of `dtype`, laid out as `fmt`."""
+    x = torch.randn(shape, dtype=torch.float64, device=device) * std + mean
+    return to_format(x.to(dtype), fmt)
+
+
+def param_dtype_for(dtype):
+    # Mixed precision: half/bfloat16 activations with float32 parameters, as AMP does.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -9,7 +9,7 @@ from torch import nn
 import torch_bnext
 from torch_bnext import functional as BF
 
-from conftest import REL_TOL, assert_close_rel, rel_err, to_format
+from conftest import assert_close_rel, formats_for, param_dtype_for, random_input, rel_err
 
 ops = torch.ops.bnext
 
@@ -20,23 +20,6 @@ SHAPES = {  # (N, C, *spatial) per module dimensionality
 }
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 OUR_BN = {1: torch_bnext.BatchNorm1d, 2: torch_bnext.BatchNorm2d, 3: torch_bnext.BatchNorm3d}
-
-
-def formats_for(shape):
-    fmts = ["contiguous", "strided"]
-    if len(shape) >= 4:
-        fmts.append("channels_last")
-    return fmts
-
-
-def random_input(shape, dtype, fmt, device="cpu", mean=0.5, std=2.0):
-    x = torch.randn(shape, dtype=torch.float64, device=device) * std + mean
-    return to_format(x.to(dtype), fmt)
-
-
-def param_dtype_for(dtype):
-    # Mixed precision: half/bfloat16 activations with float32 parameters, as AMP does.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ------------------------------------------------------------------ parity
@@ -197,18 +180,21 @@ def test_gradcheck(shape, fmt, training, affine):
 # ---------------------------------------------------------------- opcheck
 
 
-def _op_samples(dtype, fmt):
+def _op_samples(dtype, fmt, device):
     torch.manual_seed(2)
     C = 3
-    x = random_input((4, C, 5, 6), dtype, fmt)
+    x = random_input((4, C, 5, 6), dtype, fmt, device)
     pdt = param_dtype_for(dtype)
     opm = torch.float64 if dtype == torch.float64 else torch.float32
-    w = torch.rand(C, dtype=pdt) + 0.5
-    b = torch.randn(C, dtype=pdt)
-    mean, var = torch.randn(C, dtype=opm), torch.rand(C, dtype=opm) + 0.5
-    vec = lambda: torch.randn(C, dtype=opm)  # noqa: E731
+    w = torch.rand(C, dtype=pdt, device=device) + 0.5
+    b = torch.randn(C, dtype=pdt, device=device)
+    mean = torch.randn(C, dtype=opm, device=device)
+    var = torch.rand(C, dtype=opm, device=device) + 0.5
+    vec = lambda: torch.randn(C, dtype=opm, device=device)  # noqa: E731
     g = torch.randn_like(x)
-    rm, rv = torch.randn(C, dtype=pdt), torch.rand(C, dtype=pdt) + 0.5
+    rm = torch.randn(C, dtype=pdt, device=device)
+    rv = torch.rand(C, dtype=pdt, device=device) + 0.5
+    steps = torch.tensor(3, device=device)
     req = lambda t: t.clone().requires_grad_()  # noqa: E731
     return [
         (ops.batch_norm_stats, (x,)),
@@ -220,15 +206,15 @@ def _op_samples(dtype, fmt):
         (ops.batch_norm_infer, (req(x), rm, rv, req(w), req(b), 1e-5)),
         (ops.batch_norm_backward, (g, x, mean, var, w, 1e-5, True)),
         (ops.batch_norm_backward, (g, x, mean, var, None, 1e-5, False)),
-        (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), torch.tensor(3), mean, var, 0.1, 120)),
-        (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), torch.tensor(3), mean, var, None, 120)),
+        (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), steps.clone(), mean, var, 0.1, 120)),
+        (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), steps.clone(), mean, var, None, 120)),
     ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
-def test_opcheck(dtype, fmt):
-    for op, args in _op_samples(dtype, fmt):
+def test_opcheck(dtype, fmt, device):
+    for op, args in _op_samples(dtype, fmt, device):
         torch.library.opcheck(op, args)
 
 

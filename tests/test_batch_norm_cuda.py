@@ -1,7 +1,7 @@
 """Batch Norm on CUDA: our kernels against a float64 CPU reference (same input
 values) and against torch's own CUDA Batch Norm."""
 
-import itertools
+import functools
 
 import pytest
 import torch
@@ -11,18 +11,24 @@ from torch import nn
 import torch_bnext
 from torch_bnext import functional as BF
 
+from conftest import (
+    REL_TOL,
+    assert_close_rel,
+    formats_for,
+    param_dtype_for,
+    random_input as _random_input,
+    rel_err,
+    to_format,
+)
+
+random_input = functools.partial(_random_input, device="cuda")
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 ops = torch.ops.bnext
 
 # Relative-norm tolerances against float64 on the same (rounded) values:
 # float32 arithmetic, or half/bfloat16 storage with float32 accumulation.
-REL_TOL = {
-    torch.float64: 1e-12,
-    torch.float32: 1e-5,
-    torch.float16: 1e-3,
-    torch.bfloat16: 1.6e-2,
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 SHAPES = [
@@ -32,57 +38,7 @@ SHAPES = [
 ]
 
 
-def formats_for(shape):
-    fmts = ["contiguous", "strided"]
-    if len(shape) in (4, 5):
-        fmts.append("channels_last")
-    return fmts
-
-
 CASES = [(s, f) for s in SHAPES for f in formats_for(s)]
-
-
-def rel_err(actual, expected):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values"
-    denom = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
-def assert_close_rel(actual, expected, dtype, what="", factor=1.0):
-    err = rel_err(actual, expected)
-    tol = REL_TOL[dtype] * factor
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} ({dtype})"
-
-
-def to_format(x, fmt):
-    """contiguous, channels_last (channels_last_3d for 5-D) or a non-contiguous
-    view (every other element of the last dimension of a wider tensor)."""
-    if fmt == "contiguous":
-        return x.contiguous()
-    if fmt == "channels_last":
-        mf = {4: torch.channels_last, 5: torch.channels_last_3d}[x.dim()]
-        return x.contiguous(memory_format=mf)
-    if fmt == "strided":
-        wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-        wide[..., ::2] = x
-        view = wide[..., ::2]
-        assert not view.is_contiguous()
-        return view
-    raise ValueError(fmt)
-
-
-def random_input(shape, dtype, fmt, device="cuda", mean=0.5, std=2.0):
-    x = torch.randn(shape, dtype=torch.float64, device=device) * std + mean
-    return to_format(x.to(dtype), fmt)
-
-
-def param_dtype_for(dtype):
-    # Mixed precision: half/bfloat16 activations with float32 parameters, as AMP does.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def reduce_dims(x):
@@ -366,49 +322,3 @@ def test_cpu_input_with_cuda_vectors_is_rejected():
         ops.batch_norm_elemt(x, vec, vec, vec)
     with pytest.raises(RuntimeError):
         ops.batch_norm_backward_reduce(torch.randn(4, 3, 5, device="cuda"), x, vec)
-
-
-# -------------------------------------------------------------------- opcheck
-
-
-def _op_samples(dtype, fmt):
-    torch.manual_seed(8)
-    C = 3
-    x = random_input((4, C, 5, 6), dtype, fmt)
-    pdt = param_dtype_for(dtype)
-    opm = torch.float64 if dtype == torch.float64 else torch.float32
-    w = torch.rand(C, dtype=pdt, device="cuda") + 0.5
-    b = torch.randn(C, dtype=pdt, device="cuda")
-    mean = torch.randn(C, dtype=opm, device="cuda")
-    var = torch.rand(C, dtype=opm, device="cuda") + 0.5
-
-    def vec():
-        return torch.randn(C, dtype=opm, device="cuda")
-
-    g = torch.randn_like(x)
-    rm = torch.randn(C, dtype=pdt, device="cuda")
-    rv = torch.rand(C, dtype=pdt, device="cuda") + 0.5
-    nbt = torch.tensor(3, dtype=torch.long, device="cuda")
-
-    def req(t):
-        return t.clone().requires_grad_()
-
-    return [
-        (ops.batch_norm_stats, (x,)),
-        (ops.batch_norm_elemt, (x, mean, vec(), vec())),
-        (ops.batch_norm_backward_reduce, (g, x, mean)),
-        (ops.batch_norm_backward_elemt, (g, x, mean, vec(), vec(), vec())),
-        (ops.batch_norm_train, (req(x), req(w), req(b), 1e-5)),
-        (ops.batch_norm_train, (req(x), None, None, 1e-5)),
-        (ops.batch_norm_infer, (req(x), rm, rv, req(w), req(b), 1e-5)),
-        (ops.batch_norm_backward, (g, x, mean, var, w, 1e-5, True)),
-        (ops.batch_norm_backward, (g, x, mean, var, None, 1e-5, False)),
-        (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), nbt.clone(), mean, var, 0.1, 120)),
-        (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), nbt.clone(), mean, var, None, 120)),
-    ]
-
-
-@pytest.mark.parametrize("dtype,fmt", list(itertools.product(DTYPES, ["contiguous", "channels_last"])))
-def test_opcheck(dtype, fmt):
-    for op, args in _op_samples(dtype, fmt):
-        torch.library.opcheck(op, args)
