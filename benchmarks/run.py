@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="write results as CSV")
     p.add_argument("--png", help="draw a speedup chart (matplotlib)")
     p.add_argument("--trace", metavar="DIR", help="write torch.profiler traces of both implementations")
+    p.add_argument("--processes", type=int, default=1,
+                   help="repeat the suite in this many fresh processes and report medians")
     return p.parse_args(argv)
 
 
@@ -54,6 +56,9 @@ def load_extension():
 
 
 def progress(i, n, label):
+    if not sys.stderr.isatty():  # a log file gets one line per case, not a redrawn bar
+        print(f"[{i}/{n}] {label}", file=sys.stderr)
+        return
     width = 30
     done = int(width * i / n)
     sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:<60}")
@@ -90,9 +95,47 @@ def write_trace(directory, key, ours, native, device):
         prof.export_chrome_trace(os.path.join(directory, f"{stem}_{impl}.json"))
 
 
+def run_in_processes(args, argv):
+    """Runs the suite in args.processes fresh processes (allocator and cache
+    state differ between processes more than within one) and returns the
+    per-case medians, plus the machine description of the first run."""
+    import json
+    import statistics
+    import subprocess
+    import tempfile
+
+    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for flag in ("--processes", "--json", "--csv", "--png", "--trace"):
+        while flag in child_argv:
+            i = child_argv.index(flag)
+            del child_argv[i:i + 2]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = os.path.join(tmp, f"run{i}.json")
+            print(f"process {i + 1}/{args.processes}", file=sys.stderr)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv, "--json", out],
+                           check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                runs.append(json.load(f))
+    results = []
+    for rows in zip(*(r["results"] for r in runs)):
+        merged = dict(rows[0])
+        for key in ("ours_ms", "native_ms", "speedup", "gbps", "copy_gbps", "pct_copy"):
+            merged[key] = statistics.median(r[key] for r in rows)
+        results.append(merged)
+    return results, runs[0]["meta"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     load_extension()
+    if args.processes > 1:
+        results, meta = run_in_processes(args, argv)
+        note = (f"device: {meta['device']} ({meta['machine']}); torch {meta['torch']}; "
+                f"medians of {args.processes} processes; GB/s counts each input read once and "
+                "each output written once; % copy compares it with a copy of the same size")
+        return report(args, results, meta, note)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
@@ -141,10 +184,13 @@ def main(argv=None):
             write_trace(args.trace, case.key, ours, native, device)
         del ours, native  # free this case's tensors before the next one
     progress(len(cases), len(cases), "done")
-
-    print(table(results, note))
     meta = {"device": device, "machine": machine, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
+    return report(args, results, meta, note)
+
+
+def report(args, results, meta, note):
+    print(table(results, note))
     if args.json:
         write_json(args.json, results, meta)
     if args.csv:
