@@ -18,7 +18,7 @@ build: $(VENV)/.deps
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q
 
 bench: build
 	$(PY) -m pip install -q matplotlib

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import textwrap
 
 COLUMNS = [
     ("op", 11), ("shape", 18), ("layout", 13), ("dtype", 8), ("pass", 13),
@@ -61,7 +62,7 @@ def write_png(path, results, title):
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("speedup over PyTorch native (log scale)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
