@@ -1,7 +1,8 @@
-"""Fake kernels and autograd formulas of the bnext operators.
+"""Fake kernels of the bnext operators, for torch.compile and opcheck.
 
-The kernels themselves live in csrc/ and are registered with TORCH_LIBRARY;
-this package adds what torch.compile and autograd need on top of them.
+The kernels live in csrc/ and are registered with TORCH_LIBRARY, and so is
+autograd (csrc/*/autograd.cpp): a Python autograd.Function would cost as much
+as the kernels on small inputs.
 """
 
 from . import batch_norm  # noqa: F401

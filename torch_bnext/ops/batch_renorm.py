@@ -1,4 +1,4 @@
-"""Fake kernels and autograd for the Batch Renorm operators (csrc/batch_renorm/)."""
+"""Fake kernels of the Batch Renorm operators (csrc/batch_renorm/)."""
 
 import torch
 

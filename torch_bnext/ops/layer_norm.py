@@ -1,4 +1,4 @@
-"""Fake kernels and autograd for the LayerNorm / RMSNorm operators (csrc/layer_norm/)."""
+"""Fake kernels of the LayerNorm / RMSNorm operators (csrc/layer_norm/)."""
 
 import torch
 
@@ -58,56 +58,4 @@ def _rms_norm_bwd_fake(grad_out, input, rstd, weight, weight_grad):
         _param_grad(input, rstd.dim(), weight_grad, weight),
     )
 
-
-# ---------------------------------------------------------------- autograd
-# Row statistics are outputs without gradient: the backward formulas already
-# differentiate through them.
-
-
-def _layer_norm_setup(ctx, inputs, output):
-    input, _, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(input, weight, mean, rstd)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    input, weight, mean, rstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
-    grad_input, grad_weight, grad_bias = _ops.layer_norm_bwd(grad_out, input, mean, rstd, weight, mask)
-    if mask[1] and grad_bias.dtype != ctx.bias_dtype:
-        # Only without a weight: the kernel then returns the input's dtype.
-        grad_bias = grad_bias.to(ctx.bias_dtype)
-    return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        None,
-        grad_weight if mask[0] else None,
-        grad_bias if mask[1] else None,
-        None,
-    )
-
-
-def _rms_norm_setup(ctx, inputs, output):
-    input, _, weight, _ = inputs
-    _, rstd = output
-    ctx.save_for_backward(input, weight, rstd)
-    ctx.mark_non_differentiable(rstd)
-
-
-def _rms_norm_backward(ctx, grad_out, _grad_rstd):
-    input, weight, rstd = ctx.saved_tensors
-    want_weight = ctx.needs_input_grad[2]
-    grad_input, grad_weight = _ops.rms_norm_bwd(grad_out, input, rstd, weight, want_weight)
-    return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        None,
-        grad_weight if want_weight else None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "bnext::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup
-)
-torch.library.register_autograd("bnext::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup)
+# Autograd: csrc/layer_norm/autograd.cpp.
