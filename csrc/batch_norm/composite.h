@@ -59,29 +59,41 @@ inline void check_args(const char* op, const Tensor& input, const Tensor& weight
   check_param(op, "running_var", var, input, C);
 }
 
-// y = (x - mean) * scale + shift for per-channel opmath mean/var.
+// Batch Norm's per-channel forward step: (scale, shift) from the variance,
+// weight and bias (absent weight: 1, absent bias: 0).
+template <typename T>
+struct ForwardStep {
+  const T* weight;
+  const T* bias;
+  T* scale;
+  T* shift;
+  T eps;
+  C10_HOST_DEVICE void operator()(int64_t c, T /*mean*/, T var) const {
+    const auto co = forward_coeffs(inv_std(var, eps), load_or(weight, c, T(1)), load_or(bias, c, T(0)));
+    scale[c] = co.scale;
+    shift[c] = co.shift;
+  }
+};
+
+inline Tensor empty_channel_vector(const Tensor& x, at::ScalarType opmath) {
+  return at::empty({x.size(1)}, x.options().dtype(opmath));
+}
+
+// y = (x - mean) * scale + shift for given per-channel opmath mean/var.
 template <class K>
 Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,
                  const Tensor& bias, double eps) {
-  const int64_t C = x.size(1);
   const auto opmath = mean.scalar_type();
   const Tensor w = per_channel(weight, opmath);
   const Tensor b = per_channel(bias, opmath);
-  Tensor scale = at::empty({C}, mean.options());
-  Tensor shift = at::empty({C}, mean.options());
+  const Tensor scale = empty_channel_vector(x, opmath);
+  const Tensor shift = empty_channel_vector(x, opmath);
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_forward_coeffs", [&] {
     const scalar_t* var_p = var.const_data_ptr<scalar_t>();
-    const scalar_t* w_p = data_or_null<scalar_t>(w);
-    const scalar_t* b_p = data_or_null<scalar_t>(b);
-    scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
-    scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
-    const auto eps_ = static_cast<scalar_t>(eps);
-    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
-      const auto co = forward_coeffs(inv_std(var_p[c], eps_), load_or(w_p, c, scalar_t(1)),
-                                     load_or(b_p, c, scalar_t(0)));
-      scale_p[c] = co.scale;
-      shift_p[c] = co.shift;
-    });
+    const ForwardStep<scalar_t> step{data_or_null<scalar_t>(w), data_or_null<scalar_t>(b),
+                                     scale.mutable_data_ptr<scalar_t>(),
+                                     shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
+    K::for_each_channel(x.size(1), [=] C10_HOST_DEVICE(int64_t c) { step(c, scalar_t(0), var_p[c]); });
   });
   return K::elemt(x, mean, scale, shift);
 }
@@ -115,10 +127,6 @@ std::tuple<Tensor, Tensor, Tensor> reduce_elemt(const Tensor& dy, const Tensor& 
   return {K::backward_elemt(dy, x, mean, a, k, c), sum_dy, sum_dy_xmu};
 }
 
-inline Tensor empty_channel_vector(const Tensor& x, at::ScalarType opmath) {
-  return at::empty({x.size(1)}, x.options().dtype(opmath));
-}
-
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> train(const Tensor& input, const OptTensor& weight,
                                          const OptTensor& bias, double eps) {
@@ -133,18 +141,10 @@ std::tuple<Tensor, Tensor, Tensor> train(const Tensor& input, const OptTensor& w
   const Tensor shift = empty_channel_vector(x, opmath);
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_train", [&] {
-    const scalar_t* w_p = data_or_null<scalar_t>(w);
-    const scalar_t* b_p = data_or_null<scalar_t>(b);
-    scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
-    scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
-    const auto eps_ = static_cast<scalar_t>(eps);
-    result = stats_normalize<K, scalar_t>(
-        x, scale, shift, [=] C10_HOST_DEVICE(int64_t c, scalar_t /*mean*/, scalar_t var) {
-          const auto co = forward_coeffs(inv_std(var, eps_), load_or(w_p, c, scalar_t(1)),
-                                         load_or(b_p, c, scalar_t(0)));
-          scale_p[c] = co.scale;
-          shift_p[c] = co.shift;
-        });
+    const ForwardStep<scalar_t> step{data_or_null<scalar_t>(w), data_or_null<scalar_t>(b),
+                                     scale.mutable_data_ptr<scalar_t>(),
+                                     shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
+    result = stats_normalize<K, scalar_t>(x, scale, shift, step);
   });
   return result;
 }
