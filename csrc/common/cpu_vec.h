@@ -6,8 +6,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 namespace bnext {
@@ -28,15 +28,13 @@ inline Vec<scalar_t> load_acc(const scalar_t* p, int64_t n = kLanes<scalar_t>) {
   if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
     return Vec<scalar_t>::loadu(p, n);
   } else {
-    Vec<scalar_t> out;
     if (n == kLanes<scalar_t>) {
+      Vec<scalar_t> out;
       at::vec::load_to_float(p, out);
-    } else {
-      scalar_t buf[kLanes<scalar_t>] = {};
-      std::copy(p, p + n, buf);
-      at::vec::load_to_float(buf, out);
+      return out;
     }
-    return out;
+    // A masked load of the reduced type (it holds twice kLanes values), widened.
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
   }
 }
 
