@@ -29,7 +29,9 @@ using cpu::accumulate4;
 using cpu::hsum;
 using cpu::kLanes;
 using cpu::load_acc;
+using cpu::load_acc2;
 using cpu::store_acc;
+using cpu::store_acc2;
 using cpu::Vec;
 
 // Enough elements per task that scheduling costs stay below ~1%.
@@ -273,8 +275,21 @@ void affine_plane(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t S
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t vec_end = S - S % L;
   const Vec<scalar_t> vm(mean), va(a), vk(k), vc(c);
-  for (int64_t j = 0; j < vec_end; j += L) {
-    auto y = at::vec::fmadd(load_acc(x + j) - vm, vk, vc);
+  const auto f = [&](const Vec<scalar_t>& xv) { return at::vec::fmadd(xv - vm, vk, vc); };
+  int64_t j = 0;
+  for (; j + 2 * L <= vec_end; j += 2 * L) {
+    auto [x0, x1] = load_acc2(x + j);
+    auto y0 = f(x0);
+    auto y1 = f(x1);
+    if constexpr (kWithGrad) {
+      const auto [g0, g1] = load_acc2(g + j);
+      y0 = at::vec::fmadd(g0, va, y0);
+      y1 = at::vec::fmadd(g1, va, y1);
+    }
+    store_acc2(out + j, y0, y1);
+  }
+  for (; j < vec_end; j += L) {
+    auto y = f(load_acc(x + j));
     if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(g + j), va, y);
     store_acc(out + j, y);
   }
@@ -323,17 +338,32 @@ void affine_channels_last(const scalar_t* g_p, const Tensor& x, const ChannelVie
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x_p + r * C;
       scalar_t* orow = o_p + r * C;
-      for (int64_t c = 0; c < vec_end; c += L) {
-        const auto xmu = load_acc(xr + c) - Vec<scalar_t>::loadu(mean_p + c);
-        auto y = at::vec::fmadd(xmu, Vec<scalar_t>::loadu(k_p + c), Vec<scalar_t>::loadu(c_p + c));
+      const scalar_t* gr = kWithGrad ? g_p + r * C : nullptr;
+      // y for the channels [c, c + L) given their values.
+      const auto f = [&](int64_t c, const Vec<scalar_t>& xv) {
+        return at::vec::fmadd(xv - Vec<scalar_t>::loadu(mean_p + c), Vec<scalar_t>::loadu(k_p + c),
+                              Vec<scalar_t>::loadu(c_p + c));
+      };
+      int64_t c = 0;
+      for (; c + 2 * L <= vec_end; c += 2 * L) {
+        auto [x0, x1] = load_acc2(xr + c);
+        auto y0 = f(c, x0);
+        auto y1 = f(c + L, x1);
         if constexpr (kWithGrad) {
-          y = at::vec::fmadd(load_acc(g_p + r * C + c), Vec<scalar_t>::loadu(a_p + c), y);
+          const auto [g0, g1] = load_acc2(gr + c);
+          y0 = at::vec::fmadd(g0, Vec<scalar_t>::loadu(a_p + c), y0);
+          y1 = at::vec::fmadd(g1, Vec<scalar_t>::loadu(a_p + c + L), y1);
         }
+        store_acc2(orow + c, y0, y1);
+      }
+      for (; c < vec_end; c += L) {
+        auto y = f(c, load_acc(xr + c));
+        if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(gr + c), Vec<scalar_t>::loadu(a_p + c), y);
         store_acc(orow + c, y);
       }
-      for (int64_t c = vec_end; c < C; ++c) {
+      for (; c < C; ++c) {
         T y = (static_cast<T>(xr[c]) - mean_p[c]) * k_p[c] + c_p[c];
-        if constexpr (kWithGrad) y += a_p[c] * static_cast<T>(g_p[r * C + c]);
+        if constexpr (kWithGrad) y += a_p[c] * static_cast<T>(gr[c]);
         orow[c] = static_cast<scalar_t>(y);
       }
     }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace bnext {
 namespace cpu {
@@ -44,6 +45,28 @@ inline void store_acc(scalar_t* p, const Vec<scalar_t>& v, int64_t n = kLanes<sc
     v.store(p, n);
   } else {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+  }
+}
+
+// Two vectors (2 * kLanes values) at a time: for half/bfloat16 one full-width
+// load or store of the reduced type instead of two half-filled ones.
+template <typename scalar_t>
+inline std::pair<Vec<scalar_t>, Vec<scalar_t>> load_acc2(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return {Vec<scalar_t>::loadu(p), Vec<scalar_t>::loadu(p + kLanes<scalar_t>)};
+  } else {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+    return {lo, hi};
+  }
+}
+
+template <typename scalar_t>
+inline void store_acc2(scalar_t* p, const Vec<scalar_t>& lo, const Vec<scalar_t>& hi) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    lo.store(p);
+    hi.store(p + kLanes<scalar_t>);
+  } else {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
   }
 }
 
