@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -215,22 +216,47 @@ dim3 per_channel_grid(int64_t C) {
 // Input and output share one dense layout, so the flat index i addresses the
 // same element in both, and in dy.
 
-template <typename scalar_t, bool kWithGrad, bool kChannelsLast>
+// The channel of flat index i is (i / S) % C (channels-first) or i % C
+// (channels-last). 64-bit division costs dozens of instructions per element,
+// so tensors under 2^31 elements index with 32-bit magic-number division.
+template <typename scalar_t, bool kWithGrad, bool kChannelsLast, typename Index>
 __global__ void affine_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                               scalar_t* __restrict__ out, const at::opmath_type<scalar_t>* mean,
                               const at::opmath_type<scalar_t>* a,
                               const at::opmath_type<scalar_t>* k,
-                              const at::opmath_type<scalar_t>* cc, int64_t numel, int64_t C,
-                              int64_t S) {
+                              const at::opmath_type<scalar_t>* cc, Index numel,
+                              at::cuda::detail::IntDivider<Index> by_s,
+                              at::cuda::detail::IntDivider<Index> by_c) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
-    const int64_t c = kChannelsLast ? i % C : (i / S) % C;
+    const Index c = kChannelsLast ? by_c.mod(i) : by_c.mod(by_s.div(i));
     T y = (static_cast<T>(x[i]) - mean[c]) * k[c] + cc[c];
     if constexpr (kWithGrad) y += a[c] * static_cast<T>(g[i]);
     out[i] = static_cast<scalar_t>(y);
   }
+}
+
+template <typename scalar_t, bool kWithGrad, typename Index>
+void launch_affine(const scalar_t* g, const scalar_t* x, scalar_t* out,
+                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* a,
+                   const at::opmath_type<scalar_t>* k, const at::opmath_type<scalar_t>* c,
+                   const ChannelView& v, int64_t numel) {
+  const int64_t blocks = std::min<int64_t>(ceil_div(numel, kElemtThreads), num_sms() * 16);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::cuda::detail::IntDivider<Index> by_s(static_cast<Index>(v.S));
+  const at::cuda::detail::IntDivider<Index> by_c(static_cast<Index>(v.C));
+  if (v.layout == Layout::kChannelsFirst) {
+    affine_kernel<scalar_t, kWithGrad, false, Index>
+        <<<static_cast<unsigned>(blocks), kElemtThreads, 0, stream>>>(
+            g, x, out, mean, a, k, c, static_cast<Index>(numel), by_s, by_c);
+  } else {
+    affine_kernel<scalar_t, kWithGrad, true, Index>
+        <<<static_cast<unsigned>(blocks), kElemtThreads, 0, stream>>>(
+            g, x, out, mean, a, k, c, static_cast<Index>(numel), by_s, by_c);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool kWithGrad>
@@ -240,8 +266,6 @@ Tensor affine(const Tensor& g, const Tensor& x, const Tensor& mean, const Tensor
   if (x.numel() == 0) return out;
   const ChannelView v = channel_view(x);
   const int64_t numel = x.numel();
-  const int64_t blocks = std::min<int64_t>(ceil_div(numel, kElemtThreads), num_sms() * 16);
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_affine_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t* g_p = kWithGrad ? g.const_data_ptr<scalar_t>() : nullptr;
@@ -251,14 +275,12 @@ Tensor affine(const Tensor& g, const Tensor& x, const Tensor& mean, const Tensor
     const T* m_p = mean.const_data_ptr<T>();
     const T* k_p = k.const_data_ptr<T>();
     const T* c_p = c_.const_data_ptr<T>();
-    if (v.layout == Layout::kChannelsFirst) {
-      affine_kernel<scalar_t, kWithGrad, false><<<static_cast<unsigned>(blocks), kElemtThreads, 0, stream>>>(
-          g_p, x_p, o_p, m_p, a_p, k_p, c_p, numel, v.C, v.S);
+    // Below 2^31, i + stride cannot wrap a 32-bit index.
+    if (numel <= std::numeric_limits<int32_t>::max()) {
+      launch_affine<scalar_t, kWithGrad, uint32_t>(g_p, x_p, o_p, m_p, a_p, k_p, c_p, v, numel);
     } else {
-      affine_kernel<scalar_t, kWithGrad, true><<<static_cast<unsigned>(blocks), kElemtThreads, 0, stream>>>(
-          g_p, x_p, o_p, m_p, a_p, k_p, c_p, numel, v.C, v.S);
+      launch_affine<scalar_t, kWithGrad, int64_t>(g_p, x_p, o_p, m_p, a_p, k_p, c_p, v, numel);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
