@@ -44,11 +44,6 @@ C10_HOST_DEVICE inline T load_or(const T* p, int64_t c, T fallback) {
   return p != nullptr ? p[c] : fallback;
 }
 
-template <typename T>
-inline const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 inline void check_args(const char* op, const Tensor& input, const Tensor& weight,
                        const Tensor& bias, const Tensor& mean, const Tensor& var) {
   check_input(op, input, 2);

@@ -24,6 +24,7 @@ namespace {
 
 using cpu::acc_t;
 using cpu::contiguous_welford;
+using cpu::grain_for;
 using cpu::kBlock;
 using cpu::accumulate4;
 using cpu::hsum;
@@ -33,13 +34,6 @@ using cpu::load_acc2;
 using cpu::store_acc;
 using cpu::store_acc2;
 using cpu::Vec;
-
-// Enough elements per task that scheduling costs stay below ~1%.
-constexpr int64_t kGrainElements = 32768;
-
-int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
-}
 
 // Channels-last reductions split the rows into chunks (by shape only) that
 // stay in L2 while they are swept once per tile of channels; a tile is up to

@@ -61,8 +61,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_renorm_train", [&] {
     const scalar_t* rm_p = rm.const_data_ptr<scalar_t>();
     const scalar_t* rv_p = rv.const_data_ptr<scalar_t>();
-    const scalar_t* w_p = batch_norm::data_or_null<scalar_t>(w);
-    const scalar_t* b_p = batch_norm::data_or_null<scalar_t>(b);
+    const scalar_t* w_p = data_or_null<scalar_t>(w);
+    const scalar_t* b_p = data_or_null<scalar_t>(b);
     scalar_t* r_p = r.mutable_data_ptr<scalar_t>();
     scalar_t* d_p = d.mutable_data_ptr<scalar_t>();
     scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();

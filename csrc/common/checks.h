@@ -21,6 +21,11 @@ void check_input(const char* op, const at::Tensor& input, int64_t min_dim);
 void check_param(const char* op, const char* name, const at::Tensor& param,
                  const at::Tensor& input, int64_t numel);
 
+template <typename T>
+inline const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
 inline const at::Tensor& value_or_undefined(const std::optional<at::Tensor>& t) {
   static const at::Tensor undefined;
   return t.has_value() ? *t : undefined;

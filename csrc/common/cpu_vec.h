@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -16,6 +17,13 @@ namespace cpu {
 
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
+
+// at::parallel_for grain: enough elements per task (`elements_per_item` each)
+// that scheduling costs stay below ~1%.
+inline int64_t grain_for(int64_t elements_per_item) {
+  constexpr int64_t kGrainElements = 32768;
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
+}
 
 template <typename scalar_t>
 using Vec = at::vec::Vectorized<acc_t<scalar_t>>;

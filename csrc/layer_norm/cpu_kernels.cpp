@@ -26,18 +26,12 @@ namespace {
 
 using cpu::acc_t;
 using cpu::contiguous_welford;
+using cpu::grain_for;
 using cpu::hsum;
 using cpu::kLanes;
 using cpu::load_acc;
 using cpu::store_acc;
 using cpu::Vec;
-
-// Enough elements per task that scheduling costs stay below ~1%.
-constexpr int64_t kGrainElements = 32768;
-
-int64_t rows_grain(int64_t N) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N, 1));
-}
 
 // Row chunks for the column sums: enough for 64 threads, few enough that the
 // per-chunk buffers stay within ~8 MiB of floats and merging stays cheap.
@@ -48,11 +42,6 @@ int64_t num_row_chunks(int64_t M, int64_t N) {
 }
 
 int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t M) { return chunk * M / chunks; }
-
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
 
 // ---------------------------------------------------------------- statistics
 
@@ -99,7 +88,7 @@ void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Te
   const T* w_p = data_or_null<T>(p.w);
   const T* b_p = data_or_null<T>(p.b);
   const T eps_ = static_cast<T>(eps);
-  at::parallel_for(0, p.M, rows_grain(N), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.M, grain_for(N), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* x = x_p + r * N;
       scalar_t* y = y_p + r * N;

@@ -186,11 +186,6 @@ __global__ void column_merge_kernel(const T* parts, T* out, int64_t num_parts, i
   }
 }
 
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 template <typename scalar_t, bool kCentred>
 void column_sums(const RowProblem& p, const Tensor& mean, const Tensor& rstd, Tensor& dw_col,
                  Tensor& db_col) {

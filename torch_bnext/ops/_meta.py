@@ -27,3 +27,19 @@ def empty_canonical(x: torch.Tensor, dtype=None) -> torch.Tensor:
     if x.is_contiguous() or _is_channels_last_dense(x):
         return torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
     return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+def channel_vector(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A per-channel (C,) vector, float32 (float64 for float64 input) by default."""
+    return x.new_empty((x.shape[1],), dtype=dtype or opmath_dtype(x.dtype))
+
+
+def batch_norm_backward_outputs(input: torch.Tensor, weight):
+    """(grad_input, grad_weight, grad_bias) of the Batch Norm and Batch Renorm
+    backward ops: parameter gradients in the weight's dtype."""
+    param_dtype = weight.dtype if weight is not None else opmath_dtype(input.dtype)
+    return (
+        empty_canonical(input),
+        channel_vector(input, param_dtype),
+        channel_vector(input, param_dtype),
+    )

@@ -2,9 +2,7 @@
 
 import torch
 
-from ._meta import empty_canonical, opmath_dtype
-
-_ops = torch.ops.bnext
+from ._meta import batch_norm_backward_outputs, channel_vector, empty_canonical
 
 
 def _check_devices(op, input, **tensors):
@@ -17,13 +15,9 @@ def _check_devices(op, input, **tensors):
             )
 
 
-def _channel_vector(x, dtype=None):
-    return x.new_empty((x.shape[1],), dtype=dtype or opmath_dtype(x.dtype))
-
-
 @torch.library.register_fake("bnext::batch_norm_stats")
 def _stats_fake(input):
-    return _channel_vector(input), _channel_vector(input)
+    return channel_vector(input), channel_vector(input)
 
 
 @torch.library.register_fake("bnext::batch_norm_elemt")
@@ -33,7 +27,7 @@ def _elemt_fake(input, mean, scale, shift):
 
 @torch.library.register_fake("bnext::batch_norm_backward_reduce")
 def _backward_reduce_fake(grad_out, input, mean):
-    return _channel_vector(input), _channel_vector(input)
+    return channel_vector(input), channel_vector(input)
 
 
 @torch.library.register_fake("bnext::batch_norm_backward_elemt")
@@ -44,7 +38,7 @@ def _backward_elemt_fake(grad_out, input, mean, a, k, c):
 @torch.library.register_fake("bnext::batch_norm_train")
 def _train_fake(input, weight, bias, eps):
     _check_devices("bnext::batch_norm_train", input, weight=weight, bias=bias)
-    return empty_canonical(input), _channel_vector(input), _channel_vector(input)
+    return empty_canonical(input), channel_vector(input), channel_vector(input)
 
 
 @torch.library.register_fake("bnext::batch_norm_infer")
@@ -56,12 +50,7 @@ def _infer_fake(input, mean, var, weight, bias, eps):
 
 @torch.library.register_fake("bnext::batch_norm_backward")
 def _backward_fake(grad_out, input, mean, var, weight, eps, training):
-    param_dtype = weight.dtype if weight is not None else opmath_dtype(input.dtype)
-    return (
-        empty_canonical(input),
-        _channel_vector(input, param_dtype),
-        _channel_vector(input, param_dtype),
-    )
+    return batch_norm_backward_outputs(input, weight)
 
 
 @torch.library.register_fake("bnext::batch_norm_update_stats")

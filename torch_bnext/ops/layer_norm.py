@@ -4,7 +4,6 @@ import torch
 
 from ._meta import opmath_dtype
 
-_ops = torch.ops.bnext
 
 
 def _check_shape(input, normalized_shape):
