@@ -10,11 +10,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "batch_norm/composite.h"
 #include "batch_norm/cpu_backend.h"
 #include "bnext/welford.h"
+#include "common/cpu_cache.h"
 #include "common/cpu_reduce.h"
 #include "common/cpu_vec.h"
 
@@ -33,6 +35,10 @@ using cpu::load_acc;
 using cpu::load_acc2;
 using cpu::store_acc;
 using cpu::store_acc2;
+using cpu::should_stream;
+using cpu::stream_acc2;
+using cpu::stream_fence;
+using cpu::stream_head;
 using cpu::Vec;
 
 // Channels-last reductions split the rows into chunks (by shape only) that
@@ -261,17 +267,24 @@ void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& 
 // ------------------------------------------- elementwise: a*g + k*(x-mean) + c
 // The forward pass is the same map without g: y = scale * (x - mean) + shift.
 
-// out = a * g + k * (x - mean) + c over one plane of S contiguous values.
+// out = a * g + k * (x - mean) + c over one plane of S contiguous values;
+// `stream`: with non-temporal stores (cpu_vec.h), from the first aligned element.
 template <typename scalar_t, bool kWithGrad>
 void affine_plane(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t S,
-                  acc_t<scalar_t> mean, acc_t<scalar_t> a, acc_t<scalar_t> k, acc_t<scalar_t> c) {
+                  acc_t<scalar_t> mean, acc_t<scalar_t> a, acc_t<scalar_t> k, acc_t<scalar_t> c,
+                  bool stream) {
   using T = acc_t<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
-  const int64_t vec_end = S - S % L;
   const Vec<scalar_t> vm(mean), va(a), vk(k), vc(c);
   const auto f = [&](const Vec<scalar_t>& xv) { return at::vec::fmadd(xv - vm, vk, vc); };
-  int64_t j = 0;
-  for (; j + 2 * L <= vec_end; j += 2 * L) {
+  const auto one = [&](int64_t j) {
+    // The vector path's fused multiply-adds, so that where a plane splits
+    // into scalar and vector parts changes no bit.
+    T y = std::fma(static_cast<T>(x[j]) - mean, k, c);
+    if constexpr (kWithGrad) y = std::fma(static_cast<T>(g[j]), a, y);
+    out[j] = static_cast<scalar_t>(y);
+  };
+  const auto two = [&](int64_t j) {
     auto [x0, x1] = load_acc2(x + j);
     auto y0 = f(x0);
     auto y1 = f(x1);
@@ -280,18 +293,27 @@ void affine_plane(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t S
       y0 = at::vec::fmadd(g0, va, y0);
       y1 = at::vec::fmadd(g1, va, y1);
     }
-    store_acc2(out + j, y0, y1);
+    return std::pair{y0, y1};
+  };
+  int64_t j = 0;
+  if (stream) {
+    for (const int64_t head = std::min(S, stream_head(out)); j < head; ++j) one(j);
+    for (; j + 2 * L <= S; j += 2 * L) {
+      const auto [y0, y1] = two(j);
+      stream_acc2(out + j, y0, y1);
+    }
+  } else {
+    for (; j + 2 * L <= S; j += 2 * L) {
+      const auto [y0, y1] = two(j);
+      store_acc2(out + j, y0, y1);
+    }
   }
-  for (; j < vec_end; j += L) {
+  for (; j + L <= S; j += L) {
     auto y = f(load_acc(x + j));
     if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(g + j), va, y);
     store_acc(out + j, y);
   }
-  for (int64_t j = vec_end; j < S; ++j) {
-    T y = (static_cast<T>(x[j]) - mean) * k + c;
-    if constexpr (kWithGrad) y += a * static_cast<T>(g[j]);
-    out[j] = static_cast<scalar_t>(y);
-  }
+  for (; j < S; ++j) one(j);
 }
 
 template <typename scalar_t, bool kWithGrad>
@@ -305,13 +327,15 @@ void affine_channels_first(const scalar_t* g_p, const Tensor& x, const ChannelVi
   const T* k_p = k.const_data_ptr<T>();
   const T* c_p = c_.const_data_ptr<T>();
   const int64_t S = v.S;
+  const bool stream = should_stream(out);
   at::parallel_for(0, v.N * v.C, grain_for(S), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t ch = i % v.C;
       affine_plane<scalar_t, kWithGrad>(kWithGrad ? g_p + i * S : nullptr, x_p + i * S,
                                         o_p + i * S, S, mean_p[ch], kWithGrad ? a_p[ch] : T(0),
-                                        k_p[ch], c_p[ch]);
+                                        k_p[ch], c_p[ch], stream);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -328,6 +352,9 @@ void affine_channels_last(const scalar_t* g_p, const Tensor& x, const ChannelVie
   const T* c_p = c_.const_data_ptr<T>();
   const int64_t C = v.C;
   const int64_t vec_end = C - C % L;
+  // Streaming needs every row to start aligned.
+  const bool stream = should_stream(out) && stream_head(o_p) == 0 &&
+                      (C * static_cast<int64_t>(sizeof(scalar_t))) % cpu::kStreamAlign == 0;
   at::parallel_for(0, v.rows(), grain_for(C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x_p + r * C;
@@ -348,7 +375,11 @@ void affine_channels_last(const scalar_t* g_p, const Tensor& x, const ChannelVie
           y0 = at::vec::fmadd(g0, Vec<scalar_t>::loadu(a_p + c), y0);
           y1 = at::vec::fmadd(g1, Vec<scalar_t>::loadu(a_p + c + L), y1);
         }
-        store_acc2(orow + c, y0, y1);
+        if (stream) {
+          stream_acc2(orow + c, y0, y1);
+        } else {
+          store_acc2(orow + c, y0, y1);
+        }
       }
       for (; c < vec_end; c += L) {
         auto y = f(c, load_acc(xr + c));
@@ -356,11 +387,12 @@ void affine_channels_last(const scalar_t* g_p, const Tensor& x, const ChannelVie
         store_acc(orow + c, y);
       }
       for (; c < C; ++c) {
-        T y = (static_cast<T>(xr[c]) - mean_p[c]) * k_p[c] + c_p[c];
-        if constexpr (kWithGrad) y += a_p[c] * static_cast<T>(gr[c]);
+        T y = std::fma(static_cast<T>(xr[c]) - mean_p[c], k_p[c], c_p[c]);
+        if constexpr (kWithGrad) y = std::fma(static_cast<T>(gr[c]), a_p[c], y);
         orow[c] = static_cast<scalar_t>(y);
       }
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -6,6 +6,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -76,6 +80,63 @@ inline void store_acc2(scalar_t* p, const Vec<scalar_t>& lo, const Vec<scalar_t>
   } else {
     at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
   }
+}
+
+// Non-temporal stores: an output too large to stay in the last-level cache
+// would otherwise cost a read-for-ownership per line and evict the input that
+// the next pass re-reads. p must be aligned to kStreamAlign bytes; threads
+// that streamed call stream_fence() before their results are handed on.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kStreamAlign = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kStreamAlign = 32;
+#else
+constexpr int64_t kStreamAlign = 1;
+#endif
+
+template <typename scalar_t>
+inline void stream_acc2(scalar_t* p, const Vec<scalar_t>& lo, const Vec<scalar_t>& hi) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  using IntReg = __m512i;
+#define BNEXT_STREAM_PS _mm512_stream_ps
+#define BNEXT_STREAM_PD _mm512_stream_pd
+#define BNEXT_STREAM_SI _mm512_stream_si512
+#else
+  using IntReg = __m256i;
+#define BNEXT_STREAM_PS _mm256_stream_ps
+#define BNEXT_STREAM_PD _mm256_stream_pd
+#define BNEXT_STREAM_SI _mm256_stream_si256
+#endif
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    BNEXT_STREAM_PS(p, lo);
+    BNEXT_STREAM_PS(p + kLanes<scalar_t>, hi);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    BNEXT_STREAM_PD(p, lo);
+    BNEXT_STREAM_PD(p + kLanes<scalar_t>, hi);
+  } else {
+    const IntReg packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    BNEXT_STREAM_SI(reinterpret_cast<IntReg*>(p), packed);
+  }
+#undef BNEXT_STREAM_PS
+#undef BNEXT_STREAM_PD
+#undef BNEXT_STREAM_SI
+#else
+  store_acc2(p, lo, hi);
+#endif
+}
+
+// Elements before the first kStreamAlign-aligned one at p.
+template <typename scalar_t>
+inline int64_t stream_head(const scalar_t* p) {
+  const auto misalign = reinterpret_cast<std::uintptr_t>(p) % kStreamAlign;
+  return misalign == 0 ? 0 : static_cast<int64_t>((kStreamAlign - misalign) / sizeof(scalar_t));
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 template <typename scalar_t>
