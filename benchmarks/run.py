@@ -44,7 +44,29 @@ def parse_args(argv=None):
     p.add_argument("--trace", metavar="DIR", help="write torch.profiler traces of both implementations")
     p.add_argument("--processes", type=int, default=1,
                    help="repeat the suite in this many fresh processes and report medians")
+    p.add_argument("--allocator", choices=["steady", "system"], default="steady",
+                   help="steady (default): glibc keeps freed memory for reuse, so that fresh "
+                        "outputs are not page-faulted in on every call; system: as configured")
     return p.parse_args(argv)
+
+
+# glibc returns freed blocks of 32 MiB and more (and trims the heap) to the
+# OS, so every call's fresh outputs are page-faulted in again; in a VM a fault
+# costs ~1 us per 4 KiB page, which for a 32 MiB output is several times the
+# kernel itself and hits ours and native alike. Served from the heap and never
+# trimmed, memory is reused as PyTorch's caching allocators reuse it on a GPU.
+STEADY_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
+
+
+def use_steady_allocator(argv):
+    """Re-executes this script with STEADY_ALLOCATOR set (glibc reads it at
+    start-up); returns only if it is already set or cannot be."""
+    if all(os.environ.get(k) == v for k, v in STEADY_ALLOCATOR.items()):
+        return
+    if platform.system() != "Linux":
+        return
+    env = dict(os.environ, **STEADY_ALLOCATOR)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
 
 
 def load_extension():
@@ -129,11 +151,13 @@ def run_in_processes(args, argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.allocator == "steady":
+        use_steady_allocator(argv if argv is not None else sys.argv[1:])
     load_extension()
     if args.processes > 1:
         results, meta = run_in_processes(args, argv)
         note = (f"device: {meta['device']} ({meta['machine']}); torch {meta['torch']}; "
-                f"medians of {args.processes} processes; GB/s counts each input read once and "
+                f"allocator: {args.allocator}; medians of {args.processes} processes; GB/s counts each input read once and "
                 "each output written once; % copy compares it with a copy of the same size")
         return report(args, results, meta, note)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,7 +182,7 @@ def main(argv=None):
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     else:
         machine = torch.cuda.get_device_name()
-    note = (f"device: {device} ({machine}); torch {torch.__version__}; "
+    note = (f"device: {device} ({machine}); torch {torch.__version__}; allocator: {args.allocator}; "
             "GB/s counts each input read once and each output written once; "
             "% copy compares it with a copy of the same size")
     print(note, file=sys.stderr)
@@ -185,7 +209,7 @@ def main(argv=None):
         del ours, native  # free this case's tensors before the next one
     progress(len(cases), len(cases), "done")
     meta = {"device": device, "machine": machine, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "allocator": args.allocator}
     return report(args, results, meta, note)
 
 

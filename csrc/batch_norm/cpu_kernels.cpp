@@ -66,30 +66,76 @@ void for_each_tile(int64_t C, const F& f) {
   }
 }
 
+// Rows wider than one tile are read whole instead: tiles would sweep each row
+// in pieces at a stride of C, which for power-of-two C maps every row of a
+// block to the same few L1 sets. Accumulators then live in an L1-resident
+// array of C values rather than in registers.
+template <typename scalar_t>
+bool wide_rows(int64_t C) {
+  return C > kTileVecs * kLanes<scalar_t>;
+}
+
+// f(c, n) for each vector of channels starting at c, with n valid lanes.
+template <typename scalar_t, class F>
+void for_each_vec(int64_t C, const F& f) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) f(c, L);
+  if (c < C) f(c, C - c);
+}
+
 // ---------------------------------------------------------------- statistics
 
+// Partial (mean, m2) of every channel, part-major (index part * C + c), and
+// each part's count, which is the same for all channels of a part.
 template <typename T>
-void write_stats(const std::vector<Welford<T>>& parts, int64_t C, int64_t parts_per_channel,
-                 Tensor& mean, Tensor& var) {
+struct ChannelParts {
+  ChannelParts(int64_t parts, int64_t C) : mean(parts * C), m2(parts * C), count(parts) {}
+  std::vector<T> mean;
+  std::vector<T> m2;
+  std::vector<int64_t> count;
+};
+
+// Merges each channel's parts in part order. The merge weights depend on the
+// counts only, so the loop over channels has no division and vectorises.
+template <typename T>
+void write_stats(const ChannelParts<T>& parts, int64_t C, Tensor& mean, Tensor& var) {
   T* mean_p = mean.mutable_data_ptr<T>();
   T* var_p = var.mutable_data_ptr<T>();
-  for (int64_t c = 0; c < C; ++c) {
-    Welford<T> acc;
-    for (int64_t j = 0; j < parts_per_channel; ++j) acc = welford_merge(acc, parts[j * C + c]);
-    mean_p[c] = acc.mean;
-    var_p[c] = welford_var(acc);
-  }
+  const auto num_parts = static_cast<int64_t>(parts.count.size());
+  at::parallel_for(0, C, grain_for(num_parts), [&](int64_t c0, int64_t c1) {
+    int64_t seen = 0;
+    for (int64_t j = 0; j < num_parts; ++j) {
+      const int64_t n = parts.count[j];
+      const T* pm = parts.mean.data() + j * C;
+      const T* pq = parts.m2.data() + j * C;
+      if (seen == 0) {
+        std::copy(pm + c0, pm + c1, mean_p + c0);
+        std::copy(pq + c0, pq + c1, var_p + c0);
+      } else {
+        const auto w = merge_weights<T>(seen, n);
+        for (int64_t c = c0; c < c1; ++c) merge_into(mean_p[c], var_p[c], pm[c], pq[c], w);
+      }
+      seen += n;
+    }
+    for (int64_t c = c0; c < c1; ++c) var_p[c] = welford_var(Welford<T>{mean_p[c], var_p[c], seen});
+  });
 }
 
 template <typename scalar_t>
 void stats_channels_first(const Tensor& x, const ChannelView& v, Tensor& mean, Tensor& var) {
   using T = acc_t<scalar_t>;
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
-  std::vector<Welford<T>> planes(v.N * v.C);  // index n * C + c
+  ChannelParts<T> planes(v.N, v.C);  // plane n * C + c is part n of channel c
+  std::fill(planes.count.begin(), planes.count.end(), v.S);
   at::parallel_for(0, v.N * v.C, grain_for(v.S), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) planes[i] = contiguous_welford(x_p + i * v.S, v.S);
+    for (int64_t i = begin; i < end; ++i) {
+      const auto w = contiguous_welford(x_p + i * v.S, v.S);
+      planes.mean[i] = w.mean;
+      planes.m2[i] = w.m2;
+    }
   });
-  write_stats(planes, v.C, v.N, mean, var);
+  write_stats(planes, v.C, mean, var);
 }
 
 // Vectorised across channels: blocks of kRowBlock rows are reduced in two
@@ -97,6 +143,44 @@ void stats_channels_first(const Tensor& x, const ChannelView& v, Tensor& mean, T
 // and merged into the tile's running (mean, m2) with Chan's formula. Every
 // lane has seen the same rows, so the merge weights are scalars.
 constexpr int64_t kRowBlock = 64;
+
+// (mean, m2) of rows [r0, r1) of wide rows, per channel, into out_mean and
+// out_m2; `scratch` holds 2 * C values.
+template <typename scalar_t>
+void stats_wide_rows(const scalar_t* x_p, int64_t C, int64_t r0, int64_t r1,
+                     acc_t<scalar_t>* out_mean, acc_t<scalar_t>* out_m2, acc_t<scalar_t>* scratch) {
+  using T = acc_t<scalar_t>;
+  T* bm = scratch;
+  T* bq = scratch + C;
+  int64_t seen = 0;
+  for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
+    const int64_t b1 = std::min(r1, b0 + kRowBlock);
+    std::fill(bm, bm + 2 * C, T(0));
+    for (int64_t r = b0; r < b1; ++r) {
+      for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
+        (Vec<scalar_t>::loadu(bm + c, n) + load_acc(x_p + r * C + c, n)).store(bm + c, n);
+      });
+    }
+    const Vec<scalar_t> inv_len(T(1) / static_cast<T>(b1 - b0));
+    for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
+      (Vec<scalar_t>::loadu(bm + c, n) * inv_len).store(bm + c, n);
+    });
+    for (int64_t r = b0; r < b1; ++r) {
+      for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
+        const auto d = load_acc(x_p + r * C + c, n) - Vec<scalar_t>::loadu(bm + c, n);
+        at::vec::fmadd(d, d, Vec<scalar_t>::loadu(bq + c, n)).store(bq + c, n);
+      });
+    }
+    if (seen == 0) {
+      std::copy(bm, bm + C, out_mean);
+      std::copy(bq, bq + C, out_m2);
+    } else {
+      const auto w = merge_weights<T>(seen, b1 - b0);
+      for (int64_t c = 0; c < C; ++c) merge_into(out_mean[c], out_m2[c], bm[c], bq[c], w);
+    }
+    seen += b1 - b0;
+  }
+}
 
 template <typename scalar_t>
 void stats_channels_last(const Tensor& x, const ChannelView& v, Tensor& mean, Tensor& var) {
@@ -107,11 +191,18 @@ void stats_channels_last(const Tensor& x, const ChannelView& v, Tensor& mean, Te
   const int64_t per_chunk = rows_per_chunk(C, sizeof(scalar_t));
   const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
-  std::vector<Welford<T>> parts(chunks * C);  // index chunk * C + c
+  ChannelParts<T> parts(chunks, C);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t r0 = ch * per_chunk;
       const int64_t r1 = std::min(rows, r0 + per_chunk);
+      parts.count[ch] = r1 - r0;
+      if (wide_rows<scalar_t>(C)) {
+        std::vector<T> scratch(2 * C);
+        stats_wide_rows(x_p, C, r0, r1, parts.mean.data() + ch * C, parts.m2.data() + ch * C,
+                        scratch.data());
+        continue;
+      }
       for_each_tile<scalar_t>(C, [&](int64_t c0, const int64_t* counts) {
         Vec<scalar_t> m[kTileVecs], q[kTileVecs], bm[kTileVecs], bq[kTileVecs];
         for (int j = 0; j < kTileVecs; ++j) m[j] = q[j] = Vec<scalar_t>(T(0));
@@ -130,48 +221,45 @@ void stats_channels_last(const Tensor& x, const ChannelView& v, Tensor& mean, Te
               bq[j] = at::vec::fmadd(d, d, bq[j]);
             }
           }
-          // welford_merge, lane-wise: the block has b1 - b0 rows, the tile `seen`.
-          const int64_t total = seen + (b1 - b0);
-          const T frac = static_cast<T>(b1 - b0) / static_cast<T>(total);
-          const Vec<scalar_t> vfrac(frac), vw(static_cast<T>(seen) * frac);
-          for (int j = 0; j < kTileVecs; ++j) {
-            const auto delta = bm[j] - m[j];
-            m[j] = at::vec::fmadd(delta, vfrac, m[j]);
-            q[j] = at::vec::fmadd(delta * delta, vw, q[j] + bq[j]);
+          // Every lane has seen the same rows: scalar merge weights.
+          if (seen == 0) {
+            std::copy(bm, bm + kTileVecs, m);
+            std::copy(bq, bq + kTileVecs, q);
+          } else {
+            const auto w = merge_weights<T>(seen, b1 - b0);
+            for (int j = 0; j < kTileVecs; ++j) merge_into(m[j], q[j], bm[j], bq[j], w);
           }
-          seen = total;
+          seen += b1 - b0;
         }
-        T m_lanes[L], q_lanes[L];
         for (int j = 0; j < kTileVecs; ++j) {
-          m[j].store(m_lanes);
-          q[j].store(q_lanes);
-          for (int64_t l = 0; l < counts[j]; ++l) {
-            parts[ch * C + c0 + j * L + l] = Welford<T>{m_lanes[l], q_lanes[l], r1 - r0};
-          }
+          if (counts[j] == 0) continue;
+          m[j].store(parts.mean.data() + ch * C + c0 + j * L, counts[j]);
+          q[j].store(parts.m2.data() + ch * C + c0 + j * L, counts[j]);
         }
       });
     }
   });
-  write_stats(parts, C, chunks, mean, var);
+  write_stats(parts, C, mean, var);
 }
 
 // ------------------------------------------------- backward reduce (two sums)
 
+// Sums each channel's parts in part order (the loop over channels vectorises).
 template <typename T>
 void write_sums(const std::vector<T>& sum_dy_parts, const std::vector<T>& sum_dyx_parts,
                 int64_t C, int64_t parts_per_channel, Tensor& sum_dy, Tensor& sum_dy_xmu) {
   T* a_p = sum_dy.mutable_data_ptr<T>();
   T* b_p = sum_dy_xmu.mutable_data_ptr<T>();
-  for (int64_t c = 0; c < C; ++c) {
-    T a = T(0);
-    T b = T(0);
+  at::parallel_for(0, C, grain_for(parts_per_channel), [&](int64_t c0, int64_t c1) {
     for (int64_t j = 0; j < parts_per_channel; ++j) {
-      a += sum_dy_parts[j * C + c];
-      b += sum_dyx_parts[j * C + c];
+      const T* pa = sum_dy_parts.data() + j * C;
+      const T* pb = sum_dyx_parts.data() + j * C;
+      for (int64_t c = c0; c < c1; ++c) {
+        a_p[c] += pa[c];
+        b_p[c] += pb[c];
+      }
     }
-    a_p[c] = a;
-    b_p[c] = b;
-  }
+  });
 }
 
 // sum(dy) and sum(dy * (x - mean)) over one plane of S contiguous values, in
@@ -240,6 +328,19 @@ void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& 
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t r0 = ch * per_chunk;
       const int64_t r1 = std::min(rows, r0 + per_chunk);
+      if (wide_rows<scalar_t>(C)) {
+        T* a = part_dy.data() + ch * C;
+        T* b = part_dyx.data() + ch * C;
+        for (int64_t r = r0; r < r1; ++r) {
+          for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
+            const auto g = load_acc(g_p + r * C + c, n);
+            const auto xmu = load_acc(x_p + r * C + c, n) - Vec<scalar_t>::loadu(mean_p + c, n);
+            (Vec<scalar_t>::loadu(a + c, n) + g).store(a + c, n);
+            at::vec::fmadd(g, xmu, Vec<scalar_t>::loadu(b + c, n)).store(b + c, n);
+          });
+        }
+        continue;
+      }
       for_each_tile<scalar_t>(C, [&](int64_t c0, const int64_t* counts) {
         Vec<scalar_t> a[kTileVecs], b[kTileVecs], mv[kTileVecs];
         for (int j = 0; j < kTileVecs; ++j) {

@@ -94,35 +94,51 @@ constexpr int64_t kStreamAlign = 32;
 constexpr int64_t kStreamAlign = 1;
 #endif
 
+namespace detail {
+#if defined(CPU_CAPABILITY_AVX512)
+inline void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
+inline void stream(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+inline void stream_half_width(void* p, __m512i v) {
+  _mm256_stream_si256(static_cast<__m256i*>(p), _mm512_castsi512_si256(v));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void stream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void stream(double* p, __m256d v) { _mm256_stream_pd(p, v); }
+inline void stream(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+inline void stream_half_width(void* p, __m256i v) {
+  _mm_stream_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(v));
+}
+#endif
+}  // namespace detail
+
+// store_acc2 with streaming stores.
 template <typename scalar_t>
 inline void stream_acc2(scalar_t* p, const Vec<scalar_t>& lo, const Vec<scalar_t>& hi) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#if defined(CPU_CAPABILITY_AVX512)
-  using IntReg = __m512i;
-#define BNEXT_STREAM_PS _mm512_stream_ps
-#define BNEXT_STREAM_PD _mm512_stream_pd
-#define BNEXT_STREAM_SI _mm512_stream_si512
-#else
-  using IntReg = __m256i;
-#define BNEXT_STREAM_PS _mm256_stream_ps
-#define BNEXT_STREAM_PD _mm256_stream_pd
-#define BNEXT_STREAM_SI _mm256_stream_si256
-#endif
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    BNEXT_STREAM_PS(p, lo);
-    BNEXT_STREAM_PS(p + kLanes<scalar_t>, hi);
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    BNEXT_STREAM_PD(p, lo);
-    BNEXT_STREAM_PD(p + kLanes<scalar_t>, hi);
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    detail::stream(p, lo);
+    detail::stream(p + kLanes<scalar_t>, hi);
   } else {
-    const IntReg packed = at::vec::convert_from_float<scalar_t>(lo, hi);
-    BNEXT_STREAM_SI(reinterpret_cast<IntReg*>(p), packed);
+    detail::stream(static_cast<void*>(p), at::vec::convert_from_float<scalar_t>(lo, hi));
   }
-#undef BNEXT_STREAM_PS
-#undef BNEXT_STREAM_PD
-#undef BNEXT_STREAM_SI
 #else
   store_acc2(p, lo, hi);
+#endif
+}
+
+// store_acc of a whole vector with a streaming store; a half/bfloat16 vector
+// is half a register wide, so p needs only kStreamAlign / 2 alignment.
+template <typename scalar_t>
+inline void stream_acc(scalar_t* p, const Vec<scalar_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    detail::stream(p, v);
+  } else {
+    detail::stream_half_width(p, at::vec::convert_from_float<scalar_t>(v, v));
+  }
+#else
+  store_acc(p, v);
 #endif
 }
 

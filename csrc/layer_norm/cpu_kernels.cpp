@@ -15,6 +15,7 @@
 #include "bnext/layer_norm_math.h"
 #include "bnext/welford.h"
 #include "common/checks.h"
+#include "common/cpu_cache.h"
 #include "common/cpu_reduce.h"
 #include "common/cpu_vec.h"
 #include "layer_norm/operators.h"
@@ -42,6 +43,22 @@ int64_t num_row_chunks(int64_t M, int64_t N) {
 }
 
 int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t M) { return chunk * M / chunks; }
+
+// Outputs of at least half the last-level cache bypass it (common/cpu_cache.h)
+// when every row starts aligned for the streaming stores.
+inline bool streams_rows(const Tensor& out, int64_t N) {
+  return cpu::should_stream(out) && cpu::stream_head(out.const_data_ptr()) == 0 &&
+         (N * static_cast<int64_t>(out.element_size())) % cpu::kStreamAlign == 0;
+}
+
+template <typename scalar_t>
+inline void store_row(scalar_t* p, const Vec<scalar_t>& v, int64_t n, bool stream) {
+  if (stream && n == kLanes<scalar_t>) {
+    cpu::stream_acc(p, v);
+  } else {
+    store_acc(p, v, n);
+  }
+}
 
 // ---------------------------------------------------------------- statistics
 
@@ -88,6 +105,7 @@ void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Te
   const T* w_p = data_or_null<T>(p.w);
   const T* b_p = data_or_null<T>(p.b);
   const T eps_ = static_cast<T>(eps);
+  const bool stream = streams_rows(out, N);
   at::parallel_for(0, p.M, grain_for(N), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* x = x_p + r * N;
@@ -109,15 +127,20 @@ void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Te
         auto scale = w_p ? vs * Vec<scalar_t>::loadu(w_p + i, n) : vs;
         auto v = (load_acc(x + i, n) - vm) * scale;
         if (b_p) v = v + Vec<scalar_t>::loadu(b_p + i, n);
-        store_acc(y + i, v, n);
+        store_row(y + i, v, n, stream);
       };
       for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
       if (vec_end < N) apply(vec_end, N - vec_end);
     }
+    if (stream) cpu::stream_fence();
   });
 }
 
 // ------------------------------------------------------------------ backward
+
+// Rows whose dx is computed together: the column sums then load and store
+// their running values once per group rather than once per row.
+constexpr int kRowGroup = 4;
 
 // dx = a * (g + k * (x - mean) + c) with g = dy * w (layer_norm_math.h), fused
 // with the column sums dw += dy * (x - mean) * rstd and db += dy when wanted.
@@ -125,6 +148,7 @@ template <typename scalar_t, bool kCentred, bool kColumns>
 void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, Tensor& dx,
                    Tensor& dw_col, Tensor& db_col) {
   using T = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t M = p.M;
   const int64_t N = p.N;
@@ -140,47 +164,60 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
   const int64_t chunks = num_row_chunks(M, N);
   std::vector<T> dw_parts(kColumns ? chunks * N : 0, T(0));
   std::vector<T> db_parts(kColumns && kCentred ? chunks * N : 0, T(0));
+  const bool stream = streams_rows(dx, N);
 
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       T* dw = kColumns ? dw_parts.data() + ch * N : nullptr;
       T* db = kColumns && kCentred ? db_parts.data() + ch * N : nullptr;
-      for (int64_t r = chunk_begin(ch, chunks, M); r < chunk_begin(ch + 1, chunks, M); ++r) {
-        const scalar_t* x = x_p + r * N;
-        const scalar_t* dy = dy_p + r * N;
-        scalar_t* dxr = dx_p + r * N;
-        const T s = rstd_p[r];
-        const Vec<scalar_t> vm(kCentred ? mean_p[r] : T(0));
-        Vec<scalar_t> s_g(T(0));
-        Vec<scalar_t> s_gx(T(0));
-        // Padding lanes load dy = 0, so they add nothing to either sum.
-        auto reduce = [&](int64_t i, int64_t n) {
-          const auto g = load_acc(dy + i, n) * Vec<scalar_t>::loadu(w_p + i, n);
-          if constexpr (kCentred) s_g += g;
-          s_gx = at::vec::fmadd(g, load_acc(x + i, n) - vm, s_gx);
-        };
-        for (int64_t i = 0; i < vec_end; i += L) reduce(i, L);
-        if (vec_end < N) reduce(vec_end, N - vec_end);
-        const auto co = row_backward_coeffs(s, hsum<scalar_t>(s_g), hsum<scalar_t>(s_gx), N, kCentred);
-        const Vec<scalar_t> va(co.a);
-        const Vec<scalar_t> vk(co.k);
-        const Vec<scalar_t> vc(co.c);
-        const Vec<scalar_t> vs(s);
+      const int64_t r_end = chunk_begin(ch + 1, chunks, M);
+      for (int64_t r0 = chunk_begin(ch, chunks, M); r0 < r_end; r0 += kRowGroup) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, r_end - r0));
+        V vm[kRowGroup], vs[kRowGroup], va[kRowGroup], vk[kRowGroup], vc[kRowGroup];
+        for (int j = 0; j < rows; ++j) {
+          const int64_t r = r0 + j;
+          const scalar_t* x = x_p + r * N;
+          const scalar_t* dy = dy_p + r * N;
+          const T s = rstd_p[r];
+          vm[j] = V(kCentred ? mean_p[r] : T(0));
+          vs[j] = V(s);
+          V s_g(T(0));
+          V s_gx(T(0));
+          // Padding lanes load dy = 0, so they add nothing to either sum.
+          auto reduce = [&](int64_t i, int64_t n) {
+            const auto g = load_acc(dy + i, n) * V::loadu(w_p + i, n);
+            if constexpr (kCentred) s_g += g;
+            s_gx = at::vec::fmadd(g, load_acc(x + i, n) - vm[j], s_gx);
+          };
+          for (int64_t i = 0; i < vec_end; i += L) reduce(i, L);
+          if (vec_end < N) reduce(vec_end, N - vec_end);
+          const auto co = row_backward_coeffs(s, hsum<scalar_t>(s_g), hsum<scalar_t>(s_gx), N, kCentred);
+          va[j] = V(co.a);
+          vk[j] = V(co.k);
+          vc[j] = V(co.c);
+        }
         auto apply = [&](int64_t i, int64_t n) {
-          const auto d = load_acc(dy + i, n);
-          const auto xm = load_acc(x + i, n) - vm;
-          const auto g = d * Vec<scalar_t>::loadu(w_p + i, n);
-          // Same order of operations as row_backward_dx (layer_norm_math.h).
-          store_acc(dxr + i, va * at::vec::fmadd(vk, xm, g + vc), n);
-          if constexpr (kColumns) {
-            at::vec::fmadd(d * xm, vs, Vec<scalar_t>::loadu(dw + i, n)).store(dw + i, n);
-            if constexpr (kCentred) (Vec<scalar_t>::loadu(db + i, n) + d).store(db + i, n);
+          const auto w = V::loadu(w_p + i, n);
+          V dw_acc, db_acc;
+          if constexpr (kColumns) dw_acc = V::loadu(dw + i, n);
+          if constexpr (kColumns && kCentred) db_acc = V::loadu(db + i, n);
+          for (int j = 0; j < rows; ++j) {
+            const int64_t off = (r0 + j) * N + i;
+            const auto d = load_acc(dy_p + off, n);
+            const auto xm = load_acc(x_p + off, n) - vm[j];
+            // Same order of operations as row_backward_dx (layer_norm_math.h).
+            store_row(dx_p + off, va[j] * at::vec::fmadd(vk[j], xm, d * w + vc[j]), n, stream);
+            if constexpr (kColumns) dw_acc = at::vec::fmadd(d * xm, vs[j], dw_acc);
+            if constexpr (kColumns && kCentred) db_acc = db_acc + d;
           }
+          if constexpr (kColumns) dw_acc.store(dw + i, n);
+          if constexpr (kColumns && kCentred) db_acc.store(db + i, n);
         };
         for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
         if (vec_end < N) apply(vec_end, N - vec_end);
       }
     }
+    if (stream) cpu::stream_fence();
   });
   if constexpr (kColumns) {
     T* dw_out = dw_col.mutable_data_ptr<T>();

@@ -28,18 +28,39 @@ C10_HOST_DEVICE inline void welford_push(Welford<T>& s, T x) {
   s.m2 += delta * (x - s.mean);
 }
 
+// The scalar weights of Chan et al.'s merge of a partial of b_count samples
+// into one of a_count (both non-zero): the same for every pair of partials
+// with those counts, e.g. all lanes of a reduction vectorised across channels.
+template <typename T>
+struct MergeWeights {
+  T b_frac;    // b_count / (a_count + b_count)
+  T m2_scale;  // a_count * b_count / (a_count + b_count)
+};
+
+template <typename T>
+C10_HOST_DEVICE inline MergeWeights<T> merge_weights(int64_t a_count, int64_t b_count) {
+  const T b_frac = static_cast<T>(b_count) / static_cast<T>(a_count + b_count);
+  return {b_frac, static_cast<T>(a_count) * b_frac};
+}
+
+// (mean, m2) += (b_mean, b_m2) with the given weights; V is T or a vector of T.
+template <typename V, typename T>
+C10_HOST_DEVICE inline void merge_into(V& mean, V& m2, const V& b_mean, const V& b_m2,
+                                       const MergeWeights<T>& w) {
+  const V delta = b_mean - mean;
+  mean = mean + delta * V(w.b_frac);
+  m2 = m2 + b_m2 + delta * delta * V(w.m2_scale);
+}
+
 // Chan et al. merge of two partial results. Empty sides are handled
 // explicitly so that padding lanes of a reduction never produce 0/0.
 template <typename T>
 C10_HOST_DEVICE inline Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
   if (a.count == 0) return b;
   if (b.count == 0) return a;
-  Welford<T> out;
+  Welford<T> out = a;
+  merge_into(out.mean, out.m2, b.mean, b.m2, merge_weights<T>(a.count, b.count));
   out.count = a.count + b.count;
-  const T b_frac = static_cast<T>(b.count) / static_cast<T>(out.count);
-  const T delta = b.mean - a.mean;
-  out.mean = a.mean + delta * b_frac;
-  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<T>(a.count) * b_frac;
   return out;
 }
 
