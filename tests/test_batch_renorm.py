@@ -400,12 +400,12 @@ def test_compile_fullgraph_matches_eager():
 # ----------------------------------------------------- train/eval behaviour
 
 
-def _train_eval_gap(norm, batch_size, steps=300):
-    gen = torch.Generator().manual_seed(0)
+def _train_eval_gap(norm, batch_size, seed, steps=300):
+    gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (128,), generator=gen)
     x = torch.randn(4, 3, 8, 8, generator=gen)[labels] + 0.8 * torch.randn(128, 3, 8, 8,
                                                                            generator=gen)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), norm(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
@@ -430,7 +430,10 @@ def _train_eval_gap(norm, batch_size, steps=300):
 
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_small_batch_train_eval_gap_smaller_than_batch_norm(batch_size):
+    # One training run is chaotic (a last-bit change in a kernel can flip its
+    # outcome); the mean gap over a few seeds is what Batch Renorm improves.
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    gap_bn = _train_eval_gap(tb.BatchNorm2d, batch_size)
-    gap_br = _train_eval_gap(tb.BatchRenorm2d, batch_size)
+    seeds = range(3)
+    gap_bn = sum(_train_eval_gap(tb.BatchNorm2d, batch_size, s) for s in seeds) / len(seeds)
+    gap_br = sum(_train_eval_gap(tb.BatchRenorm2d, batch_size, s) for s in seeds) / len(seeds)
     assert gap_br < gap_bn, (gap_br, gap_bn)

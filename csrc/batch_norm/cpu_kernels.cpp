@@ -27,8 +27,6 @@ namespace {
 using cpu::acc_t;
 using cpu::contiguous_welford;
 using cpu::grain_for;
-using cpu::kBlock;
-using cpu::accumulate4;
 using cpu::hsum;
 using cpu::kLanes;
 using cpu::load_acc;
@@ -263,33 +261,36 @@ void write_sums(const std::vector<T>& sum_dy_parts, const std::vector<T>& sum_dy
 }
 
 // sum(dy) and sum(dy * (x - mean)) over one plane of S contiguous values, in
-// L1-sized blocks so that the second sweep over a block reads from cache.
+// one sweep: each vector of dy is loaded (and widened) once for both sums.
+// Two accumulators per sum hide the add latency.
 template <typename scalar_t>
 std::pair<acc_t<scalar_t>, acc_t<scalar_t>> plane_sums(const scalar_t* g, const scalar_t* x,
                                                        int64_t S, acc_t<scalar_t> mean) {
   using T = acc_t<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   const Vec<scalar_t> vm(mean);
-  T a = T(0);
-  T b = T(0);
-  for (int64_t b0 = 0; b0 < S; b0 += kBlock) {
-    const int64_t len = std::min(kBlock, S - b0);
-    const int64_t vec_end = len - len % L;
-    const scalar_t* gq = g + b0;
-    const scalar_t* xq = x + b0;
-    a += hsum<scalar_t>(accumulate4<scalar_t>(
-        vec_end, [gq](int64_t j, const Vec<scalar_t>& acc) { return acc + load_acc(gq + j); }));
-    b += hsum<scalar_t>(
-        accumulate4<scalar_t>(vec_end, [gq, xq, vm](int64_t j, const Vec<scalar_t>& acc) {
-          return at::vec::fmadd(load_acc(gq + j), load_acc(xq + j) - vm, acc);
-        }));
-    for (int64_t j = vec_end; j < len; ++j) {
-      const T gs = static_cast<T>(gq[j]);
-      a += gs;
-      b += gs * (static_cast<T>(xq[j]) - mean);
+  Vec<scalar_t> a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * L <= S; j += 2 * L) {
+    const auto [g0, g1] = load_acc2(g + j);
+    const auto [x0, x1] = load_acc2(x + j);
+    a0 += g0;
+    a1 += g1;
+    b0 = at::vec::fmadd(g0, x0 - vm, b0);
+    b1 = at::vec::fmadd(g1, x1 - vm, b1);
+  }
+  if (j < S) {  // up to two partial vectors; padding lanes load zeros
+    const int64_t n0 = std::min(L, S - j);
+    const auto g0 = load_acc(g + j, n0);
+    a0 += g0;
+    b0 = at::vec::fmadd(g0, load_acc(x + j, n0) - vm, b0);
+    if (S - j > L) {
+      const auto g1 = load_acc(g + j + L, S - j - L);
+      a1 += g1;
+      b1 = at::vec::fmadd(g1, load_acc(x + j + L, S - j - L) - vm, b1);
     }
   }
-  return {a, b};
+  return {hsum<scalar_t>(a0 + a1), hsum<scalar_t>(b0 + b1)};
 }
 
 template <typename scalar_t>
