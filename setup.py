@@ -66,22 +66,24 @@ from torch.utils.cpp_extension import (  # noqa: E402
 def cpu_capability_flags():
     """ATen's Vectorized<T> picks its instruction set from these macros; the
     compiler flags must match them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(l for l in f if l.startswith("flags")).split())
+    except (OSError, StopIteration):
+        flags = set()
     wanted = os.environ.get("BNEXT_CPU_CAPABILITY")
     if wanted is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(next(l for l in f if l.startswith("flags")).split())
-        except (OSError, StopIteration):
-            flags = set()
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
             wanted = "avx512"
         elif {"avx2", "fma"} <= flags:
             wanted = "avx2"
         else:
             wanted = "default"
+    # bfloat16 rounding in one instruction where the building CPU has it.
+    bf16 = ["-mavx512bf16"] if wanted == "avx512" and "avx512_bf16" in flags else []
     return {
         "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"] + bf16,
         "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
         "default": ["-DCPU_CAPABILITY=DEFAULT"],
     }[wanted]

@@ -9,7 +9,7 @@ from torch import nn
 import torch_bnext
 from torch_bnext import functional as BF
 
-from conftest import assert_close_rel, formats_for, param_dtype_for, random_input, rel_err
+from conftest import assert_close_rel, formats_for, param_dtype_for, random_input, rel_err, to_format
 
 ops = torch.ops.bnext
 
@@ -453,3 +453,19 @@ def test_half_module_and_mixed_precision():
         assert y.dtype == torch.bfloat16
         assert_close_rel(y, y_ref, torch.bfloat16, f"params {pdt}")
         assert_close_rel(ours.running_var, ref.running_var, torch.bfloat16, "running_var")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_outputs_round_like_torch(dtype):
+    # y = x * scale in float32, rounded once to dtype: bitwise what torch's
+    # conversion gives (the CPU kernels may use a hardware bfloat16 rounding).
+    gen = torch.Generator().manual_seed(3)
+    C = 7
+    x = (torch.randn(4, C, 33, 5, generator=gen) * 3).to(dtype)
+    scale = torch.randn(C, generator=gen) * torch.logspace(-3, 3, C)
+    zeros = torch.zeros(C)
+    for fmt in ("contiguous", "channels_last"):
+        xf = to_format(x, fmt)
+        y = torch.ops.bnext.batch_norm_elemt(xf, zeros, scale, zeros)
+        expected = (xf.float() * scale.view(1, C, 1, 1)).to(dtype)
+        assert torch.equal(y, expected), fmt

@@ -35,6 +35,20 @@ using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
 template <typename scalar_t>
 constexpr int64_t kLanes = Vec<scalar_t>::size();
 
+// Two float vectors narrowed to one vector of half/bfloat16. With AVX512-BF16
+// one instruction rounds both to bfloat16 (to nearest even, as ATen's
+// conversion does; its inputs and outputs below 2^-126 flush to zero).
+template <typename scalar_t>
+inline at::vec::Vectorized<scalar_t> narrow(const Vec<scalar_t>& lo, const Vec<scalar_t>& hi) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return at::vec::Vectorized<scalar_t>(
+        reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(static_cast<__m512>(hi), static_cast<__m512>(lo))));
+  }
+#endif
+  return at::vec::convert_from_float<scalar_t>(lo, hi);
+}
+
 // Loads `n` <= kLanes values (the rest of the lanes are zero).
 template <typename scalar_t>
 inline Vec<scalar_t> load_acc(const scalar_t* p, int64_t n = kLanes<scalar_t>) {
@@ -56,7 +70,7 @@ inline void store_acc(scalar_t* p, const Vec<scalar_t>& v, int64_t n = kLanes<sc
   if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
     v.store(p, n);
   } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+    narrow<scalar_t>(v, v).store(p, n);
   }
 }
 
@@ -78,7 +92,7 @@ inline void store_acc2(scalar_t* p, const Vec<scalar_t>& lo, const Vec<scalar_t>
     lo.store(p);
     hi.store(p + kLanes<scalar_t>);
   } else {
-    at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    narrow<scalar_t>(lo, hi).store(p);
   }
 }
 
@@ -120,7 +134,7 @@ inline void stream_acc2(scalar_t* p, const Vec<scalar_t>& lo, const Vec<scalar_t
     detail::stream(p, lo);
     detail::stream(p + kLanes<scalar_t>, hi);
   } else {
-    detail::stream(static_cast<void*>(p), at::vec::convert_from_float<scalar_t>(lo, hi));
+    detail::stream(static_cast<void*>(p), narrow<scalar_t>(lo, hi));
   }
 #else
   store_acc2(p, lo, hi);
@@ -135,7 +149,7 @@ inline void stream_acc(scalar_t* p, const Vec<scalar_t>& v) {
   if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
     detail::stream(p, v);
   } else {
-    detail::stream_half_width(p, at::vec::convert_from_float<scalar_t>(v, v));
+    detail::stream_half_width(p, narrow<scalar_t>(v, v));
   }
 #else
   store_acc(p, v);
