@@ -7,6 +7,7 @@ import textwrap
 COLUMNS = [
     ("op", 11), ("shape", 18), ("layout", 13), ("dtype", 8), ("pass", 13),
     ("ours ms", 9), ("native ms", 9), ("speedup", 8), ("GB/s", 7), ("% copy", 6),
+    ("floor ms", 8), ("max x", 6),
 ]
 
 
@@ -15,6 +16,7 @@ def row_values(r):
         r["op"], "x".join(map(str, r["shape"])), r["layout"], r["dtype"], r["pass"],
         f"{r['ours_ms']:.3f}", f"{r['native_ms']:.3f}", f"{r['speedup']:.2f}x",
         f"{r['gbps']:.1f}", f"{r['pct_copy']:.0f}%",
+        f"{r['floor_ms']:.3f}", f"{r['max_speedup']:.1f}x",
     ]
 
 

@@ -6,8 +6,9 @@
     python benchmarks/run.py --trace traces/       # torch.profiler traces of both implementations
 
 Prints: op, shape, layout, dtype, pass, ours, native, speedup, GB/s (bytes of the
-floor: each input read once, each output written once) and % of the measured
-copy bandwidth. Run it several times; compare medians.
+floor: each input read once, each output written once), % of the measured
+copy bandwidth, the floor's time at that bandwidth and native / floor: the
+largest speedup any kernel could show. Run it several times; compare medians.
 """
 
 import argparse
@@ -143,7 +144,8 @@ def run_in_processes(args, argv):
     results = []
     for rows in zip(*(r["results"] for r in runs)):
         merged = dict(rows[0])
-        for key in ("ours_ms", "native_ms", "speedup", "gbps", "copy_gbps", "pct_copy"):
+        for key in ("ours_ms", "native_ms", "speedup", "gbps", "copy_gbps", "pct_copy", "floor_ms",
+                    "max_speedup"):
             merged[key] = statistics.median(r[key] for r in rows)
         results.append(merged)
     return results, runs[0]["meta"]
@@ -201,6 +203,10 @@ def main(argv=None):
             "pass": case.pass_, "ours_ms": t_ours * 1e3, "native_ms": t_native * 1e3,
             "speedup": t_native / t_ours, "gbps": gbps, "copy_gbps": bandwidth / 1e9,
             "pct_copy": 100 * gbps * 1e9 / bandwidth,
+            # The floor: the bytes a perfect kernel moves, at the measured copy
+            # bandwidth; native / floor bounds the speedup any kernel can reach.
+            "floor_ms": bytes_floor / bandwidth * 1e3,
+            "max_speedup": t_native * bandwidth / bytes_floor,
             "native": native_name,
             "native_kernels": native_kernels(native, device) if device == "cuda" else [],
         })

@@ -68,25 +68,16 @@ acc_t<scalar_t> row_sum_sq(const scalar_t* p, int64_t n) {
   using T = acc_t<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t vec_end = n - n % L;
-  Vec<scalar_t> acc0(T(0));
-  Vec<scalar_t> acc1(T(0));
-  int64_t i = 0;
-  // Two accumulators hide the fma latency.
-  for (; i + 2 * L <= vec_end; i += 2 * L) {
-    const auto a = load_acc(p + i);
-    const auto b = load_acc(p + i + L);
-    acc0 = at::vec::fmadd(a, a, acc0);
-    acc1 = at::vec::fmadd(b, b, acc1);
-  }
-  for (; i < vec_end; i += L) {
-    const auto a = load_acc(p + i);
-    acc0 = at::vec::fmadd(a, a, acc0);
-  }
+  // Four accumulators hide the fma latency.
+  auto acc = cpu::accumulate4<scalar_t>(vec_end, [p](int64_t i, const Vec<scalar_t>& a) {
+    const auto v = load_acc(p + i);
+    return at::vec::fmadd(v, v, a);
+  });
   if (vec_end < n) {
-    const auto a = load_acc(p + vec_end, n - vec_end);
-    acc1 = at::vec::fmadd(a, a, acc1);
+    const auto v = load_acc(p + vec_end, n - vec_end);
+    acc = at::vec::fmadd(v, v, acc);
   }
-  return hsum<scalar_t>(acc0 + acc1);
+  return hsum<scalar_t>(acc);
 }
 
 // ------------------------------------------------------------------- forward
@@ -181,17 +172,25 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
           const T s = rstd_p[r];
           vm[j] = V(kCentred ? mean_p[r] : T(0));
           vs[j] = V(s);
-          V s_g(T(0));
-          V s_gx(T(0));
-          // Padding lanes load dy = 0, so they add nothing to either sum.
-          auto reduce = [&](int64_t i, int64_t n) {
+          // Two accumulators per sum: a single chain of dependent adds
+          // would bound the loop by their latency. Padding lanes load
+          // dy = 0, so they add nothing to either sum.
+          V s_g[2] = {V(T(0)), V(T(0))};
+          V s_gx[2] = {V(T(0)), V(T(0))};
+          auto reduce = [&](int64_t i, int64_t n, int acc) {
             const auto g = load_acc(dy + i, n) * V::loadu(w_p + i, n);
-            if constexpr (kCentred) s_g += g;
-            s_gx = at::vec::fmadd(g, load_acc(x + i, n) - vm[j], s_gx);
+            if constexpr (kCentred) s_g[acc] += g;
+            s_gx[acc] = at::vec::fmadd(g, load_acc(x + i, n) - vm[j], s_gx[acc]);
           };
-          for (int64_t i = 0; i < vec_end; i += L) reduce(i, L);
-          if (vec_end < N) reduce(vec_end, N - vec_end);
-          const auto co = row_backward_coeffs(s, hsum<scalar_t>(s_g), hsum<scalar_t>(s_gx), N, kCentred);
+          int64_t i = 0;
+          for (; i + 2 * L <= vec_end; i += 2 * L) {
+            reduce(i, L, 0);
+            reduce(i + L, L, 1);
+          }
+          if (i < vec_end) reduce(i, L, 0);
+          if (vec_end < N) reduce(vec_end, N - vec_end, 1);
+          const auto co = row_backward_coeffs(s, hsum<scalar_t>(s_g[0] + s_g[1]),
+                                              hsum<scalar_t>(s_gx[0] + s_gx[1]), N, kCentred);
           va[j] = V(co.a);
           vk[j] = V(co.k);
           vc[j] = V(co.c);
