@@ -410,12 +410,13 @@ void affine_plane(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t S
       store_acc2(out + j, y0, y1);
     }
   }
-  for (; j + L <= S; j += L) {
-    auto y = f(load_acc(x + j));
-    if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(g + j), va, y);
-    store_acc(out + j, y);
+  // The rest as (at most two) vectors, the last one partial.
+  for (; j < S; j += L) {
+    const int64_t n = std::min(L, S - j);
+    auto y = f(load_acc(x + j, n));
+    if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(g + j, n), va, y);
+    store_acc(out + j, y, n);
   }
-  for (; j < S; ++j) one(j);
 }
 
 template <typename scalar_t, bool kWithGrad>
@@ -488,10 +489,14 @@ void affine_channels_last(const scalar_t* g_p, const Tensor& x, const ChannelVie
         if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(gr + c), Vec<scalar_t>::loadu(a_p + c), y);
         store_acc(orow + c, y);
       }
-      for (; c < C; ++c) {
-        T y = std::fma(static_cast<T>(xr[c]) - mean_p[c], k_p[c], c_p[c]);
-        if constexpr (kWithGrad) y = std::fma(static_cast<T>(gr[c]), a_p[c], y);
-        orow[c] = static_cast<scalar_t>(y);
+      if (c < C) {  // the last C - c channels, as one partial vector
+        const int64_t n = C - c;
+        auto y = at::vec::fmadd(load_acc(xr + c, n) - Vec<scalar_t>::loadu(mean_p + c, n),
+                                Vec<scalar_t>::loadu(k_p + c, n), Vec<scalar_t>::loadu(c_p + c, n));
+        if constexpr (kWithGrad) {
+          y = at::vec::fmadd(load_acc(gr + c, n), Vec<scalar_t>::loadu(a_p + c, n), y);
+        }
+        store_acc(orow + c, y, n);
       }
     }
     if (stream) stream_fence();
