@@ -44,6 +44,17 @@ int64_t num_row_chunks(int64_t M, int64_t N) {
 
 int64_t chunk_begin(int64_t chunk, int64_t chunks, int64_t M) { return chunk * M / chunks; }
 
+// x - mean; RMSNorm's mean is zero, and skipping the subtraction (and the
+// zero c of its backward) changes no bit.
+template <bool kCentred, class V>
+inline V centred(const V& x, const V& mean) {
+  if constexpr (kCentred) {
+    return x - mean;
+  } else {
+    return x;
+  }
+}
+
 // Outputs of at least half the last-level cache bypass it (common/cpu_cache.h)
 // when every row starts aligned for the streaming stores.
 inline bool streams_rows(const Tensor& out, int64_t N) {
@@ -116,7 +127,7 @@ void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Te
       const Vec<scalar_t> vs(s);
       auto apply = [&](int64_t i, int64_t n) {
         auto scale = w_p ? vs * Vec<scalar_t>::loadu(w_p + i, n) : vs;
-        auto v = (load_acc(x + i, n) - vm) * scale;
+        auto v = centred<kCentred>(load_acc(x + i, n), vm) * scale;
         if (b_p) v = v + Vec<scalar_t>::loadu(b_p + i, n);
         store_row(y + i, v, n, stream);
       };
@@ -180,7 +191,7 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
           auto reduce = [&](int64_t i, int64_t n, int acc) {
             const auto g = load_acc(dy + i, n) * V::loadu(w_p + i, n);
             if constexpr (kCentred) s_g[acc] += g;
-            s_gx[acc] = at::vec::fmadd(g, load_acc(x + i, n) - vm[j], s_gx[acc]);
+            s_gx[acc] = at::vec::fmadd(g, centred<kCentred>(load_acc(x + i, n), vm[j]), s_gx[acc]);
           };
           int64_t i = 0;
           for (; i + 2 * L <= vec_end; i += 2 * L) {
@@ -203,9 +214,10 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
           for (int j = 0; j < rows; ++j) {
             const int64_t off = (r0 + j) * N + i;
             const auto d = load_acc(dy_p + off, n);
-            const auto xm = load_acc(x_p + off, n) - vm[j];
+            const auto xm = centred<kCentred>(load_acc(x_p + off, n), vm[j]);
             // Same order of operations as row_backward_dx (layer_norm_math.h).
-            store_row(dx_p + off, va[j] * at::vec::fmadd(vk[j], xm, d * w + vc[j]), n, stream);
+            const auto g_c = kCentred ? d * w + vc[j] : d * w;
+            store_row(dx_p + off, va[j] * at::vec::fmadd(vk[j], xm, g_c), n, stream);
             if constexpr (kColumns) dw_acc = at::vec::fmadd(d * xm, vs[j], dw_acc);
             if constexpr (kColumns && kCentred) db_acc = db_acc + d;
           }
