@@ -34,6 +34,19 @@ def table(results, header_note=""):
     return "\n".join(lines)
 
 
+def write_markdown(path, results, header_note=""):
+    """The table as GitHub markdown (for results/*.md and the README)."""
+    names = [name for name, _ in COLUMNS]
+    right = {"ours ms", "native ms", "speedup", "GB/s", "% copy", "floor ms", "max x"}
+    lines = [header_note, ""] if header_note else []
+    lines.append("| " + " | ".join(names) + " |")
+    lines.append("| " + " | ".join("---:" if n in right else "---" for n in names) + " |")
+    for r in results:
+        lines.append("| " + " | ".join(row_values(r)) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def write_json(path, results, meta):
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cases import FLOOR_PASSES, PASSES, available_ops, build_cases  # noqa: E402
-from report import table, write_csv, write_json, write_png  # noqa: E402
+from report import table, write_csv, write_json, write_markdown, write_png  # noqa: E402
 from timing import copy_bandwidth, paired_medians  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     p.add_argument("--json", help="write results as JSON")
     p.add_argument("--csv", help="write results as CSV")
+    p.add_argument("--md", help="write the table as markdown")
     p.add_argument("--png", help="draw a speedup chart (matplotlib)")
     p.add_argument("--trace", metavar="DIR", help="write torch.profiler traces of both implementations")
     p.add_argument("--processes", type=int, default=1,
@@ -128,7 +129,7 @@ def run_in_processes(args, argv):
     import tempfile
 
     child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for flag in ("--processes", "--json", "--csv", "--png", "--trace"):
+    for flag in ("--processes", "--json", "--csv", "--md", "--png", "--trace"):
         while flag in child_argv:
             i = child_argv.index(flag)
             del child_argv[i:i + 2]
@@ -225,6 +226,8 @@ def report(args, results, meta, note):
         write_json(args.json, results, meta)
     if args.csv:
         write_csv(args.csv, results)
+    if args.md:
+        write_markdown(args.md, results, note)
     if args.png:
         write_png(args.png, results, note)
     return 0

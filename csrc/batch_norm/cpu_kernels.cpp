@@ -109,13 +109,7 @@ void write_stats(const ChannelParts<T>& parts, int64_t C, Tensor& mean, Tensor& 
       const int64_t n = parts.count[j];
       const T* pm = parts.mean.data() + j * C;
       const T* pq = parts.m2.data() + j * C;
-      if (seen == 0) {
-        std::copy(pm + c0, pm + c1, mean_p + c0);
-        std::copy(pq + c0, pq + c1, var_p + c0);
-      } else {
-        const auto w = merge_weights<T>(seen, n);
-        for (int64_t c = c0; c < c1; ++c) merge_into(mean_p[c], var_p[c], pm[c], pq[c], w);
-      }
+      cpu::merge_partials<T>(mean_p + c0, var_p + c0, pm + c0, pq + c0, c1 - c0, seen, n);
       seen += n;
     }
     for (int64_t c = c0; c < c1; ++c) var_p[c] = welford_var(Welford<T>{mean_p[c], var_p[c], seen});
@@ -171,13 +165,7 @@ void stats_wide_rows(const scalar_t* x_p, int64_t C, int64_t r0, int64_t r1,
         at::vec::fmadd(d, d, Vec<scalar_t>::loadu(bq + c, n)).store(bq + c, n);
       });
     }
-    if (seen == 0) {
-      std::copy(bm, bm + C, out_mean);
-      std::copy(bq, bq + C, out_m2);
-    } else {
-      const auto w = merge_weights<T>(seen, b1 - b0);
-      for (int64_t c = 0; c < C; ++c) merge_into(out_mean[c], out_m2[c], bm[c], bq[c], w);
-    }
+    cpu::merge_partials<T>(out_mean, out_m2, bm, bq, C, seen, b1 - b0);
     seen += b1 - b0;
   }
 }
@@ -222,13 +210,7 @@ void stats_channels_last(const Tensor& x, const ChannelView& v, Tensor& mean, Te
             }
           }
           // Every lane has seen the same rows: scalar merge weights.
-          if (seen == 0) {
-            std::copy(bm, bm + kTileVecs, m);
-            std::copy(bq, bq + kTileVecs, q);
-          } else {
-            const auto w = merge_weights<T>(seen, b1 - b0);
-            for (int j = 0; j < kTileVecs; ++j) merge_into(m[j], q[j], bm[j], bq[j], w);
-          }
+          cpu::merge_partials<T>(m, q, bm, bq, kTileVecs, seen, b1 - b0);
           seen += b1 - b0;
         }
         for (int j = 0; j < kTileVecs; ++j) {

@@ -14,6 +14,21 @@ namespace cpu {
 // block from L1 (two 16 KB float32 inputs fit the 32-48 KB of current cores).
 constexpr int64_t kBlock = 4096;
 
+// Merges n partial (mean, m2) pairs, each over `count` values, into running
+// ones over `seen` values: a copy for the first block, then Chan's merge with
+// weights shared by all n (V is T or a vector of T).
+template <typename T, typename V>
+void merge_partials(V* mean, V* m2, const V* b_mean, const V* b_m2, int64_t n, int64_t seen,
+                    int64_t count) {
+  if (seen == 0) {
+    std::copy(b_mean, b_mean + n, mean);
+    std::copy(b_m2, b_m2 + n, m2);
+    return;
+  }
+  const auto w = merge_weights<T>(seen, count);
+  for (int64_t i = 0; i < n; ++i) merge_into(mean[i], m2[i], b_mean[i], b_m2[i], w);
+}
+
 // Mean and m2 of n contiguous values: two passes over L1-sized blocks (the
 // second re-reads from cache), blocks merged with Chan's formula.
 template <typename scalar_t>
