@@ -34,27 +34,31 @@ void merge_partials(V* mean, V* m2, const V* b_mean, const V* b_m2, int64_t n, i
 template <typename scalar_t>
 Welford<acc_t<scalar_t>> contiguous_welford(const scalar_t* p, int64_t n) {
   using T = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   Welford<T> acc;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t len = std::min(kBlock, n - b0);
     const int64_t vec_end = len - len % L;
+    const int64_t tail = len - vec_end;
     const scalar_t* q = p + b0;
-    T sum = hsum<scalar_t>(accumulate4<scalar_t>(
-        vec_end, [q](int64_t i, const Vec<scalar_t>& a) { return a + load_acc(q + i); }));
-    for (int64_t i = vec_end; i < len; ++i) sum += static_cast<T>(q[i]);
-    const T mean = sum / static_cast<T>(len);
-    const Vec<scalar_t> vmean(mean);
-    const auto vm2 = accumulate4<scalar_t>(vec_end, [q, vmean](int64_t i, const Vec<scalar_t>& a) {
+    // The last len % L values as one zero-padded vector: short runs (a 14x14
+    // plane ends in 4 values) would otherwise spend much of their time in
+    // scalar loops.
+    auto vsum = accumulate4<scalar_t>(vec_end,
+                                      [q](int64_t i, const V& a) { return a + load_acc(q + i); });
+    if (tail > 0) vsum += load_acc(q + vec_end, tail);
+    const T mean = hsum<scalar_t>(vsum) / static_cast<T>(len);
+    const V vmean(mean);
+    auto vm2 = accumulate4<scalar_t>(vec_end, [q, vmean](int64_t i, const V& a) {
       const auto d = load_acc(q + i) - vmean;
       return at::vec::fmadd(d, d, a);
     });
-    T m2 = hsum<scalar_t>(vm2);
-    for (int64_t i = vec_end; i < len; ++i) {
-      const T d = static_cast<T>(q[i]) - mean;
-      m2 += d * d;
+    if (tail > 0) {
+      const auto d = V::set(V(T(0)), load_acc(q + vec_end, tail) - vmean, tail);
+      vm2 = at::vec::fmadd(d, d, vm2);
     }
-    acc = welford_merge(acc, Welford<T>{mean, m2, len});
+    acc = welford_merge(acc, Welford<T>{mean, hsum<scalar_t>(vm2), len});
   }
   return acc;
 }
