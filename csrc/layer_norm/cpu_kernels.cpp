@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "bnext/layer_norm_math.h"
@@ -173,10 +174,12 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
       T* dw = kColumns ? dw_parts.data() + ch * N : nullptr;
       T* db = kColumns && kCentred ? db_parts.data() + ch * N : nullptr;
       const int64_t r_end = chunk_begin(ch + 1, chunks, M);
-      for (int64_t r0 = chunk_begin(ch, chunks, M); r0 < r_end; r0 += kRowGroup) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, r_end - r0));
-        V vm[kRowGroup], vs[kRowGroup], va[kRowGroup], vk[kRowGroup], vc[kRowGroup];
-        for (int j = 0; j < rows; ++j) {
+      // R rows at r0, R a compile-time constant so that the per-row
+      // coefficients stay in registers across the column loop.
+      auto group = [&](auto rows_c, int64_t r0) {
+        constexpr int R = decltype(rows_c)::value;
+        V vm[R], vs[R], va[R], vk[R], vc[R];
+        for (int j = 0; j < R; ++j) {
           const int64_t r = r0 + j;
           const scalar_t* x = x_p + r * N;
           const scalar_t* dy = dy_p + r * N;
@@ -211,7 +214,7 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
           V dw_acc, db_acc;
           if constexpr (kColumns) dw_acc = V::loadu(dw + i, n);
           if constexpr (kColumns && kCentred) db_acc = V::loadu(db + i, n);
-          for (int j = 0; j < rows; ++j) {
+          for (int j = 0; j < R; ++j) {
             const int64_t off = (r0 + j) * N + i;
             const auto d = load_acc(dy_p + off, n);
             const auto xm = centred<kCentred>(load_acc(x_p + off, n), vm[j]);
@@ -226,6 +229,17 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
         };
         for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
         if (vec_end < N) apply(vec_end, N - vec_end);
+      };
+      int64_t r0 = chunk_begin(ch, chunks, M);
+      for (; r0 + kRowGroup <= r_end; r0 += kRowGroup) {
+        group(std::integral_constant<int, kRowGroup>{}, r0);
+      }
+      static_assert(kRowGroup == 4, "the switch below takes 1 to 3 leftover rows");
+      switch (r_end - r0) {  // the last rows of the chunk, fewer than kRowGroup
+        case 3: group(std::integral_constant<int, 3>{}, r0); break;
+        case 2: group(std::integral_constant<int, 2>{}, r0); break;
+        case 1: group(std::integral_constant<int, 1>{}, r0); break;
+        default: break;
       }
     }
     if (stream) cpu::stream_fence();
