@@ -469,3 +469,44 @@ def test_reduced_precision_outputs_round_like_torch(dtype):
         y = torch.ops.bnext.batch_norm_elemt(xf, zeros, scale, zeros)
         expected = (xf.float() * scale.view(1, C, 1, 1)).to(dtype)
         assert torch.equal(y, expected), fmt
+
+
+# Rows over 512 bytes take the whole-row CPU reductions (float32: C > 128,
+# half/bfloat16: C > 256; the parity shapes above stay below, but for float64).
+WIDE_ROW_CASES = [((300, 129), "contiguous"), ((64, 1027), "contiguous"),
+                  ((3, 300, 5, 4), "channels_last"), ((2, 513, 3, 3), "channels_last")]
+
+
+@pytest.mark.parametrize("shape,fmt", WIDE_ROW_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_wide_rows_match_float64(shape, fmt, dtype):
+    torch.manual_seed(1)
+    C = shape[1]
+    dim = len(shape) - 2 if len(shape) > 2 else 1
+    x = random_input(shape, dtype, fmt, mean=3.0).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    ours = OUR_BN[dim](C).to(param_dtype_for(dtype))
+    ref = TORCH_BN[dim](C).double()
+    with torch.no_grad():
+        w = torch.rand(C) + 0.5
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+    dy = torch.randn(shape, dtype=torch.float64)
+    ours(x).backward(dy.to(dtype))
+    y_ref = ref(x64)
+    y_ref.backward(dy)
+    assert_close_rel(ours(x.detach()).detach(), ref(x64.detach()).detach(), dtype, "output")
+    assert_close_rel(x.grad, x64.grad, dtype, "grad_input", 2)
+    assert_close_rel(ours.weight.grad, ref.weight.grad, dtype, "grad_weight", 2)
+    assert_close_rel(ours.running_var, ref.running_var, dtype, "running_var")
+
+
+@pytest.mark.parametrize("shape", [(500, 200), (40, 200, 3, 3)])
+def test_wide_row_statistics_are_accurate_for_large_mean(shape):
+    torch.manual_seed(0)
+    fmt = "channels_last" if len(shape) == 4 else "contiguous"
+    x = random_input(shape, torch.float32, fmt, mean=1e4, std=1.0)
+    mean, var = ops.batch_norm_stats(x)
+    dims = [0] + list(range(2, len(shape)))
+    assert rel_err(mean, x.double().mean(dim=dims)) <= 1e-6
+    assert rel_err(var, x.double().var(dim=dims, unbiased=False)) <= 2e-3
