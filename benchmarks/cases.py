@@ -28,7 +28,7 @@ LN_SHAPES = {
 
 @dataclass
 class Case:
-    """One measurement; inputs and modules are made by build() only when the
+    """One measurement; inputs and modules are made (make_input, build) only when the
     case runs, so that the suite never holds more than one case's tensors."""
 
     op: str
@@ -42,11 +42,18 @@ class Case:
     def key(self):
         return (self.op, self.shape, self.layout, str(self.dtype).replace("torch.", ""), self.pass_)
 
-    def build(self):
-        """(ours, native, copy, native module name, bytes of the floor); `copy`
-        copies a tensor of x's size into a preallocated one: the bandwidth
-        ceiling at this size, caches included."""
-        x = _input(self.shape, self.dtype, self.layout, self.device)
+    def make_input(self):
+        return _input(self.shape, self.dtype, self.layout, self.device)
+
+    def ours_batch_norm(self, x):
+        """Our Batch Norm on x, for the Batch Renorm cases: Renorm's cost over it."""
+        ours, _ = _batch_norm_modules(self.shape, self.dtype, self.device)
+        return _runner(ours, x, self.pass_)
+
+    def build(self, x):
+        """(ours, native, copy, native module name, bytes of the floor) on x;
+        `copy` copies a tensor of x's size into a preallocated one: the
+        bandwidth ceiling at this size, caches included."""
         if self.op in ("batchnorm", "batchrenorm"):
             ours, native = _batch_norm_modules(self.shape, self.dtype, self.device, self.op == "batchrenorm")
         else:

@@ -31,6 +31,13 @@ def table(results, header_note=""):
         lines.append("  ".join(v.ljust(w) for v, w in zip(row_values(r), widths)))
         if r.get("native_kernels"):
             lines.append("    native kernels: " + ", ".join(r["native_kernels"]))
+    renorm = [r for r in results if r.get("renorm_over_bn") is not None]
+    if renorm:
+        lines.append("")
+        lines.append("Batch Renorm / our Batch Norm on the same input (timed alternately):")
+        for r in renorm:
+            lines.append(f"  {'x'.join(map(str, r['shape'])):<18}  {r['layout']:<13}  {r['dtype']:<8}  "
+                         f"{r['pass']:<13}  {r['renorm_over_bn']:.2f}x")
     return "\n".join(lines)
 
 
@@ -43,6 +50,13 @@ def write_markdown(path, results, header_note=""):
     lines.append("| " + " | ".join("---:" if n in right else "---" for n in names) + " |")
     for r in results:
         lines.append("| " + " | ".join(row_values(r)) + " |")
+    renorm = [r for r in results if r.get("renorm_over_bn") is not None]
+    if renorm:
+        lines += ["", "Batch Renorm / our Batch Norm on the same input (timed alternately):", "",
+                  "| shape | layout | dtype | pass | renorm / batchnorm |",
+                  "| --- | --- | --- | --- | ---: |"]
+        lines += [f"| {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['pass']} | "
+                  f"{r['renorm_over_bn']:.2f}x |" for r in renorm]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

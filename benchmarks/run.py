@@ -146,8 +146,9 @@ def run_in_processes(args, argv):
     for rows in zip(*(r["results"] for r in runs)):
         merged = dict(rows[0])
         for key in ("ours_ms", "native_ms", "speedup", "gbps", "copy_gbps", "pct_copy", "floor_ms",
-                    "max_speedup"):
-            merged[key] = statistics.median(r[key] for r in rows)
+                    "max_speedup", "renorm_over_bn"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            merged[key] = statistics.median(values) if values else None
         results.append(merged)
     return results, runs[0]["meta"]
 
@@ -194,8 +195,14 @@ def main(argv=None):
     results = []
     for i, case in enumerate(cases):
         progress(i, len(cases), " ".join(map(str, case.key)))
-        ours, native, copy, native_name, bytes_floor = case.build()
+        x = case.make_input()
+        ours, native, copy, native_name, bytes_floor = case.build(x)
         t_ours, t_native = paired_medians(ours, native, device, args.rounds, args.min_run_time)
+        over_bn = None
+        if case.op == "batchrenorm":  # the bound: Renorm / our Batch Norm, same input
+            t_renorm, t_bn = paired_medians(ours, case.ours_batch_norm(x), device, args.rounds,
+                                            args.min_run_time)
+            over_bn = t_renorm / t_bn
         gbps = bytes_floor / t_ours / 1e9
         x_bytes = bytes_floor // FLOOR_PASSES[case.pass_]
         bandwidth = copy_bandwidth(copy, x_bytes, device, args.min_run_time)
@@ -208,6 +215,7 @@ def main(argv=None):
             # bandwidth; native / floor bounds the speedup any kernel can reach.
             "floor_ms": bytes_floor / bandwidth * 1e3,
             "max_speedup": t_native * bandwidth / bytes_floor,
+            "renorm_over_bn": over_bn,
             "native": native_name,
             "native_kernels": native_kernels(native, device) if device == "cuda" else [],
         })
