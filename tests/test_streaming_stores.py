@@ -1,5 +1,5 @@
 """Outputs too large for the last-level cache are written with streaming
-(non-temporal) stores. They must not change a single bit: a child process
+(non-temporal) stores (Batch Norm's elementwise passes, LayerNorm/RMSNorm). They must not change a single bit: a child process
 with BNEXT_STREAM_MIN_BYTES=0 streams every output, small ones included, and
 its results are compared with this process's cached stores."""
 
@@ -47,6 +47,20 @@ def compute_all():
             y_eval = ops.batch_norm_infer(x, rm, rv, w, b, 1e-5)
             key = f"{shape}-{fmt}-{dtype}"
             results[key] = [t.contiguous() for t in (y, dx, dw, db, y_eval)]
+    # Row norms stream whole rows when a row is a whole number of vectors
+    # (N = 64, 1024) and store normally otherwise (N = 37).
+    for i, (M, N) in enumerate([(9, 64), (5, 1024), (11, 37)]):
+        for j, dtype in enumerate(DTYPES):
+            g = torch.Generator().manual_seed(5000 + 100 * i + j)
+            x = (torch.randn(M, N, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+            dy = torch.randn(M, N, generator=g, dtype=torch.float64).to(dtype)
+            w = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+            b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+            y, mean, rstd = ops.layer_norm_fwd(x, [N], w, b, 1e-5)
+            dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [True, True])
+            y2, rstd2 = ops.rms_norm_fwd(x, [N], w, 1e-5)
+            dx2, dw2 = ops.rms_norm_bwd(dy, x, rstd2, w, True)
+            results[f"rows-{M}x{N}-{dtype}"] = [y, dx, dw, db, y2, dx2, dw2]
     return results
 
 
