@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -84,6 +85,21 @@ void for_each_vec(int64_t C, const F& f) {
   if (c < C) f(c, C - c);
 }
 
+// f(rows, r, c, n) for the vectors (channels [c, c + n)) of wide rows
+// [r0, r1), four rows at a time so that the accumulators in L1 are loaded
+// and stored once per four rows; `rows` is a std::integral_constant (4, or 1
+// for the last r1 - r0 mod 4 rows).
+template <typename scalar_t, class F>
+void for_each_row_group(int64_t C, int64_t r0, int64_t r1, const F& f) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) { f(std::integral_constant<int, 4>{}, r, c, n); });
+  }
+  for (; r < r1; ++r) {
+    for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) { f(std::integral_constant<int, 1>{}, r, c, n); });
+  }
+}
+
 // ---------------------------------------------------------------- statistics
 
 // Partial (mean, m2) of every channel, part-major (index part * C + c), and
@@ -150,21 +166,24 @@ void stats_wide_rows(const scalar_t* x_p, int64_t C, int64_t r0, int64_t r1,
   for (int64_t b0 = r0; b0 < r1; b0 += kRowBlock) {
     const int64_t b1 = std::min(r1, b0 + kRowBlock);
     std::fill(bm, bm + 2 * C, T(0));
-    for (int64_t r = b0; r < b1; ++r) {
-      for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
-        (Vec<scalar_t>::loadu(bm + c, n) + load_acc(x_p + r * C + c, n)).store(bm + c, n);
-      });
-    }
+    for_each_row_group<scalar_t>(C, b0, b1, [&](auto rows, int64_t r, int64_t c, int64_t n) {
+      auto acc = Vec<scalar_t>::loadu(bm + c, n);
+      for (int j = 0; j < decltype(rows)::value; ++j) acc += load_acc(x_p + (r + j) * C + c, n);
+      acc.store(bm + c, n);
+    });
     const Vec<scalar_t> inv_len(T(1) / static_cast<T>(b1 - b0));
     for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
       (Vec<scalar_t>::loadu(bm + c, n) * inv_len).store(bm + c, n);
     });
-    for (int64_t r = b0; r < b1; ++r) {
-      for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
-        const auto d = load_acc(x_p + r * C + c, n) - Vec<scalar_t>::loadu(bm + c, n);
-        at::vec::fmadd(d, d, Vec<scalar_t>::loadu(bq + c, n)).store(bq + c, n);
-      });
-    }
+    for_each_row_group<scalar_t>(C, b0, b1, [&](auto rows, int64_t r, int64_t c, int64_t n) {
+      const auto m = Vec<scalar_t>::loadu(bm + c, n);
+      auto acc = Vec<scalar_t>::loadu(bq + c, n);
+      for (int j = 0; j < decltype(rows)::value; ++j) {
+        const auto d = load_acc(x_p + (r + j) * C + c, n) - m;
+        acc = at::vec::fmadd(d, d, acc);
+      }
+      acc.store(bq + c, n);
+    });
     cpu::merge_partials<T>(out_mean, out_m2, bm, bq, C, seen, b1 - b0);
     seen += b1 - b0;
   }
@@ -316,14 +335,18 @@ void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& 
       if (wide_rows<scalar_t>(C)) {
         T* a = part_dy.data() + ch * C;
         T* b = part_dyx.data() + ch * C;
-        for (int64_t r = r0; r < r1; ++r) {
-          for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) {
-            const auto g = load_acc(g_p + r * C + c, n);
-            const auto xmu = load_acc(x_p + r * C + c, n) - Vec<scalar_t>::loadu(mean_p + c, n);
-            (Vec<scalar_t>::loadu(a + c, n) + g).store(a + c, n);
-            at::vec::fmadd(g, xmu, Vec<scalar_t>::loadu(b + c, n)).store(b + c, n);
-          });
-        }
+        for_each_row_group<scalar_t>(C, r0, r1, [&](auto rows, int64_t r, int64_t c, int64_t n) {
+          const auto m = Vec<scalar_t>::loadu(mean_p + c, n);
+          auto sa = Vec<scalar_t>::loadu(a + c, n);
+          auto sb = Vec<scalar_t>::loadu(b + c, n);
+          for (int j = 0; j < decltype(rows)::value; ++j) {
+            const auto g = load_acc(g_p + (r + j) * C + c, n);
+            sa += g;
+            sb = at::vec::fmadd(g, load_acc(x_p + (r + j) * C + c, n) - m, sb);
+          }
+          sa.store(a + c, n);
+          sb.store(b + c, n);
+        });
         continue;
       }
       for_each_tile<scalar_t>(C, [&](int64_t c0, const int64_t* counts) {
