@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-import torch_bnext  # noqa: F401
+import torch_bnext
+from conftest import assert_close_rel
 
 # Odd plane sizes start most planes unaligned (the streamed part begins after
 # a scalar head); channels_last rows stream only when a row is a whole number
@@ -93,7 +94,5 @@ def test_large_output_is_correct(fmt):
     dy = torch.randn_like(x)
     ours(xo).backward(dy)
     ref(xd).backward(dy.double())
-    from conftest import assert_close_rel
-
     assert_close_rel(ours(x.detach()), ref(xd.detach()), torch.float32, "y")
     assert_close_rel(xo.grad, xd.grad, torch.float32, "dx")

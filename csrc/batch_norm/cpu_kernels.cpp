@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -86,18 +85,13 @@ void for_each_vec(int64_t C, const F& f) {
 }
 
 // f(rows, r, c, n) for the vectors (channels [c, c + n)) of wide rows
-// [r0, r1), four rows at a time so that the accumulators in L1 are loaded
-// and stored once per four rows; `rows` is a std::integral_constant (4, or 1
-// for the last r1 - r0 mod 4 rows).
+// [r0, r1), four rows at a time (cpu::for_each_row_group) so that the
+// accumulators in L1 are loaded and stored once per four rows.
 template <typename scalar_t, class F>
 void for_each_row_group(int64_t C, int64_t r0, int64_t r1, const F& f) {
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) { f(std::integral_constant<int, 4>{}, r, c, n); });
-  }
-  for (; r < r1; ++r) {
-    for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) { f(std::integral_constant<int, 1>{}, r, c, n); });
-  }
+  cpu::for_each_row_group<4>(r0, r1, [&](auto rows, int64_t r) {
+    for_each_vec<scalar_t>(C, [&](int64_t c, int64_t n) { f(rows, r, c, n); });
+  });
 }
 
 // ---------------------------------------------------------------- statistics

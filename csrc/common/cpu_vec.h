@@ -175,6 +175,17 @@ inline acc_t<scalar_t> hsum(const Vec<scalar_t>& v) {
       [](const Vec<scalar_t>& a, const Vec<scalar_t>& b) { return a + b; }, v);
 }
 
+// f(rows, r) for the rows [r0, r1) in groups of R consecutive rows, then
+// one at a time for the last (r1 - r0) mod R; `rows` is a
+// std::integral_constant (R or 1), so that loops over a group's rows unroll
+// and what each row needs stays in registers.
+template <int R, class F>
+inline void for_each_row_group(int64_t r0, int64_t r1, const F& f) {
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) f(std::integral_constant<int, R>{}, r);
+  for (; r < r1; ++r) f(std::integral_constant<int, 1>{}, r);
+}
+
 // acc = step(i, acc) for i = 0, L, 2L, ... < vec_end (a multiple of L), over
 // four independent accumulators so that the latency of each add or FMA does
 // not bound the loop; returns their sum.

@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "bnext/layer_norm_math.h"
@@ -230,17 +229,7 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
         for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
         if (vec_end < N) apply(vec_end, N - vec_end);
       };
-      int64_t r0 = chunk_begin(ch, chunks, M);
-      for (; r0 + kRowGroup <= r_end; r0 += kRowGroup) {
-        group(std::integral_constant<int, kRowGroup>{}, r0);
-      }
-      static_assert(kRowGroup == 4, "the switch below takes 1 to 3 leftover rows");
-      switch (r_end - r0) {  // the last rows of the chunk, fewer than kRowGroup
-        case 3: group(std::integral_constant<int, 3>{}, r0); break;
-        case 2: group(std::integral_constant<int, 2>{}, r0); break;
-        case 1: group(std::integral_constant<int, 1>{}, r0); break;
-        default: break;
-      }
+      cpu::for_each_row_group<kRowGroup>(chunk_begin(ch, chunks, M), r_end, group);
     }
     if (stream) cpu::stream_fence();
   });
