@@ -131,25 +131,29 @@ def test_statistics_are_accurate_for_large_mean(fmt):
     assert rel_err(y, y_ref) <= 2e-3
 
 
+@pytest.mark.parametrize("shape", [(8, 3, 20, 20), (5, 65, 14, 14)])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_results_do_not_depend_on_thread_count(fmt):
-    """With 3 channels, one thread runs the CPU's fused channel-by-channel
-    passes and four threads the split kernels: the results must be bitwise equal."""
+def test_results_do_not_depend_on_thread_count(fmt, shape):
+    """The kernels partition the work by shape, never by thread count, so the
+    results are bitwise equal for any number of threads. (5, 65, 14, 14) has
+    325 planes: two threads split them at plane 163, so planes that one thread
+    reduces in groups of four are reduced alone, and must give the same bits."""
     torch.manual_seed(0)
-    x = random_input((8, 3, 20, 20), torch.float32, fmt)
-    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    C = shape[1]
+    x = random_input(shape, torch.float32, fmt)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
     g = torch.randn_like(x)
     old = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 4):
+        for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             out, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
             results.append((out, mean, var) + tuple(ops.batch_norm_backward(g, x, mean, var, w, 1e-5, True)))
     finally:
         torch.set_num_threads(old)
-    for one, four in zip(*results):
-        assert torch.equal(one, four)
+    for one, *others in zip(*results):
+        assert all(torch.equal(one, other) for other in others)
 
 
 # ---------------------------------------------------------------- gradcheck

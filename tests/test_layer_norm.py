@@ -208,6 +208,32 @@ def test_many_rows(kind, device):
     check_against_reference(kind, x, [5], w, b, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_results_do_not_depend_on_thread_count(kind):
+    """Rows are split by shape, never by thread count: bitwise equal results for
+    1, 2 and 4 threads. 101 rows of 1024: two threads split them at row 51, so
+    rows that one thread reduces in groups of four are reduced alone."""
+    torch.manual_seed(0)
+    x, g = randn(101, 1024), randn(101, 1024)
+    w, b = torch.rand(1024) + 0.5, randn(1024)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            if kind == "ln":
+                out, mean, rstd = ops.layer_norm_fwd(x, [1024], w, b, 1e-5)
+                grads = ops.layer_norm_bwd(g, x, mean, rstd, w, [True, True])
+                results.append((out, mean, rstd) + tuple(grads))
+            else:
+                out, rstd = ops.rms_norm_fwd(x, [1024], w, 1e-6)
+                results.append((out, rstd) + tuple(ops.rms_norm_bwd(g, x, rstd, w, True)))
+    finally:
+        torch.set_num_threads(old)
+    for one, *others in zip(*results):
+        assert all(torch.equal(one, other) for other in others)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_mean_small_std(device):
     # fp32 rows with mean 1e3 and std 0.1: E[x^2] - E[x]^2 would lose the variance.

@@ -29,36 +29,55 @@ void merge_partials(V* mean, V* m2, const V* b_mean, const V* b_m2, int64_t n, i
   for (int64_t i = 0; i < n; ++i) merge_into(mean[i], m2[i], b_mean[i], b_m2[i], w);
 }
 
-// Mean and m2 of n contiguous values: two passes over L1-sized blocks (the
-// second re-reads from cache), blocks merged with Chan's formula.
-template <typename scalar_t>
-Welford<acc_t<scalar_t>> contiguous_welford(const scalar_t* p, int64_t n) {
+// Mean and m2 of R runs of len <= kBlock values, run j at p + j * stride,
+// each in two sweeps (sum, then squared deviations re-read from L1). The R
+// runs' horizontal sums are taken together (hsums), so that short runs do not
+// each wait on a chain of shuffles; a run's result does not depend on R.
+template <int R, typename scalar_t>
+void run_moments(const scalar_t* p, int64_t stride, int64_t len, acc_t<scalar_t>* mean,
+                 acc_t<scalar_t>* m2) {
   using T = acc_t<scalar_t>;
   using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
-  Welford<T> acc;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t len = std::min(kBlock, n - b0);
-    const int64_t vec_end = len - len % L;
-    const int64_t tail = len - vec_end;
-    const scalar_t* q = p + b0;
+  const int64_t vec_end = len - len % L;
+  const int64_t tail = len - vec_end;
+  V acc[R];
+  for (int j = 0; j < R; ++j) {
+    const scalar_t* q = p + j * stride;
     // The last len % L values as one zero-padded vector: short runs (a 14x14
     // plane ends in 4 values) would otherwise spend much of their time in
     // scalar loops.
-    auto vsum = accumulate4<scalar_t>(vec_end,
-                                      [q](int64_t i, const V& a) { return a + load_acc(q + i); });
-    if (tail > 0) vsum += load_acc(q + vec_end, tail);
-    const T mean = hsum<scalar_t>(vsum) / static_cast<T>(len);
-    const V vmean(mean);
-    auto vm2 = accumulate4<scalar_t>(vec_end, [q, vmean](int64_t i, const V& a) {
+    acc[j] = accumulate4<scalar_t>(vec_end, [q](int64_t i, const V& a) { return a + load_acc(q + i); });
+    if (tail > 0) acc[j] += load_acc(q + vec_end, tail);
+  }
+  hsums<scalar_t>(acc, R, mean);
+  for (int j = 0; j < R; ++j) {
+    mean[j] /= static_cast<T>(len);
+    const scalar_t* q = p + j * stride;
+    const V vmean(mean[j]);
+    acc[j] = accumulate4<scalar_t>(vec_end, [q, vmean](int64_t i, const V& a) {
       const auto d = load_acc(q + i) - vmean;
       return at::vec::fmadd(d, d, a);
     });
     if (tail > 0) {
       const auto d = V::set(V(T(0)), load_acc(q + vec_end, tail) - vmean, tail);
-      vm2 = at::vec::fmadd(d, d, vm2);
+      acc[j] = at::vec::fmadd(d, d, acc[j]);
     }
-    acc = welford_merge(acc, Welford<T>{mean, hsum<scalar_t>(vm2), len});
+  }
+  hsums<scalar_t>(acc, R, m2);
+}
+
+// Mean and m2 of n contiguous values: L1-sized blocks (run_moments) merged
+// with Chan's formula.
+template <typename scalar_t>
+Welford<acc_t<scalar_t>> contiguous_welford(const scalar_t* p, int64_t n) {
+  using T = acc_t<scalar_t>;
+  Welford<T> acc;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, n - b0);
+    T mean, m2;
+    run_moments<1>(p + b0, 0, len, &mean, &m2);
+    acc = welford_merge(acc, Welford<T>{mean, m2, len});
   }
   return acc;
 }

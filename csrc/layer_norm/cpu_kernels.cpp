@@ -71,24 +71,61 @@ inline void store_row(scalar_t* p, const Vec<scalar_t>& v, int64_t n, bool strea
   }
 }
 
+// Rows handled together: the forward takes their horizontal sums at once; the
+// backward's column sums load and store their running values once per group
+// rather than once per row.
+constexpr int kRowGroup = 4;
+
 // ---------------------------------------------------------------- statistics
 
-// Squares are non-negative: no cancellation, a plain sum is accurate.
-template <typename scalar_t>
-acc_t<scalar_t> row_sum_sq(const scalar_t* p, int64_t n) {
-  using T = acc_t<scalar_t>;
+// Sums of squares of R rows of n values, row j at p + j * n. Squares are
+// non-negative: no cancellation, a plain sum is accurate. The rows'
+// horizontal sums are taken together (cpu::hsums).
+template <int R, typename scalar_t>
+void rows_sum_sq(const scalar_t* p, int64_t n, acc_t<scalar_t>* out) {
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t vec_end = n - n % L;
-  // Four accumulators hide the fma latency.
-  auto acc = cpu::accumulate4<scalar_t>(vec_end, [p](int64_t i, const Vec<scalar_t>& a) {
-    const auto v = load_acc(p + i);
-    return at::vec::fmadd(v, v, a);
-  });
-  if (vec_end < n) {
-    const auto v = load_acc(p + vec_end, n - vec_end);
-    acc = at::vec::fmadd(v, v, acc);
+  Vec<scalar_t> acc[R];
+  for (int j = 0; j < R; ++j) {
+    const scalar_t* q = p + j * n;
+    // Four accumulators hide the fma latency.
+    acc[j] = cpu::accumulate4<scalar_t>(vec_end, [q](int64_t i, const Vec<scalar_t>& a) {
+      const auto v = load_acc(q + i);
+      return at::vec::fmadd(v, v, a);
+    });
+    if (vec_end < n) {
+      const auto v = load_acc(q + vec_end, n - vec_end);
+      acc[j] = at::vec::fmadd(v, v, acc[j]);
+    }
   }
-  return hsum<scalar_t>(acc);
+  cpu::hsums<scalar_t>(acc, R, out);
+}
+
+// (mean, rstd) of R rows of n values, row j at p + j * n; RMSNorm's mean is 0.
+template <int R, typename scalar_t, bool kCentred>
+void rows_stats(const scalar_t* p, int64_t n, acc_t<scalar_t> eps, acc_t<scalar_t>* mean,
+                acc_t<scalar_t>* rstd) {
+  using T = acc_t<scalar_t>;
+  if constexpr (kCentred) {
+    if (n <= cpu::kBlock) {
+      T m2[R];
+      cpu::run_moments<R>(p, n, n, mean, m2);
+      for (int j = 0; j < R; ++j) rstd[j] = layer_norm_rstd(Welford<T>{mean[j], m2[j], n}, eps);
+    } else {
+      for (int j = 0; j < R; ++j) {
+        const auto st = contiguous_welford(p + j * n, n);
+        mean[j] = st.mean;
+        rstd[j] = layer_norm_rstd(st, eps);
+      }
+    }
+  } else {
+    T sum_sq[R];
+    rows_sum_sq<R>(p, n, sum_sq);
+    for (int j = 0; j < R; ++j) {
+      mean[j] = T(0);
+      rstd[j] = rms_norm_rstd(sum_sq[j], n, eps);
+    }
+  }
 }
 
 // ------------------------------------------------------------------- forward
@@ -109,40 +146,41 @@ void forward_rows(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Te
   const T eps_ = static_cast<T>(eps);
   const bool stream = streams_rows(out, N);
   at::parallel_for(0, p.M, grain_for(N), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* x = x_p + r * N;
-      scalar_t* y = y_p + r * N;
-      T m = T(0);
-      T s;
-      if constexpr (kCentred) {
-        const auto st = contiguous_welford(x, N);
-        m = st.mean;
-        s = layer_norm_rstd(st, eps_);
-        mean_p[r] = m;
-      } else {
-        s = rms_norm_rstd(row_sum_sq(x, N), N, eps_);
+    // Rows of one block four at a time for their statistics (their
+    // horizontal sums are taken together), then normalised one by one from
+    // cache; longer rows one by one, so that each is still in L1/L2.
+    const auto group = [&](auto rows, int64_t r0) {
+      constexpr int R = decltype(rows)::value;
+      T m[R], s[R];
+      rows_stats<R, scalar_t, kCentred>(x_p + r0 * N, N, eps_, m, s);
+      for (int j = 0; j < R; ++j) {
+        const int64_t r = r0 + j;
+        const scalar_t* x = x_p + r * N;
+        scalar_t* y = y_p + r * N;
+        if constexpr (kCentred) mean_p[r] = m[j];
+        rstd_p[r] = s[j];
+        const Vec<scalar_t> vm(m[j]);
+        const Vec<scalar_t> vs(s[j]);
+        auto apply = [&](int64_t i, int64_t n) {
+          auto scale = w_p ? vs * Vec<scalar_t>::loadu(w_p + i, n) : vs;
+          auto v = centred<kCentred>(load_acc(x + i, n), vm) * scale;
+          if (b_p) v = v + Vec<scalar_t>::loadu(b_p + i, n);
+          store_row(y + i, v, n, stream);
+        };
+        for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
+        if (vec_end < N) apply(vec_end, N - vec_end);
       }
-      rstd_p[r] = s;
-      const Vec<scalar_t> vm(m);
-      const Vec<scalar_t> vs(s);
-      auto apply = [&](int64_t i, int64_t n) {
-        auto scale = w_p ? vs * Vec<scalar_t>::loadu(w_p + i, n) : vs;
-        auto v = centred<kCentred>(load_acc(x + i, n), vm) * scale;
-        if (b_p) v = v + Vec<scalar_t>::loadu(b_p + i, n);
-        store_row(y + i, v, n, stream);
-      };
-      for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
-      if (vec_end < N) apply(vec_end, N - vec_end);
+    };
+    if (N <= cpu::kBlock) {
+      cpu::for_each_row_group<kRowGroup>(begin, end, group);
+    } else {
+      cpu::for_each_row_group<1>(begin, end, group);
     }
     if (stream) cpu::stream_fence();
   });
 }
 
 // ------------------------------------------------------------------ backward
-
-// Rows whose dx is computed together: the column sums then load and store
-// their running values once per group rather than once per row.
-constexpr int kRowGroup = 4;
 
 // dx = a * (g + k * (x - mean) + c) with g = dy * w (layer_norm_math.h), fused
 // with the column sums dw += dy * (x - mean) * rstd and db += dy when wanted.
