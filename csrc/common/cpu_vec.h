@@ -23,6 +23,16 @@ namespace cpu {
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
+// On a kernel's per-range function: inline every call in it (its lambdas
+// included), so that the pointers and sizes its loops use become registers.
+// Left in memory, they are reloaded after every vector store, since vector
+// types may alias anything.
+#if defined(__GNUC__)
+#define BNEXT_FLATTEN __attribute__((flatten))
+#else
+#define BNEXT_FLATTEN
+#endif
+
 // at::parallel_for grain: enough elements per task (`elements_per_item` each)
 // that scheduling costs stay below ~1%.
 inline int64_t grain_for(int64_t elements_per_item) {
