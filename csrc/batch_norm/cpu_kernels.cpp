@@ -160,7 +160,7 @@ constexpr int64_t kRowBlock = 64;
 // (mean, m2) of rows [r0, r1) of wide rows, per channel, into out_mean and
 // out_m2; `scratch` holds 2 * C values.
 template <typename scalar_t>
-void stats_wide_rows(const scalar_t* x_p, int64_t C, int64_t r0, int64_t r1,
+BNEXT_FLATTEN void stats_wide_rows(const scalar_t* x_p, int64_t C, int64_t r0, int64_t r1,
                      acc_t<scalar_t>* out_mean, acc_t<scalar_t>* out_m2, acc_t<scalar_t>* scratch) {
   using T = acc_t<scalar_t>;
   T* bm = scratch;
@@ -317,6 +317,26 @@ void reduce_channels_first(const Tensor& dy, const Tensor& x, const ChannelView&
   write_sums(part_dy, part_dyx, v.C, v.N, sum_dy, sum_dy_xmu);
 }
 
+// sum(dy) and sum(dy * (x - mean)) of wide rows [r0, r1), per channel, added
+// into a and b (zeroed by the caller).
+template <typename scalar_t>
+BNEXT_FLATTEN void sums_wide_rows(const scalar_t* g_p, const scalar_t* x_p,
+                                  const acc_t<scalar_t>* mean_p, int64_t C, int64_t r0,
+                                  int64_t r1, acc_t<scalar_t>* a, acc_t<scalar_t>* b) {
+  for_each_row_group<scalar_t>(C, r0, r1, [&](auto rows, int64_t r, int64_t c, int64_t n) {
+    const auto m = Vec<scalar_t>::loadu(mean_p + c, n);
+    auto sa = Vec<scalar_t>::loadu(a + c, n);
+    auto sb = Vec<scalar_t>::loadu(b + c, n);
+    for (int j = 0; j < decltype(rows)::value; ++j) {
+      const auto g = load_acc(g_p + (r + j) * C + c, n);
+      sa += g;
+      sb = at::vec::fmadd(g, load_acc(x_p + (r + j) * C + c, n) - m, sb);
+    }
+    sa.store(a + c, n);
+    sb.store(b + c, n);
+  });
+}
+
 template <typename scalar_t>
 void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& v,
                           const Tensor& mean, Tensor& sum_dy, Tensor& sum_dy_xmu) {
@@ -336,20 +356,8 @@ void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& 
       const int64_t r0 = ch * per_chunk;
       const int64_t r1 = std::min(rows, r0 + per_chunk);
       if (wide_rows<scalar_t>(C)) {
-        T* a = part_dy.data() + ch * C;
-        T* b = part_dyx.data() + ch * C;
-        for_each_row_group<scalar_t>(C, r0, r1, [&](auto rows, int64_t r, int64_t c, int64_t n) {
-          const auto m = Vec<scalar_t>::loadu(mean_p + c, n);
-          auto sa = Vec<scalar_t>::loadu(a + c, n);
-          auto sb = Vec<scalar_t>::loadu(b + c, n);
-          for (int j = 0; j < decltype(rows)::value; ++j) {
-            const auto g = load_acc(g_p + (r + j) * C + c, n);
-            sa += g;
-            sb = at::vec::fmadd(g, load_acc(x_p + (r + j) * C + c, n) - m, sb);
-          }
-          sa.store(a + c, n);
-          sb.store(b + c, n);
-        });
+        sums_wide_rows(g_p, x_p, mean_p, C, r0, r1, part_dy.data() + ch * C,
+                       part_dyx.data() + ch * C);
         continue;
       }
       for_each_tile<scalar_t>(C, [&](int64_t c0, const int64_t* counts) {
@@ -452,64 +460,76 @@ void affine_channels_first(const scalar_t* g_p, const Tensor& x, const ChannelVi
   });
 }
 
+// Rows [begin, end) of the channels-last map. Pointers and sizes arrive as
+// scalars by value and every call in here is inlined (BNEXT_FLATTEN): left as
+// references to the caller's frame they were reloaded after every vector
+// store, since vector types may alias anything.
+template <typename scalar_t, bool kWithGrad>
+BNEXT_FLATTEN void affine_rows(const scalar_t* g_p, const scalar_t* x_p, scalar_t* o_p,
+                               const acc_t<scalar_t>* mean_p, const acc_t<scalar_t>* a_p,
+                               const acc_t<scalar_t>* k_p, const acc_t<scalar_t>* c_p, int64_t C,
+                               int64_t begin, int64_t end, bool stream) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t vec_end = C - C % L;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* xr = x_p + r * C;
+    scalar_t* orow = o_p + r * C;
+    const scalar_t* gr = kWithGrad ? g_p + r * C : nullptr;
+    // y for the channels [c, c + L) given their values.
+    const auto f = [&](int64_t c, const Vec<scalar_t>& xv) {
+      return at::vec::fmadd(xv - Vec<scalar_t>::loadu(mean_p + c), Vec<scalar_t>::loadu(k_p + c),
+                            Vec<scalar_t>::loadu(c_p + c));
+    };
+    int64_t c = 0;
+    for (; c + 2 * L <= vec_end; c += 2 * L) {
+      auto [x0, x1] = load_acc2(xr + c);
+      auto y0 = f(c, x0);
+      auto y1 = f(c + L, x1);
+      if constexpr (kWithGrad) {
+        const auto [g0, g1] = load_acc2(gr + c);
+        y0 = at::vec::fmadd(g0, Vec<scalar_t>::loadu(a_p + c), y0);
+        y1 = at::vec::fmadd(g1, Vec<scalar_t>::loadu(a_p + c + L), y1);
+      }
+      if (stream) {
+        stream_acc2(orow + c, y0, y1);
+      } else {
+        store_acc2(orow + c, y0, y1);
+      }
+    }
+    for (; c < vec_end; c += L) {
+      auto y = f(c, load_acc(xr + c));
+      if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(gr + c), Vec<scalar_t>::loadu(a_p + c), y);
+      store_acc(orow + c, y);
+    }
+    if (c < C) {  // the last C - c channels, as one partial vector
+      const int64_t n = C - c;
+      auto y = at::vec::fmadd(load_acc(xr + c, n) - Vec<scalar_t>::loadu(mean_p + c, n),
+                              Vec<scalar_t>::loadu(k_p + c, n), Vec<scalar_t>::loadu(c_p + c, n));
+      if constexpr (kWithGrad) {
+        y = at::vec::fmadd(load_acc(gr + c, n), Vec<scalar_t>::loadu(a_p + c, n), y);
+      }
+      store_acc(orow + c, y, n);
+    }
+  }
+  if (stream) stream_fence();
+}
+
 template <typename scalar_t, bool kWithGrad>
 void affine_channels_last(const scalar_t* g_p, const Tensor& x, const ChannelView& v,
                           const Tensor& mean, const acc_t<scalar_t>* a_p, const Tensor& k,
                           const Tensor& c_, Tensor& out) {
   using T = acc_t<scalar_t>;
-  constexpr int64_t L = kLanes<scalar_t>;
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
   scalar_t* o_p = out.mutable_data_ptr<scalar_t>();
   const T* mean_p = mean.const_data_ptr<T>();
   const T* k_p = k.const_data_ptr<T>();
   const T* c_p = c_.const_data_ptr<T>();
   const int64_t C = v.C;
-  const int64_t vec_end = C - C % L;
   // Streaming needs every row to start aligned.
   const bool stream = should_stream(out) && stream_head(o_p) == 0 &&
                       (C * static_cast<int64_t>(sizeof(scalar_t))) % cpu::kStreamAlign == 0;
-  at::parallel_for(0, v.rows(), grain_for(C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = x_p + r * C;
-      scalar_t* orow = o_p + r * C;
-      const scalar_t* gr = kWithGrad ? g_p + r * C : nullptr;
-      // y for the channels [c, c + L) given their values.
-      const auto f = [&](int64_t c, const Vec<scalar_t>& xv) {
-        return at::vec::fmadd(xv - Vec<scalar_t>::loadu(mean_p + c), Vec<scalar_t>::loadu(k_p + c),
-                              Vec<scalar_t>::loadu(c_p + c));
-      };
-      int64_t c = 0;
-      for (; c + 2 * L <= vec_end; c += 2 * L) {
-        auto [x0, x1] = load_acc2(xr + c);
-        auto y0 = f(c, x0);
-        auto y1 = f(c + L, x1);
-        if constexpr (kWithGrad) {
-          const auto [g0, g1] = load_acc2(gr + c);
-          y0 = at::vec::fmadd(g0, Vec<scalar_t>::loadu(a_p + c), y0);
-          y1 = at::vec::fmadd(g1, Vec<scalar_t>::loadu(a_p + c + L), y1);
-        }
-        if (stream) {
-          stream_acc2(orow + c, y0, y1);
-        } else {
-          store_acc2(orow + c, y0, y1);
-        }
-      }
-      for (; c < vec_end; c += L) {
-        auto y = f(c, load_acc(xr + c));
-        if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(gr + c), Vec<scalar_t>::loadu(a_p + c), y);
-        store_acc(orow + c, y);
-      }
-      if (c < C) {  // the last C - c channels, as one partial vector
-        const int64_t n = C - c;
-        auto y = at::vec::fmadd(load_acc(xr + c, n) - Vec<scalar_t>::loadu(mean_p + c, n),
-                                Vec<scalar_t>::loadu(k_p + c, n), Vec<scalar_t>::loadu(c_p + c, n));
-        if constexpr (kWithGrad) {
-          y = at::vec::fmadd(load_acc(gr + c, n), Vec<scalar_t>::loadu(a_p + c, n), y);
-        }
-        store_acc(orow + c, y, n);
-      }
-    }
-    if (stream) stream_fence();
+  at::parallel_for(0, v.rows(), grain_for(C), [=](int64_t begin, int64_t end) {
+    affine_rows<scalar_t, kWithGrad>(g_p, x_p, o_p, mean_p, a_p, k_p, c_p, C, begin, end, stream);
   });
 }
 
