@@ -278,8 +278,9 @@ std::pair<acc_t<scalar_t>, acc_t<scalar_t>> plane_sums(const scalar_t* g, const 
   Vec<scalar_t> a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0));
   int64_t j = 0;
   for (; j + 2 * L <= S; j += 2 * L) {
-    const auto [g0, g1] = load_acc2(g + j);
-    const auto [x0, x1] = load_acc2(x + j);
+    // dy and x in the same lane order: their products pair up.
+    const auto [g0, g1] = cpu::load_acc2_any_order(g + j);
+    const auto [x0, x1] = cpu::load_acc2_any_order(x + j);
     a0 += g0;
     a1 += g1;
     b0 = at::vec::fmadd(g0, x0 - vm, b0);

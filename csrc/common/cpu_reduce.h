@@ -30,7 +30,8 @@ void merge_partials(V* mean, V* m2, const V* b_mean, const V* b_m2, int64_t n, i
 }
 
 // Mean and m2 of R runs of len <= kBlock values, run j at p + j * stride,
-// each in two sweeps (sum, then squared deviations re-read from L1). The R
+// each in two sweeps (sum, then squared deviations re-read from L1), over
+// values in any order (sum_any_order). The R
 // runs' horizontal sums are taken together (hsums), so that short runs do not
 // each wait on a chain of shuffles; a run's result does not depend on R.
 template <int R, typename scalar_t>
@@ -39,30 +40,19 @@ void run_moments(const scalar_t* p, int64_t stride, int64_t len, acc_t<scalar_t>
   using T = acc_t<scalar_t>;
   using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
-  const int64_t vec_end = len - len % L;
-  const int64_t tail = len - vec_end;
   V acc[R];
   for (int j = 0; j < R; ++j) {
-    const scalar_t* q = p + j * stride;
-    // The last len % L values as one zero-padded vector: short runs (a 14x14
-    // plane ends in 4 values) would otherwise spend much of their time in
-    // scalar loops.
-    acc[j] = accumulate4<scalar_t>(vec_end, [q](int64_t i, const V& a) { return a + load_acc(q + i); });
-    if (tail > 0) acc[j] += load_acc(q + vec_end, tail);
+    acc[j] = sum_any_order(p + j * stride, len, [](const V& a, const V& v, int64_t) { return a + v; });
   }
   hsums<scalar_t>(acc, R, mean);
   for (int j = 0; j < R; ++j) {
     mean[j] /= static_cast<T>(len);
-    const scalar_t* q = p + j * stride;
     const V vmean(mean[j]);
-    acc[j] = accumulate4<scalar_t>(vec_end, [q, vmean](int64_t i, const V& a) {
-      const auto d = load_acc(q + i) - vmean;
+    acc[j] = sum_any_order(p + j * stride, len, [vmean](const V& a, const V& v, int64_t valid) {
+      // Padding lanes load 0, whose deviation is not: they are zeroed.
+      const auto d = valid < L ? V::set(V(T(0)), v - vmean, valid) : v - vmean;
       return at::vec::fmadd(d, d, a);
     });
-    if (tail > 0) {
-      const auto d = V::set(V(T(0)), load_acc(q + vec_end, tail) - vmean, tail);
-      acc[j] = at::vec::fmadd(d, d, acc[j]);
-    }
   }
   hsums<scalar_t>(acc, R, m2);
 }

@@ -244,22 +244,60 @@ inline void for_each_row_group(int64_t r0, int64_t r1, const F& f) {
   for (; r < r1; ++r) f(std::integral_constant<int, 1>{}, r);
 }
 
-// acc = step(i, acc) for i = 0, L, 2L, ... < vec_end (a multiple of L), over
-// four independent accumulators so that the latency of each add or FMA does
-// not bound the loop; returns their sum.
+// Two vectors of the 2 * kLanes values at p, in an order that depends on the
+// type only, not always p's: bfloat16 gives the even-indexed values, then the
+// odd-indexed ones, from one load, a shift and a mask (a bfloat16 is the top
+// half of a float), where widening each half in order takes two more
+// shuffles. For sums over all lanes, and lane-wise products of two such loads.
+template <typename scalar_t>
+inline std::pair<Vec<scalar_t>, Vec<scalar_t>> load_acc2_any_order(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    const __m512i v = _mm512_loadu_si512(p);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+  }
+#endif
+  return load_acc2(p);
+}
+
+// The sum over the n values at p of step(acc, v, valid), where v holds values
+// in some order (load_acc2_any_order) and `valid` lanes of it are real, the
+// rest zero; step returns acc plus what those lanes add. Four independent
+// accumulators, so that the latency of each add or FMA does not bound the loop.
 template <typename scalar_t, class Step>
-inline Vec<scalar_t> accumulate4(int64_t vec_end, const Step& step) {
+inline Vec<scalar_t> sum_any_order(const scalar_t* p, int64_t n, const Step& step) {
   constexpr int64_t L = kLanes<scalar_t>;
   using T = acc_t<scalar_t>;
   Vec<scalar_t> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
   int64_t i = 0;
-  for (; i + 4 * L <= vec_end; i += 4 * L) {
-    a0 = step(i, a0);
-    a1 = step(i + L, a1);
-    a2 = step(i + 2 * L, a2);
-    a3 = step(i + 3 * L, a3);
+  for (; i + 4 * L <= n; i += 4 * L) {
+    const auto [x0, x1] = load_acc2_any_order(p + i);
+    const auto [x2, x3] = load_acc2_any_order(p + i + 2 * L);
+    a0 = step(a0, x0, L);
+    a1 = step(a1, x1, L);
+    a2 = step(a2, x2, L);
+    a3 = step(a3, x3, L);
   }
-  for (; i < vec_end; i += L) a0 = step(i, a0);
+  if (i + 2 * L <= n) {
+    const auto [x0, x1] = load_acc2_any_order(p + i);
+    a0 = step(a0, x0, L);
+    a1 = step(a1, x1, L);
+    i += 2 * L;
+  }
+  // The last (up to two) vectors in order, the last one zero-padded: short
+  // runs (a 14x14 plane ends in 4 values) would otherwise spend much of their
+  // time in scalar loops.
+  for (; i < n; i += L) {
+    const int64_t valid = std::min(L, n - i);
+    a2 = step(a2, load_acc(p + i, valid), valid);
+  }
   return (a0 + a1) + (a2 + a3);
 }
 

@@ -83,20 +83,11 @@ constexpr int kRowGroup = 4;
 // horizontal sums are taken together (cpu::hsums).
 template <int R, typename scalar_t>
 void rows_sum_sq(const scalar_t* p, int64_t n, acc_t<scalar_t>* out) {
-  constexpr int64_t L = kLanes<scalar_t>;
-  const int64_t vec_end = n - n % L;
-  Vec<scalar_t> acc[R];
+  using V = Vec<scalar_t>;
+  V acc[R];
   for (int j = 0; j < R; ++j) {
-    const scalar_t* q = p + j * n;
-    // Four accumulators hide the fma latency.
-    acc[j] = cpu::accumulate4<scalar_t>(vec_end, [q](int64_t i, const Vec<scalar_t>& a) {
-      const auto v = load_acc(q + i);
-      return at::vec::fmadd(v, v, a);
-    });
-    if (vec_end < n) {
-      const auto v = load_acc(q + vec_end, n - vec_end);
-      acc[j] = at::vec::fmadd(v, v, acc[j]);
-    }
+    acc[j] = cpu::sum_any_order(p + j * n, n,
+                                [](const V& a, const V& v, int64_t) { return at::vec::fmadd(v, v, a); });
   }
   cpu::hsums<scalar_t>(acc, R, out);
 }
