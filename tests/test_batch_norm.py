@@ -131,13 +131,16 @@ def test_statistics_are_accurate_for_large_mean(fmt):
     assert rel_err(y, y_ref) <= 2e-3
 
 
-@pytest.mark.parametrize("shape", [(8, 3, 20, 20), (5, 65, 14, 14)])
+@pytest.mark.parametrize("shape", [(8, 3, 20, 20), (5, 65, 14, 14), (600, 65, 3)])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_results_do_not_depend_on_thread_count(fmt, shape):
     """The kernels partition the work by shape, never by thread count, so the
     results are bitwise equal for any number of threads. (5, 65, 14, 14) has
     325 planes: two threads split them at plane 163, so planes that one thread
-    reduces in groups of four are reduced alone, and must give the same bits."""
+    reduces in groups of four are reduced alone, and must give the same bits.
+    (600, 65, 3) takes the virtual-channel path of planes under a cache line."""
+    if fmt == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last needs 4D input")
     torch.manual_seed(0)
     C = shape[1]
     x = random_input(shape, torch.float32, fmt)
@@ -505,10 +508,11 @@ def test_wide_rows_match_float64(shape, fmt, dtype):
     assert_close_rel(ours.running_var, ref.running_var, dtype, "running_var")
 
 
-@pytest.mark.parametrize("shape", [(500, 200), (40, 200, 3, 3)])
-def test_wide_row_statistics_are_accurate_for_large_mean(shape):
+@pytest.mark.parametrize("shape,fmt", [((500, 200), "contiguous"), ((40, 200, 3, 3), "channels_last"),
+                                       # planes under a cache line: virtual channels
+                                       ((400, 60, 3), "contiguous"), ((64, 200, 2, 2), "contiguous")])
+def test_wide_row_statistics_are_accurate_for_large_mean(shape, fmt):
     torch.manual_seed(0)
-    fmt = "channels_last" if len(shape) == 4 else "contiguous"
     x = random_input(shape, torch.float32, fmt, mean=1e4, std=1.0)
     mean, var = ops.batch_norm_stats(x)
     dims = [0] + list(range(2, len(shape)))
