@@ -131,7 +131,7 @@ def test_statistics_are_accurate_for_large_mean(fmt):
     assert rel_err(y, y_ref) <= 2e-3
 
 
-@pytest.mark.parametrize("shape", [(8, 3, 20, 20), (5, 65, 14, 14), (600, 65, 3)])
+@pytest.mark.parametrize("shape", [(8, 3, 20, 20), (5, 65, 14, 14), (600, 65, 3), (9001, 3)])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_results_do_not_depend_on_thread_count(fmt, shape):
     """The kernels partition the work by shape, never by thread count, so the
@@ -480,8 +480,13 @@ def test_reduced_precision_outputs_round_like_torch(dtype):
 
 # Rows over 512 bytes take the whole-row CPU reductions (float32: C > 128,
 # half/bfloat16: C > 256; the parity shapes above stay below, but for float64).
+# Rows under 64 bytes are read in groups of rows, the rows after the last
+# whole group on their own; channels-first planes under 64 bytes as
+# channels-last rows of C * S values.
 WIDE_ROW_CASES = [((300, 129), "contiguous"), ((64, 1027), "contiguous"),
-                  ((3, 300, 5, 4), "channels_last"), ((2, 513, 3, 3), "channels_last")]
+                  ((3, 300, 5, 4), "channels_last"), ((2, 513, 3, 3), "channels_last"),
+                  ((1000, 3), "contiguous"), ((4099, 1), "contiguous"),
+                  ((8, 3, 17, 13), "channels_last"), ((300, 7, 5), "contiguous")]
 
 
 @pytest.mark.parametrize("shape,fmt", WIDE_ROW_CASES)
@@ -510,7 +515,9 @@ def test_wide_rows_match_float64(shape, fmt, dtype):
 
 @pytest.mark.parametrize("shape,fmt", [((500, 200), "contiguous"), ((40, 200, 3, 3), "channels_last"),
                                        # planes under a cache line: virtual channels
-                                       ((400, 60, 3), "contiguous"), ((64, 200, 2, 2), "contiguous")])
+                                       ((400, 60, 3), "contiguous"), ((64, 200, 2, 2), "contiguous"),
+                                       # rows under a cache line: groups of rows
+                                       ((5000, 3), "contiguous")])
 def test_wide_row_statistics_are_accurate_for_large_mean(shape, fmt):
     torch.manual_seed(0)
     x = random_input(shape, torch.float32, fmt, mean=1e4, std=1.0)

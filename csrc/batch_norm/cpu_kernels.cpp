@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "batch_norm/composite.h"
@@ -306,6 +307,64 @@ std::vector<T> repeat_each(const T* v, int64_t C, int64_t S) {
   return out;
 }
 
+// ---------------------------------------------------------------- narrow rows
+// Channels-last rows narrower than a cache line ((N, 3) features, a 3-channel
+// channels_last image) fill a few lanes of each vector and pay a row's
+// overhead for a handful of values. Groups of R consecutive rows are then read
+// as rows of R * C virtual channels (virtual channel j * C + c is channel c of
+// the group's j-th row). Chunk-major, a chunk's virtual parts are R parts of
+// the real channels in row order, so they merge as they are; rows after the
+// last whole group are reduced as ordinary rows, as one more part.
+
+// Rows per group: whole vectors of virtual channels, at least four of them;
+// 1 where rows are not narrow.
+template <typename scalar_t>
+int64_t narrow_row_group(const ChannelView& v) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  if (v.layout != Layout::kChannelsLast || v.C * static_cast<int64_t>(sizeof(scalar_t)) >= 64) {
+    return 1;
+  }
+  const int64_t unit = L / std::gcd(v.C, L);
+  int64_t R = unit;
+  while (R * v.C < 4 * L) R += unit;
+  return R;
+}
+
+// The C values of v, R times over: per-channel coefficients for a group.
+template <typename T>
+std::vector<T> repeat_whole(const T* v, int64_t C, int64_t R) {
+  std::vector<T> out(C * R);
+  for (int64_t j = 0; j < R; ++j) std::copy(v, v + C, out.begin() + j * C);
+  return out;
+}
+
+template <typename T>
+void append(std::vector<T>& to, const std::vector<T>& from) {
+  to.insert(to.end(), from.begin(), from.end());
+}
+
+template <typename scalar_t>
+void stats_narrow_rows(const Tensor& x, const ChannelView& v, int64_t R, Tensor& mean, Tensor& var) {
+  using T = acc_t<scalar_t>;
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  const int64_t groups = v.rows() / R;
+  const int64_t tail = v.rows() - groups * R;
+  ChannelParts<T> parts(0, v.C);
+  if (groups > 0) {
+    const auto vp = channels_last_parts(x_p, R * v.C, groups);
+    parts.mean = vp.mean;
+    parts.m2 = vp.m2;
+    for (const int64_t n : vp.count) parts.count.insert(parts.count.end(), R, n);
+  }
+  if (tail > 0) {
+    const auto tp = channels_last_parts(x_p + groups * R * v.C, v.C, tail);
+    append(parts.mean, tp.mean);
+    append(parts.m2, tp.m2);
+    append(parts.count, tp.count);
+  }
+  write_stats(parts, v.C, mean, var);
+}
+
 // ------------------------------------------------- backward reduce (two sums)
 
 // Sums each channel's parts in part order (the loop over channels vectorises).
@@ -451,6 +510,31 @@ void reduce_channels_last(const Tensor& dy, const Tensor& x, const ChannelView& 
       channels_last_sums(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                          mean.const_data_ptr<acc_t<scalar_t>>(), v.C, v.rows(), part_dy, part_dyx);
   write_sums(part_dy, part_dyx, v.C, chunks, sum_dy, sum_dy_xmu);
+}
+
+template <typename scalar_t>
+void reduce_narrow_rows(const Tensor& dy, const Tensor& x, const ChannelView& v, int64_t R,
+                        const Tensor& mean, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+  using T = acc_t<scalar_t>;
+  const scalar_t* x_p = x.const_data_ptr<scalar_t>();
+  const scalar_t* g_p = dy.const_data_ptr<scalar_t>();
+  const T* mean_p = mean.const_data_ptr<T>();
+  const int64_t groups = v.rows() / R;
+  const int64_t tail = v.rows() - groups * R;
+  std::vector<T> part_dy, part_dyx;
+  int64_t parts = 0;
+  if (groups > 0) {
+    const auto vmean = repeat_whole(mean_p, v.C, R);
+    parts += R * channels_last_sums(g_p, x_p, vmean.data(), R * v.C, groups, part_dy, part_dyx);
+  }
+  if (tail > 0) {
+    std::vector<T> tail_dy, tail_dyx;
+    const int64_t off = groups * R * v.C;
+    parts += channels_last_sums(g_p + off, x_p + off, mean_p, v.C, tail, tail_dy, tail_dyx);
+    append(part_dy, tail_dy);
+    append(part_dyx, tail_dyx);
+  }
+  write_sums(part_dy, part_dyx, v.C, parts, sum_dy, sum_dy_xmu);
 }
 
 template <typename scalar_t>
@@ -635,6 +719,18 @@ Tensor affine(const Tensor& g, const Tensor& x, const Tensor& mean, const Tensor
                                                 vc.data(), v.C * v.S, v.N);
     } else if (v.layout == Layout::kChannelsFirst) {
       affine_channels_first<scalar_t, kWithGrad>(g_p, x, v, mean, a_p, k, c_, out);
+    } else if (const int64_t R = narrow_row_group<scalar_t>(v); R > 1) {
+      const int64_t groups = v.rows() / R;
+      const auto vm = repeat_whole(mean_p, v.C, R);
+      const auto vk = repeat_whole(k_p, v.C, R);
+      const auto vc = repeat_whole(c_p, v.C, R);
+      const auto va = kWithGrad ? repeat_whole(a_p, v.C, R) : std::vector<T>();
+      affine_rows_parallel<scalar_t, kWithGrad>(g_p, x_p, o_p, out, vm.data(), va.data(), vk.data(),
+                                                vc.data(), R * v.C, groups);
+      const int64_t off = groups * R * v.C;  // the rows after the last group
+      affine_rows_parallel<scalar_t, kWithGrad>(kWithGrad ? g_p + off : nullptr, x_p + off,
+                                                o_p + off, out, mean_p, a_p, k_p, c_p, v.C,
+                                                v.rows() - groups * R);
     } else {
       affine_rows_parallel<scalar_t, kWithGrad>(g_p, x_p, o_p, out, mean_p, a_p, k_p, c_p, v.C,
                                                 v.rows());
@@ -658,6 +754,8 @@ std::tuple<Tensor, Tensor> CpuBackend::stats(const Tensor& x) {
       stats_tiny_planes<scalar_t>(x, v, mean, var);
     } else if (v.layout == Layout::kChannelsFirst) {
       stats_channels_first<scalar_t>(x, v, mean, var);
+    } else if (const int64_t R = narrow_row_group<scalar_t>(v); R > 1) {
+      stats_narrow_rows<scalar_t>(x, v, R, mean, var);
     } else {
       stats_channels_last<scalar_t>(x, v, mean, var);
     }
@@ -681,6 +779,8 @@ std::tuple<Tensor, Tensor> CpuBackend::backward_reduce(const Tensor& dy, const T
       reduce_tiny_planes<scalar_t>(dy, x, v, mean, sum_dy, sum_dy_xmu);
     } else if (v.layout == Layout::kChannelsFirst) {
       reduce_channels_first<scalar_t>(dy, x, v, mean, sum_dy, sum_dy_xmu);
+    } else if (const int64_t R = narrow_row_group<scalar_t>(v); R > 1) {
+      reduce_narrow_rows<scalar_t>(dy, x, v, R, mean, sum_dy, sum_dy_xmu);
     } else {
       reduce_channels_last<scalar_t>(dy, x, v, mean, sum_dy, sum_dy_xmu);
     }
