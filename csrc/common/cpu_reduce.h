@@ -30,10 +30,10 @@ void merge_partials(V* mean, V* m2, const V* b_mean, const V* b_m2, int64_t n, i
 }
 
 // Mean and m2 of R runs of len <= kBlock values, run j at p + j * stride,
-// each in two sweeps (sum, then squared deviations re-read from L1), over
-// values in any order (sum_any_order). The R
-// runs' horizontal sums are taken together (hsums), so that short runs do not
-// each wait on a chain of shuffles; a run's result does not depend on R.
+// each in two sweeps (sum, then squared deviations re-read from L1) over its
+// values in any order (sum_any_order). The R runs' horizontal sums are taken
+// together (hsums), so that short runs do not each wait on a chain of
+// shuffles; a run's result does not depend on R.
 template <int R, typename scalar_t>
 void run_moments(const scalar_t* p, int64_t stride, int64_t len, acc_t<scalar_t>* mean,
                  acc_t<scalar_t>* m2) {
