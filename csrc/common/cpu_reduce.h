@@ -72,5 +72,21 @@ Welford<acc_t<scalar_t>> contiguous_welford(const scalar_t* p, int64_t n) {
   return acc;
 }
 
+// Mean and m2 of R runs of len values, run j at p + j * stride: runs of one
+// block together (run_moments), longer ones one by one (contiguous_welford).
+template <int R, typename scalar_t>
+void moments(const scalar_t* p, int64_t stride, int64_t len, acc_t<scalar_t>* mean,
+             acc_t<scalar_t>* m2) {
+  if (len <= kBlock) {
+    run_moments<R>(p, stride, len, mean, m2);
+    return;
+  }
+  for (int j = 0; j < R; ++j) {
+    const auto w = contiguous_welford(p + j * stride, len);
+    mean[j] = w.mean;
+    m2[j] = w.m2;
+  }
+}
+
 }  // namespace cpu
 }  // namespace bnext

@@ -26,7 +26,6 @@ namespace layer_norm {
 namespace {
 
 using cpu::acc_t;
-using cpu::contiguous_welford;
 using cpu::grain_for;
 using cpu::hsum;
 using cpu::kLanes;
@@ -98,17 +97,9 @@ void rows_stats(const scalar_t* p, int64_t n, acc_t<scalar_t> eps, acc_t<scalar_
                 acc_t<scalar_t>* rstd) {
   using T = acc_t<scalar_t>;
   if constexpr (kCentred) {
-    if (n <= cpu::kBlock) {
-      T m2[R];
-      cpu::run_moments<R>(p, n, n, mean, m2);
-      for (int j = 0; j < R; ++j) rstd[j] = layer_norm_rstd(Welford<T>{mean[j], m2[j], n}, eps);
-    } else {
-      for (int j = 0; j < R; ++j) {
-        const auto st = contiguous_welford(p + j * n, n);
-        mean[j] = st.mean;
-        rstd[j] = layer_norm_rstd(st, eps);
-      }
-    }
+    T m2[R];
+    cpu::moments<R>(p, n, n, mean, m2);
+    for (int j = 0; j < R; ++j) rstd[j] = layer_norm_rstd(Welford<T>{mean[j], m2[j], n}, eps);
   } else {
     T sum_sq[R];
     rows_sum_sq<R>(p, n, sum_sq);
@@ -221,11 +212,11 @@ struct BackwardRows {
 };
 
 // dx = a * (g + k * (x - mean) + c) with g = dy * w (layer_norm_math.h) for
-// rows [r0, r1), fused with the column sums dw += dy * (x - mean) * rstd and
-// db += dy into this chunk's dw and db when wanted.
+// rows [begin, end), fused with the column sums dw += dy * (x - mean) * rstd
+// and db += dy into this chunk's dw and db when wanted.
 template <typename scalar_t, bool kCentred, bool kColumns>
-BNEXT_FLATTEN void backward_range(const BackwardRows<scalar_t>& a, acc_t<scalar_t>* dw, acc_t<scalar_t>* db,
-                    int64_t r0_, int64_t r1) {
+BNEXT_FLATTEN void backward_range(const BackwardRows<scalar_t>& a, acc_t<scalar_t>* dw,
+                                  acc_t<scalar_t>* db, int64_t begin, int64_t end) {
   using T = acc_t<scalar_t>;
   using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
@@ -294,7 +285,7 @@ BNEXT_FLATTEN void backward_range(const BackwardRows<scalar_t>& a, acc_t<scalar_
     for (int64_t i = 0; i < vec_end; i += L) apply(i, L);
     if (vec_end < N) apply(vec_end, N - vec_end);
   };
-  cpu::for_each_row_group<kRowGroup>(r0_, r1, group);
+  cpu::for_each_row_group<kRowGroup>(begin, end, group);
 }
 
 template <typename scalar_t, bool kCentred, bool kColumns>
