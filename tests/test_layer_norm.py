@@ -180,11 +180,11 @@ def test_non_contiguous_grad_out(kind, device):
     )
     dy = randn(48, 16, device=device).t()
     if kind == "ln":
-        got = ops.layer_norm_bwd(dy, x, stat[0], stat[1], w, [True, True])
-        want = ops.layer_norm_bwd(dy.contiguous(), x, stat[0], stat[1], w, [True, True])
+        got = ops.layer_norm_bwd(dy, x, stat[0], stat[1], w, 1e-5, [True, True])
+        want = ops.layer_norm_bwd(dy.contiguous(), x, stat[0], stat[1], w, 1e-5, [True, True])
     else:
-        got = ops.rms_norm_bwd(dy, x, stat[0], w, True)
-        want = ops.rms_norm_bwd(dy.contiguous(), x, stat[0], w, True)
+        got = ops.rms_norm_bwd(dy, x, stat[0], w, 1e-5, True)
+        want = ops.rms_norm_bwd(dy.contiguous(), x, stat[0], w, 1e-5, True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -223,11 +223,11 @@ def test_results_do_not_depend_on_thread_count(kind):
             torch.set_num_threads(threads)
             if kind == "ln":
                 out, mean, rstd = ops.layer_norm_fwd(x, [1024], w, b, 1e-5)
-                grads = ops.layer_norm_bwd(g, x, mean, rstd, w, [True, True])
+                grads = ops.layer_norm_bwd(g, x, mean, rstd, w, 1e-5, [True, True])
                 results.append((out, mean, rstd) + tuple(grads))
             else:
                 out, rstd = ops.rms_norm_fwd(x, [1024], w, 1e-6)
-                results.append((out, rstd) + tuple(ops.rms_norm_bwd(g, x, rstd, w, True)))
+                results.append((out, rstd) + tuple(ops.rms_norm_bwd(g, x, rstd, w, 1e-5, True)))
     finally:
         torch.set_num_threads(old)
     for one, *others in zip(*results):
@@ -327,14 +327,14 @@ def opcheck_samples():
         (ops.layer_norm_fwd.default, (x, [10], w, b, 1e-5)),
         (ops.layer_norm_fwd.default, (xr, [4, 10], None, None, 1e-6)),
         (ops.layer_norm_fwd.default, (xr, [10], wr, None, 1e-5)),
-        (ops.layer_norm_bwd.default, (dy, x, mean, rstd, w, [True, True])),
-        (ops.layer_norm_bwd.default, (dy, x, mean, rstd, None, [False, True])),
-        (ops.layer_norm_bwd.default, (dy, x, mean, rstd, w, [False, False])),
+        (ops.layer_norm_bwd.default, (dy, x, mean, rstd, w, 1e-5, [True, True])),
+        (ops.layer_norm_bwd.default, (dy, x, mean, rstd, None, 1e-5, [False, True])),
+        (ops.layer_norm_bwd.default, (dy, x, mean, rstd, w, 1e-5, [False, False])),
         (ops.rms_norm_fwd.default, (x, [10], w, 1e-5)),
         (ops.rms_norm_fwd.default, (xr, [10], wr, 1e-5)),
         (ops.rms_norm_fwd.default, (x.half(), [4, 10], None, 1e-5)),
-        (ops.rms_norm_bwd.default, (dy, x, rms_rstd, w, True)),
-        (ops.rms_norm_bwd.default, (dy, x, rms_rstd, None, False)),
+        (ops.rms_norm_bwd.default, (dy, x, rms_rstd, w, 1e-5, True)),
+        (ops.rms_norm_bwd.default, (dy, x, rms_rstd, None, 1e-5, False)),
     ]
 
 

@@ -58,9 +58,9 @@ def compute_all():
             w = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
             b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
             y, mean, rstd = ops.layer_norm_fwd(x, [N], w, b, 1e-5)
-            dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [True, True])
+            dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, 1e-5, [True, True])
             y2, rstd2 = ops.rms_norm_fwd(x, [N], w, 1e-5)
-            dx2, dw2 = ops.rms_norm_bwd(dy, x, rstd2, w, True)
+            dx2, dw2 = ops.rms_norm_bwd(dy, x, rstd2, w, 1e-5, True)
             results[f"rows-{M}x{N}-{dtype}"] = [y, dx, dw, db, y2, dx2, dw2]
     return results
 

@@ -24,6 +24,7 @@
 #include <optional>
 #include <tuple>
 
+#include "batch_norm/checks.h"
 #include "bnext/batch_norm_math.h"
 #include "common/checks.h"
 #include "common/layout.h"
@@ -42,16 +43,6 @@ inline Tensor per_channel(const Tensor& t, at::ScalarType opmath) {
 template <typename T>
 C10_HOST_DEVICE inline T load_or(const T* p, int64_t c, T fallback) {
   return p != nullptr ? p[c] : fallback;
-}
-
-inline void check_args(const char* op, const Tensor& input, const Tensor& weight,
-                       const Tensor& bias, const Tensor& mean, const Tensor& var) {
-  check_input(op, input, 2);
-  const int64_t C = input.size(1);
-  check_param(op, "weight", weight, input, C);
-  check_param(op, "bias", bias, input, C);
-  check_param(op, "running_mean", mean, input, C);
-  check_param(op, "running_var", var, input, C);
 }
 
 // Batch Norm's per-channel forward step: (scale, shift) from the variance,
@@ -166,14 +157,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
                                             const Tensor& weight, const Tensor& r_in,
                                             const Tensor& d_in, double eps, bool training) {
   check_args("bnext::batch_norm_backward", input, weight, Tensor(), mean_in, var_in);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(),
-              "bnext::batch_norm_backward: expected grad_out of size ", input.sizes(), ", got ",
-              grad_out.sizes());
+  check_grad_out("bnext::batch_norm_backward", grad_out, input);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const Tensor dy = same_layout(grad_out, x);
   const int64_t C = x.size(1);
-  const int64_t count = x.numel() / C;
+  const int64_t count = C > 0 ? x.numel() / C : 0;
   const auto opmath = opmath_dtype(input.scalar_type());
   const Tensor mean = per_channel(mean_in, opmath);
   const Tensor var = per_channel(var_in, opmath);
@@ -275,26 +264,15 @@ void update_stats(const Tensor& running_mean, const Tensor& running_var,
 
 template <class K>
 std::tuple<Tensor, Tensor> stats_op(const Tensor& input) {
-  check_input("bnext::batch_norm_stats", input, 2);
+  check_stats_args(input);
   const typename K::DeviceGuard guard(input.device());
   return K::stats(canonical(input));
-}
-
-inline void check_channel_vectors(const char* op, const Tensor& x,
-                                  std::initializer_list<const Tensor*> vectors) {
-  for (const Tensor* t : vectors) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": expected per-channel vectors of ",
-                x.size(1), " elements, got size ", t->sizes());
-    TORCH_CHECK(t->device() == x.device(), op, ": expected per-channel vectors on ", x.device(),
-                ", got ", t->device());
-  }
 }
 
 template <class K>
 Tensor elemt_op(const Tensor& input, const Tensor& mean, const Tensor& scale,
                 const Tensor& shift) {
-  check_input("bnext::batch_norm_elemt", input, 2);
-  check_channel_vectors("bnext::batch_norm_elemt", input, {&mean, &scale, &shift});
+  check_elemt_args(input, mean, scale, shift);
   const typename K::DeviceGuard guard(input.device());
   const auto opmath = opmath_dtype(input.scalar_type());
   return K::elemt(canonical(input), per_channel(mean, opmath), per_channel(scale, opmath),
@@ -304,12 +282,7 @@ Tensor elemt_op(const Tensor& input, const Tensor& mean, const Tensor& scale,
 template <class K>
 std::tuple<Tensor, Tensor> backward_reduce_op(const Tensor& grad_out, const Tensor& input,
                                               const Tensor& mean) {
-  check_input("bnext::batch_norm_backward_reduce", input, 2);
-  check_channel_vectors("bnext::batch_norm_backward_reduce", input, {&mean});
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype(),
-              "bnext::batch_norm_backward_reduce: expected grad_out of size ", input.sizes(),
-              " and dtype ", input.scalar_type(), ", got ", grad_out.sizes(), " and ",
-              grad_out.scalar_type());
+  check_backward_reduce_args(grad_out, input, mean);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   return K::backward_reduce(same_layout(grad_out, x), x,
@@ -319,12 +292,7 @@ std::tuple<Tensor, Tensor> backward_reduce_op(const Tensor& grad_out, const Tens
 template <class K>
 Tensor backward_elemt_op(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
                          const Tensor& a, const Tensor& k, const Tensor& c) {
-  check_input("bnext::batch_norm_backward_elemt", input, 2);
-  check_channel_vectors("bnext::batch_norm_backward_elemt", input, {&mean, &a, &k, &c});
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype(),
-              "bnext::batch_norm_backward_elemt: expected grad_out of size ", input.sizes(),
-              " and dtype ", input.scalar_type(), ", got ", grad_out.sizes(), " and ",
-              grad_out.scalar_type());
+  check_backward_elemt_args(grad_out, input, mean, a, k, c);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const auto opmath = opmath_dtype(input.scalar_type());

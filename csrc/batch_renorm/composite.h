@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "batch_norm/composite.h"
+#include "batch_renorm/checks.h"
 #include "bnext/batch_norm_math.h"
 #include "common/checks.h"
 #include "common/layout.h"
@@ -28,14 +29,6 @@ namespace batch_renorm {
 
 using at::Tensor;
 using batch_norm::OptTensor;
-
-inline void check_limits(const char* op, double r_max, double d_max) {
-  // Comparisons are false for NaN, so a NaN limit is rejected too.
-  TORCH_CHECK_VALUE(r_max >= 1.0, op, ": expected r_max >= 1 (r is clipped to [1/r_max, r_max]), got ",
-                    r_max);
-  TORCH_CHECK_VALUE(d_max >= 0.0, op, ": expected d_max >= 0 (d is clipped to [-d_max, d_max]), got ",
-                    d_max);
-}
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(

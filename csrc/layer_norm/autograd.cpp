@@ -1,7 +1,9 @@
 // Autograd of LayerNorm and RMSNorm, in C++ for the same reason as Batch
 // Norm's (batch_norm/autograd.cpp): on a (64, 1024) input a Python
-// autograd.Function costs more than the kernels. The row statistics are
-// outputs without gradient: the backward formulas differentiate through them.
+// autograd.Function costs more than the kernels. How each kind of derivative
+// is obtained: common/autograd_util.h. The row statistics are outputs without
+// gradient: the backward formulas differentiate through them.
+#include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -10,6 +12,9 @@
 #include <tuple>
 
 #include "common/autograd_util.h"
+#include "common/checks.h"
+#include "layer_norm/prepare.h"
+#include "layer_norm/reference.h"
 
 namespace bnext {
 namespace layer_norm {
@@ -17,7 +22,125 @@ namespace {
 
 using namespace bnext::autograd_util;
 
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+using LayerNormBwdSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double,
+    std::array<bool, 2>);
+using RmsNormBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                 const OptTensor&, double, bool);
+
+const c10::TypedOperatorHandle<LayerNormBwdSig>& layer_norm_bwd_handle() {
+  static const auto handle = op<LayerNormBwdSig>("bnext::layer_norm_bwd");
+  return handle;
+}
+
+const c10::TypedOperatorHandle<RmsNormBwdSig>& rms_norm_bwd_handle() {
+  static const auto handle = op<RmsNormBwdSig>("bnext::rms_norm_bwd");
+  return handle;
+}
+
+// The normalised dims are those past the statistics' (batch) dims.
+int64_t normalized_dims(const Tensor& input, const Tensor& stat) { return input.dim() - stat.dim(); }
+
+// The dtype of parameter gradients and of the stand-in parameters.
+at::TensorOptions param_options(const Tensor& weight, const Tensor& input) {
+  return input.options().dtype(param_grad_dtype(weight, input));
+}
+
+// ------------------------------------------------ backward passes, differentiable
+
+struct LayerNormBwdFunction : public torch::autograd::Function<LayerNormBwdFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& input,
+                               const Tensor& mean, const Tensor& rstd, const OptTensor& weight,
+                               double eps, std::array<bool, 2> output_mask) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [dx, dw, db] =
+        layer_norm_bwd_handle().call(grad_out, input, mean, rstd, weight, eps, output_mask);
+    ctx->save_for_backward({grad_out, input, weight.value_or(Tensor())});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["nd"] = normalized_dims(input, rstd);
+    ctx->saved_data["mask_w"] = output_mask[0];
+    ctx->saved_data["mask_b"] = output_mask[1];
+    return {dx, dw, db};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list gg) {
+    const char* op = "bnext::layer_norm_bwd";
+    check_no_grad_needed(ctx, 2, op, "mean");
+    check_no_grad_needed(ctx, 3, op, "rstd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[1];
+    const bool has_weight = saved[2].defined();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t nd = ctx->saved_data["nd"].toInt();
+    const auto shape = x.sizes().slice(x.dim() - nd);
+    const auto options = param_options(saved[2], x);
+    const Tensor w = has_weight ? saved[2] : at::ones(shape, options);
+    const Tensor b = at::zeros(shape, options);
+    // A parameter gradient that was not asked for is an empty placeholder.
+    const Tensor gg_w = ctx->saved_data["mask_w"].toBool() ? gg[1] : Tensor();
+    const Tensor gg_b = ctx->saved_data["mask_b"].toBool() ? gg[2] : Tensor();
+    const ReferenceForward forward = [=](const variable_list& in) {
+      return std::get<0>(reference::layer_norm(in[0], nd, in[1], in[2], eps));
+    };
+    const auto h = backward_of_backward(
+        forward, {x, w, b}, saved[0], {gg[0], gg_w, gg_b},
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_weight && ctx->needs_input_grad(4),
+         false});
+    return {h[0], h[1], Tensor(), Tensor(), h[2], Tensor(), Tensor()};
+  }
+};
+
+struct RmsNormBwdFunction : public torch::autograd::Function<RmsNormBwdFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& input,
+                               const Tensor& rstd, const OptTensor& weight, double eps,
+                               bool weight_grad) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [dx, dw] = rms_norm_bwd_handle().call(grad_out, input, rstd, weight, eps, weight_grad);
+    ctx->save_for_backward({grad_out, input, weight.value_or(Tensor())});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["nd"] = normalized_dims(input, rstd);
+    ctx->saved_data["weight_grad"] = weight_grad;
+    return {dx, dw};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list gg) {
+    check_no_grad_needed(ctx, 2, "bnext::rms_norm_bwd", "rstd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[1];
+    const bool has_weight = saved[2].defined();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t nd = ctx->saved_data["nd"].toInt();
+    const Tensor w =
+        has_weight ? saved[2] : at::ones(x.sizes().slice(x.dim() - nd), param_options(saved[2], x));
+    const Tensor gg_w = ctx->saved_data["weight_grad"].toBool() ? gg[1] : Tensor();
+    const ReferenceForward forward = [=](const variable_list& in) {
+      return std::get<0>(reference::rms_norm(in[0], nd, in[1], eps));
+    };
+    const auto h = backward_of_backward(
+        forward, {x, w}, saved[0], {gg[0], gg_w},
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_weight && ctx->needs_input_grad(3)});
+    return {h[0], h[1], Tensor(), h[2], Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_autograd(
+    const Tensor& grad_out, const Tensor& input, const Tensor& mean, const Tensor& rstd,
+    const OptTensor& weight, double eps, std::array<bool, 2> output_mask) {
+  check_reverse_mode_only("bnext::layer_norm_bwd", {&grad_out, &input, &mean, &rstd}, {&weight});
+  const auto g =
+      LayerNormBwdFunction::apply(grad_out, input, mean, rstd, weight, eps, output_mask);
+  return {g[0], g[1], g[2]};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd_autograd(const Tensor& grad_out, const Tensor& input,
+                                                 const Tensor& rstd, const OptTensor& weight,
+                                                 double eps, bool weight_grad) {
+  check_reverse_mode_only("bnext::rms_norm_bwd", {&grad_out, &input, &rstd}, {&weight});
+  const auto g = RmsNormBwdFunction::apply(grad_out, input, rstd, weight, eps, weight_grad);
+  return {g[0], g[1]};
+}
+
+// ------------------------------------------------------------ forward passes
 
 struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
@@ -29,6 +152,7 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mean, rstd] = fwd.call(input, normalized_shape, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_weight"] = present(weight);
     ctx->saved_data["has_bias"] = present(bias);
     if (present(bias)) ctx->saved_data["bias_dtype"] = bias->scalar_type();
@@ -37,16 +161,15 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = op<std::tuple<Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-        std::array<bool, 2>)>("bnext::layer_norm_bwd");
     const auto saved = ctx->get_saved_variables();
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool want_weight = has_weight && ctx->needs_input_grad(1);
     const bool want_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
-    auto [dx, dw, db] = bwd.call(grads[0], saved[0], saved[2], saved[3], optional_of(saved[1]),
-                                 {want_weight, want_bias});
+    auto [dx, dw, db] = call_backward(layer_norm_bwd_handle(), grads[0], saved[0], saved[2],
+                                      saved[3], optional_of(saved[1]),
+                                      ctx->saved_data["eps"].toDouble(),
+                                      std::array<bool, 2>{want_weight, want_bias});
     if (want_bias) {
       // Without a weight the kernel returns the input's dtype for the bias gradient.
       db = db.to(ctx->saved_data["bias_dtype"].toScalarType());
@@ -66,18 +189,18 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, rstd] = fwd.call(input, normalized_shape, weight, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), rstd});
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_weight"] = present(weight);
     ctx->mark_non_differentiable({rstd});
     return {out, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd = op<std::tuple<Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool)>(
-        "bnext::rms_norm_bwd");
     const auto saved = ctx->get_saved_variables();
     const bool want_weight = ctx->saved_data["has_weight"].toBool() && ctx->needs_input_grad(1);
-    auto [dx, dw] = bwd.call(grads[0], saved[0], saved[2], optional_of(saved[1]), want_weight);
+    auto [dx, dw] = call_backward(rms_norm_bwd_handle(), grads[0], saved[0], saved[2],
+                                  optional_of(saved[1]), ctx->saved_data["eps"].toDouble(),
+                                  want_weight);
     return {ctx->needs_input_grad(0) ? dx : Tensor(), Tensor(), want_weight ? dw : Tensor(),
             Tensor()};
   }
@@ -87,12 +210,29 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input,
                                                        at::IntArrayRef normalized_shape,
                                                        const OptTensor& weight,
                                                        const OptTensor& bias, double eps) {
+  if (use_reference({&input}, {&weight, &bias})) {
+    const Tensor& w = value_or_undefined(weight);
+    const Tensor& b = value_or_undefined(bias);
+    check_forward("bnext::layer_norm_fwd", input, normalized_shape, w, b, ParamDtype::kLikeInput);
+    auto [out, mean, rstd] = reference::layer_norm(
+        input, static_cast<int64_t>(normalized_shape.size()), w, b, eps);
+    return {out, mean.detach(), rstd.detach()};
+  }
   auto out = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
 
 std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
                                              const OptTensor& weight, double eps) {
+  // Complex input is not a performance case: torch's formula, composite.
+  if (input.is_complex() || use_reference({&input}, {&weight})) {
+    const Tensor& w = value_or_undefined(weight);
+    check_forward("bnext::rms_norm_fwd", input, normalized_shape, w, Tensor(),
+                  ParamDtype::kAnyFloat);
+    auto [out, rstd] =
+        reference::rms_norm(input, static_cast<int64_t>(normalized_shape.size()), w, eps);
+    return {out, rstd.detach()};
+  }
   auto out = RMSNormFunction::apply(input, normalized_shape, weight, eps);
   return {out[0], out[1]};
 }
@@ -102,6 +242,8 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, at::IntArrayRe
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("layer_norm_fwd", &layer_norm_autograd);
   m.impl("rms_norm_fwd", &rms_norm_autograd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_autograd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_autograd);
 }
 
 }  // namespace layer_norm

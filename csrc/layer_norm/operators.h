@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -22,11 +23,21 @@
 
 #include "common/checks.h"
 #include "layer_norm/prepare.h"
+#include "layer_norm/reference.h"
 
 namespace bnext {
 namespace layer_norm {
 
 using OptTensor = std::optional<Tensor>;
+
+// RMSNorm's outputs keep the input's memory format, as torch's do (its
+// RMSNorm is elementwise composite); the kernels work on contiguous rows.
+inline Tensor in_input_layout(const Tensor& out, const Tensor& input) {
+  if (input.is_contiguous()) return out;
+  Tensor like = at::empty_like(input);
+  if (like.strides() == out.strides()) return out;
+  return like.copy_(out);
+}
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
@@ -34,8 +45,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
                                                   const OptTensor& weight, const OptTensor& bias,
                                                   double eps) {
   const typename K::DeviceGuard guard(input.device());
-  const RowProblem p = prepare_forward("bnext::layer_norm_fwd", input, normalized_shape,
-                                       value_or_undefined(weight), value_or_undefined(bias));
+  const RowProblem p =
+      prepare_forward("bnext::layer_norm_fwd", input, normalized_shape, value_or_undefined(weight),
+                      value_or_undefined(bias), ParamDtype::kLikeInput);
   const auto stat_opts = p.x.options().dtype(opmath_dtype(input.scalar_type()));
   Tensor out = at::empty(input.sizes(), p.x.options());
   Tensor mean = at::empty(p.stat_shape, stat_opts);
@@ -48,28 +60,37 @@ template <class K>
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
                                         const OptTensor& weight, double eps) {
   const typename K::DeviceGuard guard(input.device());
+  if (input.is_complex()) {
+    // Not a performance case (and reached here only without autograd, e.g.
+    // under inference_mode): torch's formula, composite.
+    check_forward("bnext::rms_norm_fwd", input, normalized_shape, value_or_undefined(weight),
+                  Tensor(), ParamDtype::kAnyFloat);
+    return reference::rms_norm(input, static_cast<int64_t>(normalized_shape.size()),
+                               value_or_undefined(weight), eps);
+  }
   const RowProblem p = prepare_forward("bnext::rms_norm_fwd", input, normalized_shape,
-                                       value_or_undefined(weight), Tensor());
+                                       value_or_undefined(weight), Tensor(), ParamDtype::kAnyFloat);
   Tensor out = at::empty(input.sizes(), p.x.options());
   Tensor rstd = at::empty(p.stat_shape, p.x.options().dtype(opmath_dtype(input.scalar_type())));
   Tensor no_mean;
   if (p.M > 0) K::template forward<false>(p, eps, out, no_mean, rstd);
-  return {out, rstd};
+  return {in_input_layout(out, input), rstd};
 }
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const Tensor& input,
                                                   const Tensor& mean, const Tensor& rstd,
-                                                  const OptTensor& weight,
+                                                  const OptTensor& weight, double /*eps*/,
                                                   std::array<bool, 2> output_mask) {
   const char* op = "bnext::layer_norm_bwd";
   const typename K::DeviceGuard guard(input.device());
   const Tensor& w = value_or_undefined(weight);
-  TORCH_CHECK(mean.sizes() == rstd.sizes() && mean.scalar_type() == rstd.scalar_type(), op,
-              ": mean and rstd differ: ", mean.sizes(), " ", mean.scalar_type(), " vs ",
-              rstd.sizes(), " ", rstd.scalar_type());
+  TORCH_CHECK(mean.sizes() == rstd.sizes() && mean.scalar_type() == rstd.scalar_type() &&
+                  mean.device() == rstd.device(),
+              op, ": mean and rstd differ: ", mean.sizes(), " ", mean.scalar_type(), " on ",
+              mean.device(), " vs ", rstd.sizes(), " ", rstd.scalar_type(), " on ", rstd.device());
   TORCH_CHECK(w.defined() || !output_mask[0], op, ": grad_weight requested without a weight");
-  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w);
+  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kLikeInput);
   const bool columns = output_mask[0] || output_mask[1];
   Tensor dx = at::empty(input.sizes(), p.x.options());
   Tensor dw_col = columns ? at::zeros({p.N}, rstd.options()) : Tensor();
@@ -86,17 +107,18 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
 template <class K>
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& input,
                                         const Tensor& rstd, const OptTensor& weight,
-                                        bool weight_grad) {
+                                        double /*eps*/, bool weight_grad) {
   const char* op = "bnext::rms_norm_bwd";
   const typename K::DeviceGuard guard(input.device());
   const Tensor& w = value_or_undefined(weight);
   TORCH_CHECK(w.defined() || !weight_grad, op, ": grad_weight requested without a weight");
-  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w);
+  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kAnyFloat);
   Tensor dx = at::empty(input.sizes(), p.x.options());
   Tensor dw_col = weight_grad ? at::zeros({p.N}, rstd.options()) : Tensor();
   Tensor no_db;
   if (p.M > 0) K::template backward<false>(p, Tensor(), rstd.contiguous(), weight_grad, dx, dw_col, no_db);
-  return {dx, finish_param_grad(dw_col, weight_grad, p, param_grad_dtype(w, input))};
+  return {in_input_layout(dx, input),
+          finish_param_grad(dw_col, weight_grad, p, param_grad_dtype(w, input))};
 }
 
 template <class K>

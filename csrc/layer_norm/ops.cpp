@@ -5,7 +5,9 @@
 // (mean, rstd) have the input's leading (batch) shape and the opmath dtype
 // (float32, float64 for float64 input); the backward ops recover the split
 // from their dimension. A parameter gradient that output_mask does not ask
-// for comes back as an empty (0,) tensor.
+// for comes back as an empty (0,) tensor. The backward ops take the forward's
+// eps for their own derivative (double backward), which recomputes the
+// statistics from the input; the kernels use the saved ones.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(bnext, m) {
@@ -14,11 +16,11 @@ TORCH_LIBRARY_FRAGMENT(bnext, m) {
       "float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-      "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "float eps, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps) "
       "-> (Tensor out, Tensor rstd)");
   m.def(
-      "rms_norm_bwd(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
+      "rms_norm_bwd(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, float eps, "
       "bool weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
 }

@@ -10,12 +10,36 @@ namespace layer_norm {
 namespace {
 
 void check_param_shape(const char* op, const char* name, const Tensor& param,
-                       const Tensor& input, at::IntArrayRef normalized_shape) {
+                       const Tensor& input, at::IntArrayRef normalized_shape, ParamDtype rule) {
   if (!param.defined()) return;
   TORCH_CHECK(param.sizes() == normalized_shape, "Expected ", name,
               " to be of same shape as normalized_shape, but got ", name, " of shape ",
               param.sizes(), " and normalized_shape = ", normalized_shape);
-  check_param(op, name, param, input, param.numel());
+  if (rule == ParamDtype::kAnyFloat) {
+    TORCH_CHECK(param.device() == input.device(), op, ": expected ", name, " on device ",
+                input.device(), " (the input's device), got ", param.device());
+    TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(param.scalar_type()) ||
+                                    (input.is_complex() && param.is_complex()),
+                                "\"", op,
+                                "\" not implemented for a ", name, " of dtype ",
+                                param.scalar_type());
+  } else {
+    check_param(op, name, param, input, param.numel());
+  }
+}
+
+// torch checks a parameter's dtype against the input's before the input's
+// own dtype: an integer input with a float weight is a RuntimeError (mixed
+// dtypes), without a weight a NotImplementedError.
+void check_param_dtype_first(const char* op, const Tensor& input, const Tensor& weight,
+                             const Tensor& bias, ParamDtype rule) {
+  if (rule == ParamDtype::kAnyFloat) return;
+  for (const Tensor* t : {&weight, &bias}) {
+    TORCH_CHECK(!t->defined() || at::isFloatingType(input.scalar_type()) ||
+                    t->scalar_type() == input.scalar_type(),
+                op, ": expected the input and parameters to share a dtype, got input of dtype ",
+                input.scalar_type(), " and a parameter of dtype ", t->scalar_type());
+  }
 }
 
 Tensor opmath_contiguous(const Tensor& t, at::ScalarType opmath) {
@@ -34,20 +58,28 @@ void fill_view(RowProblem& p, const Tensor& input, int64_t axis) {
 
 }  // namespace
 
-RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
-                           const Tensor& weight, const Tensor& bias) {
+void check_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
+                   const Tensor& weight, const Tensor& bias, ParamDtype rule) {
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(nd >= 1,
               "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
               "least one element, but got normalized_shape = ",
               normalized_shape);
-  check_input(op, input, 0);
+  check_param_dtype_first(op, input, weight, bias, rule);
+  // RMSNorm takes complex input too (through its composite path).
+  if (!(rule == ParamDtype::kAnyFloat && input.is_complex())) check_input(op, input, 0);
   const auto sizes = input.sizes();
   TORCH_CHECK(input.dim() >= nd && sizes.slice(input.dim() - nd) == normalized_shape,
               "Given normalized_shape=", normalized_shape, ", expected input with shape [*, ",
               c10::Join(", ", normalized_shape), "], but got input of size", sizes);
-  check_param_shape(op, "weight", weight, input, normalized_shape);
-  check_param_shape(op, "bias", bias, input, normalized_shape);
+  check_param_shape(op, "weight", weight, input, normalized_shape, rule);
+  check_param_shape(op, "bias", bias, input, normalized_shape, rule);
+}
+
+RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
+                           const Tensor& weight, const Tensor& bias, ParamDtype rule) {
+  check_forward(op, input, normalized_shape, weight, bias, rule);
+  const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   RowProblem p;
   const auto opmath = opmath_dtype(input.scalar_type());
   p.x = input.contiguous();
@@ -58,7 +90,7 @@ RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef 
 }
 
 RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
-                            const Tensor& stat, const Tensor& weight) {
+                            const Tensor& stat, const Tensor& weight, ParamDtype rule) {
   check_input(op, input, 0);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
                   grad_out.device() == input.device(),
@@ -73,7 +105,7 @@ RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor
               stat.scalar_type(), ", ", stat.device());
   RowProblem p;
   fill_view(p, input, stat.dim());
-  check_param_shape(op, "weight", weight, input, p.param_shape);
+  check_param_shape(op, "weight", weight, input, p.param_shape, rule);
   p.x = input.contiguous();
   p.dy = grad_out.contiguous();
   p.w = opmath_contiguous(weight, opmath);

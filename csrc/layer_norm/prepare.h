@@ -25,13 +25,23 @@ struct RowProblem {
   std::vector<int64_t> param_shape;  // normalized_shape
 };
 
+// Which parameter dtypes an op accepts: LayerNorm the input's (or float32
+// for half/bfloat16 input), as torch's; RMSNorm any floating dtype, as
+// torch's (the output keeps the input's dtype).
+enum class ParamDtype { kLikeInput, kAnyFloat };
+
+// Every argument check of the forward ops, also used by their reference
+// paths (autograd.cpp).
+void check_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
+                   const Tensor& weight, const Tensor& bias, ParamDtype rule);
+
 RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
-                           const Tensor& weight, const Tensor& bias);
+                           const Tensor& weight, const Tensor& bias, ParamDtype rule);
 
 // `stat` (mean or rstd) carries the batch dims, so the normalized dims are
 // input's dims past stat.dim().
 RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
-                            const Tensor& stat, const Tensor& weight);
+                            const Tensor& stat, const Tensor& weight, ParamDtype rule);
 
 // A requested parameter gradient of `param_shape`, in `dtype`, from an opmath
 // column sum; not requested gives an empty (0,) tensor, as the fake kernels do.

@@ -5,7 +5,6 @@ import torch
 from ._meta import opmath_dtype
 
 
-
 def _check_shape(input, normalized_shape):
     # The same condition the kernels check, so that tracing fails where eager would.
     n = len(normalized_shape)
@@ -31,11 +30,12 @@ def _param_grad(input, axis, requested, weight):
 @torch.library.register_fake("bnext::layer_norm_fwd")
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
     axis = _check_shape(input, normalized_shape)
-    return torch.empty_like(input, memory_format=torch.contiguous_format), _row_stat(input, axis), _row_stat(input, axis)
+    # RMSNorm keeps the input's memory format, as torch's does; LayerNorm's is contiguous.
+    return torch.empty_like(input), _row_stat(input, axis), _row_stat(input, axis)
 
 
 @torch.library.register_fake("bnext::layer_norm_bwd")
-def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, output_mask):
+def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, eps, output_mask):
     axis = rstd.dim()
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
@@ -47,14 +47,12 @@ def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, output_mask):
 @torch.library.register_fake("bnext::rms_norm_fwd")
 def _rms_norm_fwd_fake(input, normalized_shape, weight, eps):
     axis = _check_shape(input, normalized_shape)
-    return torch.empty_like(input, memory_format=torch.contiguous_format), _row_stat(input, axis)
+    # RMSNorm keeps the input's memory format, as torch's does; LayerNorm's is contiguous.
+    return torch.empty_like(input), _row_stat(input, axis)
 
 
 @torch.library.register_fake("bnext::rms_norm_bwd")
-def _rms_norm_bwd_fake(grad_out, input, rstd, weight, weight_grad):
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
-        _param_grad(input, rstd.dim(), weight_grad, weight),
-    )
+def _rms_norm_bwd_fake(grad_out, input, rstd, weight, eps, weight_grad):
+    return torch.empty_like(input), _param_grad(input, rstd.dim(), weight_grad, weight)
 
 # Autograd: csrc/layer_norm/autograd.cpp.
