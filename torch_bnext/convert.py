@@ -1,6 +1,7 @@
 """Swapping torch.nn normalisation layers for torch_bnext ones in a model."""
 
-import torch
+import warnings
+
 from torch import nn
 
 from .modules import (
@@ -65,6 +66,28 @@ def _swap_row_norm(module: nn.Module) -> nn.Module:
     return new
 
 
+_RENORM_ONLY = ("r_max", "d_max")
+
+
+def _check_unconvertible(module: nn.Module) -> None:
+    """Layers that look convertible but are not: say so instead of leaving
+    them silently as torch's."""
+    lazy = (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+    if isinstance(module, lazy) and module.has_uninitialized_params():
+        raise ValueError(
+            f"convert_model: {type(module).__name__} has not inferred num_features yet; run one "
+            "forward pass (or call the model on a sample input) before converting"
+        )
+    if type(module) is nn.SyncBatchNorm:
+        warnings.warn(
+            "convert_model: nn.SyncBatchNorm layers are left as torch's (torch_bnext has no "
+            "synchronized Batch Norm yet); convert the model before "
+            "nn.SyncBatchNorm.convert_sync_batchnorm to use ours",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = False,
                   **kwargs) -> nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
@@ -78,9 +101,18 @@ def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = 
     eps, momentum and affine are otherwise taken from the replaced layer.
     With layernorm=True, torch.nn.LayerNorm and torch.nn.RMSNorm are replaced
     by torch_bnext.LayerNorm and RMSNorm too.
-    Layers that are already of the target kind are left as they are."""
+    Layers that are already of the target kind are left as they are.
+    Lazy Batch Norm layers convert once initialised (ValueError before);
+    nn.SyncBatchNorm layers stay torch's, with a UserWarning."""
     if norm not in _TARGETS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(_TARGETS)}")
+    misplaced = [k for k in _RENORM_ONLY if k in kwargs and norm != "batchrenorm"]
+    if misplaced:
+        raise TypeError(
+            f"convert_model: {', '.join(misplaced)} configure Batch Renorm; pass "
+            f"norm='batchrenorm' to convert to it (got norm={norm!r})"
+        )
+    _check_unconvertible(module)
     cls = _TARGETS[norm].get(type(module))
     if cls is not None:
         out = _swap_batch_norm(module, cls, kwargs)

@@ -22,10 +22,13 @@ inline void check_args(const char* op, const Tensor& input, const Tensor& weight
   // torch.nn's Batch Norm fails with an IndexError on zero channels too.
   TORCH_CHECK_INDEX(C > 0, op, ": expected at least one channel, got input of size ",
                     input.sizes());
-  check_param(op, "weight", weight, input, C);
-  check_param(op, "bias", bias, input, C);
-  check_param(op, "running_mean", mean, input, C);
-  check_param(op, "running_var", var, input, C);
+  // An empty batch reads no parameter: torch returns the empty output
+  // whatever their dtypes.
+  const bool check_dtype = input.numel() > 0;
+  check_param(op, "weight", weight, input, C, check_dtype);
+  check_param(op, "bias", bias, input, C, check_dtype);
+  check_param(op, "running_mean", mean, input, C, check_dtype);
+  check_param(op, "running_var", var, input, C, check_dtype);
 }
 
 inline void check_channel_vectors(const char* op, const Tensor& x,

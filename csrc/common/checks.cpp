@@ -19,12 +19,13 @@ void check_input(const char* op, const at::Tensor& input, int64_t min_dim) {
 }
 
 void check_param(const char* op, const char* name, const at::Tensor& param,
-                 const at::Tensor& input, int64_t numel) {
+                 const at::Tensor& input, int64_t numel, bool check_dtype) {
   if (!param.defined()) return;
   TORCH_CHECK(param.numel() == numel, name, " should contain ", numel, " elements not ",
               param.numel(), " (", op, ": input of size ", input.sizes(), ")");
   TORCH_CHECK(param.device() == input.device(), op, ": expected ", name, " on device ",
               input.device(), " (the input's device), got ", param.device());
+  if (!check_dtype) return;
   const auto dt = param.scalar_type();
   const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
   TORCH_CHECK(dt == input.scalar_type() || (reduced && dt == at::kFloat), op, ": expected ",

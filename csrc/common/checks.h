@@ -17,9 +17,10 @@ void check_input(const char* op, const at::Tensor& input, int64_t min_dim);
 
 // A per-channel tensor (weight, bias, running statistics) of `numel` elements
 // on the input's device, of the input's dtype or float32 for half/bfloat16
-// input (mixed precision). Undefined tensors pass.
+// input (mixed precision; not checked with check_dtype = false). Undefined
+// tensors pass.
 void check_param(const char* op, const char* name, const at::Tensor& param,
-                 const at::Tensor& input, int64_t numel);
+                 const at::Tensor& input, int64_t numel, bool check_dtype = true);
 
 template <typename T>
 inline const T* data_or_null(const at::Tensor& t) {

@@ -18,6 +18,21 @@ def verify_batch_size(input: Tensor) -> None:
         )
 
 
+def check_eps(eps: float, training: bool) -> None:
+    # torch.nn.functional.batch_norm's checks and messages.
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def check_channel_dim(input: Tensor) -> None:
+    # torch indexes dimension 1 and fails with an IndexError (the modules'
+    # _check_input_dim catch this earlier, with a ValueError).
+    if input.dim() < 2:
+        raise IndexError(f"Expected 2D or higher input (got {input.dim()}D input)")
+
+
 def batch_norm_training(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -30,9 +45,9 @@ def batch_norm_training(
 ) -> Tensor:
     """Training-mode Batch Norm; updates the running buffers (and counts the step
     in num_batches_tracked) only after every argument has been checked."""
-    if input.dim() < 2:
-        raise ValueError(f"Expected 2D or higher input (got {input.dim()}D input)")
+    check_channel_dim(input)
     verify_batch_size(input)
+    check_eps(eps, True)
     out, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
@@ -72,8 +87,18 @@ def batch_norm(
     running_mean and running_var in place (running_var receives the unbiased
     batch variance). In eval, normalises with the running statistics.
     """
+    if input.dim() < 2 and input.numel() == 0:
+        return input.clone()  # torch returns the empty input as it is, in either mode
     if training:
         return batch_norm_training(input, running_mean, running_var, weight, bias, momentum, eps)
+    return batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+
+
+def batch_norm_eval(input, running_mean, running_var, weight, bias, eps) -> Tensor:
+    """Eval-mode Batch Norm with the running statistics, after torch's checks."""
     if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must be defined in evaluation mode")
+        # torch's message and type (its C++ check).
+        raise RuntimeError(f"running_{'mean' if running_mean is None else 'var'} must be defined "
+                           "in evaluation mode")
+    check_eps(eps, False)
     return _ops.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)

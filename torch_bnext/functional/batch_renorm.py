@@ -3,7 +3,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import update_running_stats, verify_batch_size
+from .batch_norm import (
+    batch_norm_eval,
+    check_channel_dim,
+    check_eps,
+    update_running_stats,
+    verify_batch_size,
+)
 
 _ops = torch.ops.bnext
 
@@ -31,8 +37,7 @@ def batch_renorm_training(
     """Training-mode Batch Renorm. r and d are computed from the running buffers
     as they are before this step; the buffers (and num_batches_tracked) are then
     updated with Batch Norm's operator, only after every check has passed."""
-    if input.dim() < 2:
-        raise ValueError(f"Expected 2D or higher input (got {input.dim()}D input)")
+    check_channel_dim(input)
     if running_mean is None or running_var is None:
         raise ValueError(
             "batch_renorm needs running_mean and running_var in training: r and d are "
@@ -42,6 +47,7 @@ def batch_renorm_training(
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     verify_batch_size(input)
+    check_eps(eps, True)
     out, mean, var, _r, _d = _ops.batch_renorm_train(
         input, running_mean, running_var, weight, bias, eps, float(r_max), float(d_max)
     )
@@ -88,7 +94,5 @@ def batch_renorm(
         return batch_renorm_training(
             input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max
         )
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must be defined in evaluation mode")
     check_renorm_limits(r_max, d_max)
-    return _ops.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)
+    return batch_norm_eval(input, running_mean, running_var, weight, bias, eps)

@@ -1,9 +1,6 @@
-import torch
 from torch import Tensor, nn
 
-from ..functional.batch_norm import batch_norm_training
-
-_ops = torch.ops.bnext
+from ..functional.batch_norm import batch_norm_eval, batch_norm_training
 
 
 class _BatchNormForward:
@@ -20,7 +17,7 @@ class _BatchNormForward:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self._use_batch_stats():
-            return _ops.batch_norm_infer(
+            return batch_norm_eval(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         track = self.training and self.track_running_stats and self.running_mean is not None

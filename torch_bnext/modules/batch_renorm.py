@@ -1,11 +1,10 @@
 from typing import Callable, Union
 
-import torch
 from torch import Tensor, nn
 
+from ..functional.batch_norm import batch_norm_eval
 from ..functional.batch_renorm import batch_renorm_training, check_renorm_limits
 
-_ops = torch.ops.bnext
 
 Limit = Union[float, Callable[[int], float]]
 
@@ -64,7 +63,7 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
-            return _ops.batch_norm_infer(
+            return batch_norm_eval(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         r_max, d_max = self._limits()
