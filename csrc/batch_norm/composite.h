@@ -213,6 +213,13 @@ void update_stats(const Tensor& running_mean, const Tensor& running_var,
                   const Tensor& var_in, std::optional<double> momentum, int64_t count) {
   const char* op = "bnext::batch_norm_update_stats";
   const int64_t C = mean_in.numel();
+  TORCH_CHECK(var_in.numel() == C && var_in.device() == mean_in.device() &&
+                  var_in.scalar_type() == mean_in.scalar_type(),
+              op, ": expected the batch var like the batch mean (", C, " values of ",
+              mean_in.scalar_type(), " on ", mean_in.device(), "), got ", var_in.numel(),
+              " values of ", var_in.scalar_type(), " on ", var_in.device());
+  TORCH_CHECK(at::isFloatingType(mean_in.scalar_type()), op,
+              ": expected a floating-point batch mean, got ", mean_in.scalar_type());
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"running_mean", &running_mean},
                                 {"running_var", &running_var}}) {
     TORCH_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());

@@ -97,11 +97,14 @@ variable_list backward_of_backward(const ReferenceForward& forward, const variab
   if (used.empty()) return result;
 
   const at::AutoGradMode enable_grad(true);
-  // Tensors already in the caller's graph are used as they are, so that the
-  // result stays connected to it (third and higher orders); the others
-  // become leaves, only to be differentiated with respect to here.
+  // Each tensor is differentiated through a fresh alias: the gradient with
+  // respect to the alias is the partial derivative (dy may itself depend on x
+  // through the caller's graph: autograd::grad with respect to x itself would
+  // add that path, which the engine adds again), and the alias keeps the
+  // result connected to the caller's graph (third and higher orders).
+  // Tensors outside any graph become leaves.
   const auto as_variable = [](const Tensor& t) {
-    return t.requires_grad() ? t : t.detach().requires_grad_();
+    return t.requires_grad() ? t.view_as(t) : t.detach().requires_grad_();
   };
   variable_list xs;
   for (const Tensor& t : inputs) xs.push_back(as_variable(t));

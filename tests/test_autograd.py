@@ -1,0 +1,375 @@
+"""Every derivative of every bnext operator: first and second order
+(gradcheck/gradgradcheck in float64), forward mode (forward_ad, torch.func.jvp,
+jacfwd, hessian), functorch's grad/vmap, and the rule that an operator either
+has a correct derivative or raises: never the silent zeros of the autograd
+fallback."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+
+import torch_bnext
+from torch_bnext.functional import batch_norm, batch_renorm, layer_norm, rms_norm
+
+from conftest import DEVICES, assert_close_rel, to_format
+
+ops = torch.ops.bnext
+D = torch.float64
+
+
+def rand(*shape, device="cpu", requires_grad=True):
+    t = torch.randn(*shape, dtype=D, device=device) * 1.3 + 0.4
+    return t.requires_grad_(requires_grad)
+
+
+def positive(n, device="cpu"):
+    return (torch.rand(n, dtype=D, device=device) + 0.5).requires_grad_()
+
+
+# Each case: (name, our function, torch's function, inputs). Batch Renorm's r
+# and d are clipped (r_max = 1, d_max = 0): there the stop-gradient is exact
+# and torch's Batch Norm is the reference; unclipped, r and d would make the
+# numerical Jacobian differ from the defined (stop-gradient) one.
+RUNNING_MEAN = torch.tensor([0.3, -0.2, 0.1], dtype=D)
+RUNNING_VAR = torch.tensor([0.7, 1.3, 0.9], dtype=D)
+
+
+def cases(device):
+    rm, rv = RUNNING_MEAN.to(device), RUNNING_VAR.to(device)
+    x4 = to_format(rand(4, 3, 2, 3, device=device).detach(), "channels_last").requires_grad_()
+    return [
+        ("bn_train", lambda x, w, b: batch_norm(x, None, None, w, b, training=True),
+         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+         (rand(5, 3, 2, device=device), positive(3, device), rand(3, device=device))),
+        ("bn_train_channels_last", lambda x, w, b: batch_norm(x, None, None, w, b, training=True),
+         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+         (x4, positive(3, device), rand(3, device=device))),
+        ("bn_train_no_affine", lambda x: batch_norm(x, None, None, training=True),
+         lambda x: F.batch_norm(x, None, None, training=True), (rand(6, 3, device=device),)),
+        ("bn_eval", lambda x, w, b: batch_norm(x, rm, rv, w, b, training=False),
+         lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=False),
+         (rand(4, 3, 2, device=device), positive(3, device), rand(3, device=device))),
+        ("renorm_clipped",
+         lambda x, w, b: batch_renorm(x, rm.clone(), rv.clone(), w, b, training=True, r_max=1.0,
+                                      d_max=0.0),
+         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+         (rand(5, 3, 2, device=device), positive(3, device), rand(3, device=device))),
+        ("layer_norm", lambda x, w, b: layer_norm(x, [2, 3], w, b),
+         lambda x, w, b: F.layer_norm(x, [2, 3], w, b),
+         (rand(4, 2, 3, device=device), positive(6, device).view(2, 3),
+          rand(2, 3, device=device))),
+        ("layer_norm_no_affine", lambda x: layer_norm(x, [5]), lambda x: F.layer_norm(x, [5]),
+         (rand(3, 5, device=device),)),
+        ("rms_norm", lambda x, w: rms_norm(x, [6], w, 1e-5), lambda x, w: F.rms_norm(x, [6], w, 1e-5),
+         (rand(4, 6, device=device), positive(6, device))),
+        ("rms_norm_no_weight", lambda x: rms_norm(x, [2, 3], None, 1e-5),
+         lambda x: F.rms_norm(x, [2, 3], None, 1e-5), (rand(3, 2, 3, device=device),)),
+    ]
+
+
+def case_ids():
+    return [c[0] for c in cases("cpu")]
+
+
+def get_case(name, device):
+    return next(c for c in cases(device) if c[0] == name)
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_first_and_second_order_and_forward_mode(name, device):
+    _, ours, _, inputs = get_case(name, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the autograd fallback warns
+        assert gradcheck(ours, inputs, check_forward_ad=True, check_backward_ad=True)
+        assert gradgradcheck(ours, inputs)
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_second_order_equals_torch(name, device):
+    """A gradient penalty, the way users write one: values, not just consistency."""
+    _, ours, theirs, inputs = get_case(name, device)
+
+    def penalty_grads(fn):
+        args = [t.detach().clone().requires_grad_() for t in inputs]
+        y = fn(*args)
+        weight = torch.linspace(-1, 2, y.numel(), dtype=D, device=device).view_as(y)
+        first = torch.autograd.grad((y * weight).sum(), args, create_graph=True)
+        penalty = sum((g * g).sum() for g in first)
+        return (penalty,) + torch.autograd.grad(penalty, args, materialize_grads=True)
+
+    got, expected = penalty_grads(ours), penalty_grads(theirs)
+    assert expected[1].abs().max() > 0  # the case has a second derivative to get wrong
+    for g, e in zip(got, expected):
+        assert_close_rel(g, e, D, name, factor=100)
+
+
+def _composite(name):
+    """The norms written out in differentiable torch ops: torch's own
+    batch_norm/layer_norm refuse third-order derivatives."""
+    def bn(x, w=None, b=None, stats=None):
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean, var = stats if stats else (x.mean(dims), x.var(dims, unbiased=False))
+        y = (x - mean.view(shape)) / (var.view(shape) + 1e-5).sqrt()
+        return y * (w.view(shape) if w is not None else 1) + (b.view(shape) if b is not None else 0)
+
+    def ln(x, w=None, b=None, n=1):
+        dims = list(range(x.dim() - n, x.dim()))
+        y = (x - x.mean(dims, keepdim=True)) / (x.var(dims, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        return y * (w if w is not None else 1) + (b if b is not None else 0)
+
+    def rms(x, w=None, n=1):
+        dims = list(range(x.dim() - n, x.dim()))
+        return x * (x.pow(2).mean(dims, keepdim=True) + 1e-5).rsqrt() * (w if w is not None else 1)
+
+    if name == "bn_eval":
+        return lambda x, w, b: bn(x, w, b, stats=(RUNNING_MEAN, RUNNING_VAR))
+    return {
+        "bn_train": bn, "bn_train_channels_last": bn, "bn_train_no_affine": bn,
+        "renorm_clipped": bn,
+        "layer_norm": lambda x, w, b: ln(x, w, b, n=2), "layer_norm_no_affine": ln,
+        "rms_norm": rms, "rms_norm_no_weight": lambda x: rms(x, n=2),
+    }[name]
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_third_order_is_not_silently_zero(name):
+    _, ours, _, inputs = get_case(name, "cpu")
+    theirs = _composite(name)
+    x = inputs[0]
+
+    def third(fn):
+        y = fn(*inputs)
+        (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(h.sin().sum(), x)[0]
+
+    assert_close_rel(third(ours), third(theirs), D, name, factor=1000)
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_functorch_transforms_match_torch(name, device):
+    _, ours, theirs, inputs = get_case(name, device)
+    primals = tuple(t.detach() for t in inputs)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    got = torch.func.jvp(ours, primals, tangents)
+    expected = torch.func.jvp(theirs, primals, tangents)
+    for g, e in zip(got, expected):
+        assert_close_rel(g, e, D, f"{name} jvp")
+    for transform in (torch.func.jacfwd, torch.func.jacrev):
+        assert_close_rel(transform(ours)(*primals), transform(theirs)(*primals), D,
+                         f"{name} {transform.__name__}", factor=100)
+    scalar = lambda f: lambda *a: f(*a).pow(2).sum()  # noqa: E731
+    assert_close_rel(torch.func.hessian(scalar(ours))(*primals),
+                     torch.func.hessian(scalar(theirs))(*primals), D, f"{name} hessian", factor=100)
+    assert_close_rel(torch.func.grad(scalar(ours))(*primals),
+                     torch.func.grad(scalar(theirs))(*primals), D, f"{name} grad", factor=100)
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_forward_ad_api(name, device):
+    import torch.autograd.forward_ad as fwAD
+
+    _, ours, theirs, inputs = get_case(name, device)
+    primals = [t.detach() for t in inputs]
+    tangents = [torch.randn_like(t) for t in primals]
+
+    def run(fn):
+        with fwAD.dual_level():
+            out = fn(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+            return fwAD.unpack_dual(out).tangent
+
+    assert_close_rel(run(ours), run(theirs), D, name)
+
+
+def test_vmap_over_the_functional_ops():
+    x = torch.randn(3, 4, 5, 6, dtype=D)
+    w = torch.rand(5, dtype=D) + 0.5
+    rm, rv = torch.randn(5, dtype=D), torch.rand(5, dtype=D) + 0.5
+    pairs = [
+        (lambda t: layer_norm(t, [6]), lambda t: F.layer_norm(t, [6])),
+        (lambda t: rms_norm(t, [6]), lambda t: F.rms_norm(t, [6])),
+        (lambda t: batch_norm(t, rm, rv, w, None), lambda t: F.batch_norm(t, rm, rv, w, None)),
+        (lambda t: batch_norm(t, None, None, w, None, training=True),
+         lambda t: F.batch_norm(t, None, None, w, None, training=True)),
+    ]
+    for ours, theirs in pairs:
+        assert_close_rel(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x), D, "vmap")
+
+
+def test_vmap_refuses_in_place_running_statistics_like_torch():
+    x = torch.randn(3, 4, 5, dtype=D)
+    rm, rv = torch.zeros(5, dtype=D), torch.ones(5, dtype=D)
+    with pytest.raises(RuntimeError):
+        torch.func.vmap(lambda t: F.batch_norm(t, rm, rv, training=True))(x)
+    with pytest.raises(RuntimeError):
+        torch.func.vmap(lambda t: batch_norm(t, rm, rv, training=True))(x)
+
+
+# ------------------------------------------------ no silent zeros, ever
+
+
+def _op_samples():
+    """Float64 arguments of every bnext op, tensors that can be requiring grad."""
+    x = rand(4, 3, 5, requires_grad=False)
+    g = rand(4, 3, 5, requires_grad=False)
+    v = lambda: rand(3, requires_grad=False)  # noqa: E731
+    var = torch.rand(3, dtype=D) + 0.5
+    mean, var_b = x.mean((0, 2)), x.var((0, 2), unbiased=False)
+    lx = rand(4, 6, requires_grad=False)
+    lw = positive(6).detach()
+    lmean, lrstd = lx.mean(-1), (lx.var(-1, unbiased=False) + 1e-5).rsqrt()
+    rms_rstd = (lx.pow(2).mean(-1) + 1e-5).rsqrt()
+    r, d = torch.full((3,), 1.0, dtype=D), torch.zeros(3, dtype=D)
+    return {
+        "batch_norm_stats": ((x,), [0], [0, 1]),
+        "batch_norm_elemt": ((x, v(), v(), v()), [0, 1, 2, 3], [0]),
+        "batch_norm_backward_reduce": ((g, x, v()), [0, 1, 2], [0, 1]),
+        "batch_norm_backward_elemt": ((g, x, v(), v(), v(), v()), [0, 1, 2, 3, 4, 5], [0]),
+        "batch_norm_train": ((x, v(), v(), 1e-5), [0, 1, 2], [0]),
+        "batch_norm_infer": ((x, v(), var, v(), v(), 1e-5), [0, 3, 4], [0]),
+        "batch_norm_backward": ((g, x, mean, var_b, v(), 1e-5, True), [0, 1, 4], [0, 1, 2]),
+        "batch_renorm_train": ((x, v(), var, v(), v(), 1e-5, 1.0, 0.0), [0, 3, 4], [0]),
+        "batch_renorm_backward": ((g, x, mean, var_b, v(), r, d, 1e-5), [0, 1, 4], [0, 1, 2]),
+        "layer_norm_fwd": ((lx, [6], lw, v().repeat(2), 1e-5), [0, 2, 3], [0]),
+        "layer_norm_bwd": ((rand(4, 6, requires_grad=False), lx, lmean, lrstd, lw, 1e-5,
+                            [True, True]), [0, 1, 4], [0, 1, 2]),
+        "rms_norm_fwd": ((lx, [6], lw, 1e-5), [0, 2], [0]),
+        "rms_norm_bwd": ((rand(4, 6, requires_grad=False), lx, rms_rstd, lw, 1e-5, True),
+                         [0, 1, 3], [0, 1]),
+    }
+
+
+NOT_DIFFERENTIABLE = {"batch_norm_update_stats"}
+
+# The backward ops take the forward's statistics of x: differentiating them
+# means the statistics move with x (as in a double backward), so the
+# numerical derivative must recompute them from the perturbed x.
+def _bn_stats(x):
+    return x.mean((0, 2)), x.var((0, 2), unbiased=False)
+
+
+STATISTICS_OF_X = {
+    "batch_norm_backward": ([2, 3], _bn_stats),
+    "batch_renorm_backward": ([2, 3], _bn_stats),
+    "layer_norm_bwd": ([2, 3], lambda x: (x.mean(-1), (x.var(-1, unbiased=False) + 1e-5).rsqrt())),
+    "rms_norm_bwd": ([2], lambda x: ((x.pow(2).mean(-1) + 1e-5).rsqrt(),)),
+}
+
+
+def all_ops():
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted(n.split("::")[1] for n in names if n.startswith("bnext::"))
+
+
+def test_every_op_has_an_autograd_kernel():
+    names = all_ops()
+    assert set(names) == set(_op_samples()) | NOT_DIFFERENTIABLE, "new op: add it to the samples"
+    for name in names:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bnext::{name}", "Autograd"), name
+
+
+@pytest.mark.parametrize("name", sorted(_op_samples()))
+def test_every_differentiable_op_has_correct_derivatives(name):
+    args, differentiable, outputs = _op_samples()[name]
+    op = getattr(ops, name)
+    positions = [i for i in differentiable if isinstance(args[i], torch.Tensor)]
+
+    def fn(*tensors):
+        call = list(args)
+        for i, t in zip(positions, tensors):
+            call[i] = t
+        if name in STATISTICS_OF_X:
+            stat_positions, stats = STATISTICS_OF_X[name]
+            for i, s in zip(stat_positions, stats(call[1].detach())):
+                call[i] = s
+        out = op(*call)
+        outs = out if isinstance(out, tuple) else (out,)
+        return tuple(outs[i] for i in outputs)  # not statistics, r, d: they have no gradient
+
+    inputs = tuple(args[i].detach().clone().requires_grad_() for i in positions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert gradcheck(fn, inputs, check_forward_ad=not name.endswith(("backward", "_bwd")))
+        assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize(
+    "name, position, what",
+    [
+        ("batch_norm_backward", 2, "mean"),
+        ("batch_norm_backward", 3, "var"),
+        ("batch_renorm_backward", 5, "r"),
+        ("layer_norm_bwd", 3, "rstd"),
+        ("rms_norm_bwd", 2, "rstd"),
+        ("batch_norm_infer", 1, "running_mean"),
+        ("batch_norm_infer", 2, "running_var"),
+        ("batch_renorm_train", 1, "running_mean"),
+    ],
+)
+def test_arguments_without_derivative_raise(name, position, what):
+    args = list(_op_samples()[name][0])
+    args[position] = args[position].detach().clone().requires_grad_()
+    out = getattr(ops, name)(*args)
+    first = out[0] if isinstance(out, tuple) else out
+    with pytest.raises(RuntimeError, match=f"derivative for '{what}' is not implemented"):
+        torch.autograd.grad(first.sum(), args[position])
+
+
+def test_running_stat_update_refuses_differentiable_inputs():
+    rm, rv = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
+    mean = torch.randn(3, dtype=D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.batch_norm_update_stats(rm, rv, None, mean, torch.ones(3, dtype=D), 0.1, 8)
+    assert (rm == 0).all() and (rv == 1).all()
+    with torch.no_grad():
+        ops.batch_norm_update_stats(rm, rv, None, mean, torch.ones(3, dtype=D), 0.1, 8)
+    assert (rm != 0).any()
+
+
+def test_backward_ops_refuse_forward_mode_with_a_clear_error():
+    import torch.autograd.forward_ad as fwAD
+
+    args = _op_samples()["layer_norm_bwd"][0]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(args[0], torch.ones_like(args[0]))
+        with pytest.raises(RuntimeError, match="apply them to the forward operator"):
+            ops.layer_norm_bwd(dual, *args[1:])
+
+
+def test_first_order_still_runs_our_kernels():
+    """The reference composites serve higher orders only: a plain backward
+    records our backward op, a create_graph backward too (then differentiable)."""
+    x = rand(8, 4, 3)
+    y = batch_norm(x, None, None, training=True)
+    assert y.grad_fn.name().endswith("batch_norm::(anonymous namespace)::TrainFunction>")
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    assert g.grad_fn.name().endswith("batch_norm::(anonymous namespace)::BackwardFunction>")
+
+
+@pytest.mark.parametrize("cls, shape", [(nn.BatchNorm2d, (4, 3, 5, 5)), (nn.LayerNorm, (4, 7)),
+                                        (nn.RMSNorm, (4, 7))])
+def test_gradient_penalty_training_step_matches_torch(cls, shape):
+    """The new user's gradient-penalty step: norms of ~1e3 used to come back as zeros."""
+    torch.manual_seed(0)
+    n = shape[1] if cls is nn.BatchNorm2d else shape[-1]
+    theirs = nn.Sequential(nn.Linear(shape[-1], shape[-1]), cls(n)).double()
+    ours = torch_bnext.convert_model(__import__("copy").deepcopy(theirs), layernorm=True)
+    assert type(ours[1]) is not cls
+    x = torch.randn(shape, dtype=D) * 3
+
+    def step(model):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = model(xi).sin().sum()
+        (gx,) = torch.autograd.grad(out, xi, create_graph=True)
+        (out + 10 * gx.norm() ** 2).backward()
+        return [p.grad for p in model.parameters()]
+
+    for g, e in zip(step(ours), step(theirs)):
+        assert e.abs().max() > 1e-6  # not a vacuous comparison
+        assert_close_rel(g, e, D, cls.__name__, factor=100)
