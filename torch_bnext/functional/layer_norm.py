@@ -19,7 +19,8 @@ def _as_shape(normalized_shape: _Shape) -> List[int]:
 def _default_rms_eps(dtype: torch.dtype) -> float:
     # torch uses the epsilon of the accumulation type: float32's for
     # half/bfloat16 input, float64's for float64.
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    double = dtype in (torch.float64, torch.complex128)
+    return torch.finfo(torch.float64 if double else torch.float32).eps
 
 
 def layer_norm(
