@@ -198,7 +198,27 @@ def test_vmap_over_the_functional_ops():
          lambda t: F.batch_norm(t, None, None, w, None, training=True)),
     ]
     for ours, theirs in pairs:
-        assert_close_rel(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x), D, "vmap")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no per-sample fallback loop
+            got = torch.func.vmap(ours)(x)
+        assert_close_rel(got, torch.func.vmap(theirs)(x), D, "vmap")
+    # Per-sample parameters, batched along with the input (and along another dim).
+    ws, bs = torch.rand(3, 5, dtype=D) + 0.5, torch.randn(5, 3, dtype=D)
+    per_sample = [
+        (lambda t, w, b: batch_norm(t, None, None, w, b, training=True),
+         lambda t, w, b: F.batch_norm(t, None, None, w, b, training=True)),
+        (lambda t, w, b: batch_norm(t, rm, rv, w, b), lambda t, w, b: F.batch_norm(t, rm, rv, w, b)),
+    ]
+    for ours, theirs in per_sample:
+        assert_close_rel(torch.func.vmap(ours, in_dims=(0, 0, 1))(x, ws, bs),
+                         torch.func.vmap(theirs, in_dims=(0, 0, 1))(x, ws, bs), D, "vmap params")
+    wl, bl = torch.rand(4, 6, dtype=D) + 0.5, torch.randn(6, 4, dtype=D)
+    assert_close_rel(torch.func.vmap(lambda t, w, b: layer_norm(t, [6], w, b), in_dims=(1, 0, 1))(x, wl, bl),
+                     torch.func.vmap(lambda t, w, b: F.layer_norm(t, [6], w, b), in_dims=(1, 0, 1))(x, wl, bl),
+                     D, "vmap layer_norm params")
+    assert_close_rel(torch.func.vmap(lambda t, w: rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),
+                     torch.func.vmap(lambda t, w: F.rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),
+                     D, "vmap rms_norm params")
 
 
 def test_vmap_refuses_in_place_running_statistics_like_torch():
