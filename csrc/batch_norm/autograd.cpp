@@ -58,12 +58,8 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const bool has_weight = saved[4].defined();
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool training = ctx->saved_data["training"].toBool();
-    // grad_weight and grad_bias exist even without a weight: differentiate
-    // with respect to stand-ins (1 and 0) so that their gg reach dy and x.
-    const auto param_options =
-        has_weight ? saved[4].options() : x.options().dtype(opmath_dtype(x.scalar_type()));
-    const Tensor w = has_weight ? saved[4] : at::ones({x.size(1)}, param_options);
-    const Tensor b = at::zeros({x.size(1)}, param_options);
+    const auto [w, b] = weight_and_bias_or_stand_ins(saved[4], x, {x.size(1)},
+                                                     opmath_dtype(x.scalar_type()));
     const ReferenceForward forward = [=](const variable_list& in) {
       return training ? std::get<0>(reference::train(in[0], in[1], in[2], eps))
                       : reference::infer(in[0], mean, var, in[1], in[2], eps);

@@ -55,10 +55,8 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const Tensor r = saved[3];
     const Tensor d = saved[4];
     const double eps = ctx->saved_data["eps"].toDouble();
-    const auto param_options =
-        has_weight ? saved[2].options() : x.options().dtype(opmath_dtype(x.scalar_type()));
-    const Tensor w = has_weight ? saved[2] : at::ones({x.size(1)}, param_options);
-    const Tensor b = at::zeros({x.size(1)}, param_options);
+    const auto [w, b] = weight_and_bias_or_stand_ins(saved[2], x, {x.size(1)},
+                                                     opmath_dtype(x.scalar_type()));
     const ReferenceForward forward = [=](const variable_list& in) {
       return std::get<0>(reference::train(in[0], in[1], in[2], eps, r, d));
     };

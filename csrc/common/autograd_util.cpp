@@ -1,6 +1,7 @@
 #include "common/autograd_util.h"
 
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 namespace bnext {
@@ -82,6 +83,13 @@ void check_not_differentiated(const char* op, std::initializer_list<const Tensor
   TORCH_CHECK(!records_graph(inputs), op,
               " is not differentiable: it was called with an input that requires grad. "
               "Call it under torch.no_grad() or with detached inputs.");
+}
+
+std::tuple<Tensor, Tensor> weight_and_bias_or_stand_ins(const Tensor& weight, const Tensor& input,
+                                                        at::IntArrayRef shape,
+                                                        at::ScalarType dtype) {
+  const auto options = weight.defined() ? weight.options() : input.options().dtype(dtype);
+  return {weight.defined() ? weight : at::ones(shape, options), at::zeros(shape, options)};
 }
 
 variable_list backward_of_backward(const ReferenceForward& forward, const variable_list& inputs,

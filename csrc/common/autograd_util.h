@@ -91,6 +91,14 @@ variable_list backward_of_backward(const ReferenceForward& forward, const variab
                                    const Tensor& dy, const variable_list& gg,
                                    const std::vector<bool>& wanted);
 
+// The weight, or a stand-in of ones, and a stand-in bias of zeros, of
+// `shape` and the dtype of the parameter gradients (the weight's, else
+// `dtype`): backward ops return parameter gradients even without parameters,
+// so their double backward differentiates with respect to these.
+std::tuple<Tensor, Tensor> weight_and_bias_or_stand_ins(const Tensor& weight, const Tensor& input,
+                                                        at::IntArrayRef shape,
+                                                        at::ScalarType dtype);
+
 // (grad_input, grad_weight, grad_bias) as autograd wants them: undefined
 // where no gradient was asked for. Autograd numbers only the tensors actually
 // passed (absent optional weight/bias have no edge): the input is edge 0 and

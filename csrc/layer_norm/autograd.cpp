@@ -41,11 +41,6 @@ const c10::TypedOperatorHandle<RmsNormBwdSig>& rms_norm_bwd_handle() {
 // The normalised dims are those past the statistics' (batch) dims.
 int64_t normalized_dims(const Tensor& input, const Tensor& stat) { return input.dim() - stat.dim(); }
 
-// The dtype of parameter gradients and of the stand-in parameters.
-at::TensorOptions param_options(const Tensor& weight, const Tensor& input) {
-  return input.options().dtype(param_grad_dtype(weight, input));
-}
-
 // ------------------------------------------------ backward passes, differentiable
 
 struct LayerNormBwdFunction : public torch::autograd::Function<LayerNormBwdFunction> {
@@ -72,10 +67,8 @@ struct LayerNormBwdFunction : public torch::autograd::Function<LayerNormBwdFunct
     const bool has_weight = saved[2].defined();
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t nd = ctx->saved_data["nd"].toInt();
-    const auto shape = x.sizes().slice(x.dim() - nd);
-    const auto options = param_options(saved[2], x);
-    const Tensor w = has_weight ? saved[2] : at::ones(shape, options);
-    const Tensor b = at::zeros(shape, options);
+    const auto [w, b] = weight_and_bias_or_stand_ins(
+        saved[2], x, x.sizes().slice(x.dim() - nd), param_grad_dtype(saved[2], x));
     // A parameter gradient that was not asked for is an empty placeholder.
     const Tensor gg_w = ctx->saved_data["mask_w"].toBool() ? gg[1] : Tensor();
     const Tensor gg_b = ctx->saved_data["mask_b"].toBool() ? gg[2] : Tensor();
@@ -110,8 +103,8 @@ struct RmsNormBwdFunction : public torch::autograd::Function<RmsNormBwdFunction>
     const bool has_weight = saved[2].defined();
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t nd = ctx->saved_data["nd"].toInt();
-    const Tensor w =
-        has_weight ? saved[2] : at::ones(x.sizes().slice(x.dim() - nd), param_options(saved[2], x));
+    const Tensor w = std::get<0>(weight_and_bias_or_stand_ins(
+        saved[2], x, x.sizes().slice(x.dim() - nd), param_grad_dtype(saved[2], x)));
     const Tensor gg_w = ctx->saved_data["weight_grad"].toBool() ? gg[1] : Tensor();
     const ReferenceForward forward = [=](const variable_list& in) {
       return std::get<0>(reference::rms_norm(in[0], nd, in[1], eps));
