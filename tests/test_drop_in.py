@@ -41,6 +41,8 @@ def test_batch_norm_eps_is_validated_like_torch(training, eps):
 def test_batch_norm_eval_with_zero_eps_is_allowed_like_torch():
     x = torch.randn(4, 3)
     theirs, ours = both(lambda f, _: f.batch_norm(x, torch.zeros(3), torch.ones(3), eps=0.0))
+    if theirs is ValueError:
+        pytest.skip("this torch (< 2.14) rejects eps = 0 in eval too; torch_bnext follows 2.14")
     torch.testing.assert_close(ours, theirs)
 
 
