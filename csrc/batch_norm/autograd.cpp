@@ -55,19 +55,16 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const Tensor& x = saved[1];
     const Tensor& mean = saved[2];
     const Tensor& var = saved[3];
-    const bool has_weight = saved[4].defined();
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool training = ctx->saved_data["training"].toBool();
-    const auto [w, b] = weight_and_bias_or_stand_ins(saved[4], x, {x.size(1)},
-                                                     opmath_dtype(x.scalar_type()));
     const ReferenceForward forward = [=](const variable_list& in) {
       return training ? std::get<0>(reference::train(in[0], in[1], in[2], eps))
                       : reference::infer(in[0], mean, var, in[1], in[2], eps);
     };
-    const auto h = backward_of_backward(
-        forward, {x, w, b}, saved[0], {gg[0], gg[1], gg[2]},
-        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_weight && ctx->needs_input_grad(4),
-         false});
+    const auto h = norm_backward_of_backward(
+        forward, saved[0], x, saved[4], {x.size(1)}, opmath_dtype(x.scalar_type()), gg,
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+         saved[4].defined() && ctx->needs_input_grad(4)});  // no edge without a weight
     return {h[0], h[1], Tensor(), Tensor(), h[2], Tensor(), Tensor()};
   }
 };
@@ -168,8 +165,7 @@ std::tuple<Tensor, Tensor> stats_autograd(const Tensor& input) {
     return reference::stats(input);
   }
   static const auto stats = op<std::tuple<Tensor, Tensor>(const Tensor&)>("bnext::batch_norm_stats");
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return stats.call(input);
+  return call_below_autograd(stats, input);
 }
 
 Tensor elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& scale,
@@ -182,8 +178,7 @@ Tensor elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& sca
   static const auto elemt =
       op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
           "bnext::batch_norm_elemt");
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return elemt.call(input, mean, scale, shift);
+  return call_below_autograd(elemt, input, mean, scale, shift);
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_autograd(const Tensor& grad_out, const Tensor& input,
@@ -195,8 +190,7 @@ std::tuple<Tensor, Tensor> backward_reduce_autograd(const Tensor& grad_out, cons
   static const auto reduce =
       op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(
           "bnext::batch_norm_backward_reduce");
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return reduce.call(grad_out, input, mean);
+  return call_below_autograd(reduce, grad_out, input, mean);
 }
 
 Tensor backward_elemt_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
@@ -209,8 +203,7 @@ Tensor backward_elemt_autograd(const Tensor& grad_out, const Tensor& input, cons
   static const auto elemt =
       op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                 const Tensor&)>("bnext::batch_norm_backward_elemt");
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return elemt.call(grad_out, input, mean, a, k, c);
+  return call_below_autograd(elemt, grad_out, input, mean, a, k, c);
 }
 
 // The running-statistics update has no derivative (torch's has none either):
@@ -223,10 +216,8 @@ void update_stats_autograd(const Tensor& running_mean, const Tensor& running_var
   static const auto update =
       op<void(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
               std::optional<double>, int64_t)>("bnext::batch_norm_update_stats");
-  {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    update.call(running_mean, running_var, num_batches_tracked, mean, var, momentum, count);
-  }
+  call_below_autograd(update, running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                      count);
   // What the ADInplaceOrView kernel of an in-place op does: saved copies of
   // these buffers must see that they changed.
   torch::autograd::increment_version(running_mean);

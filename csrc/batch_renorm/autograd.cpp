@@ -51,19 +51,16 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     check_no_grad_needed(ctx, r_edge + 1, op, "d");
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[1];
-    const bool has_weight = saved[2].defined();
     const Tensor r = saved[3];
     const Tensor d = saved[4];
     const double eps = ctx->saved_data["eps"].toDouble();
-    const auto [w, b] = weight_and_bias_or_stand_ins(saved[2], x, {x.size(1)},
-                                                     opmath_dtype(x.scalar_type()));
     const ReferenceForward forward = [=](const variable_list& in) {
       return std::get<0>(reference::train(in[0], in[1], in[2], eps, r, d));
     };
-    const auto h = backward_of_backward(
-        forward, {x, w, b}, saved[0], {gg[0], gg[1], gg[2]},
-        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_weight && ctx->needs_input_grad(4),
-         false});
+    const auto h = norm_backward_of_backward(
+        forward, saved[0], x, saved[2], {x.size(1)}, opmath_dtype(x.scalar_type()), gg,
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+         saved[2].defined() && ctx->needs_input_grad(4)});  // no edge without a weight
     return {h[0], h[1], Tensor(), Tensor(), h[2], Tensor(), Tensor(), Tensor()};
   }
 };

@@ -56,10 +56,7 @@ bool use_reference(std::initializer_list<const Tensor*> inputs,
 
 void check_reverse_mode_only(const char* op, std::initializer_list<const Tensor*> inputs,
                              std::initializer_list<const OptTensor*> optional_inputs) {
-  bool differentiating = in_functorch_transform();
-  for (const Tensor* t : inputs) differentiating |= needs_reference(*t);
-  for (const OptTensor* t : optional_inputs) differentiating |= present(*t) && needs_reference(**t);
-  TORCH_CHECK(!differentiating, op,
+  TORCH_CHECK(!use_reference(inputs, optional_inputs), op,
               ": forward-mode AD and functorch transforms of a backward pass are not "
               "supported; apply them to the forward operator (whose derivatives of every order "
               "and mode are implemented)");
@@ -83,13 +80,6 @@ void check_not_differentiated(const char* op, std::initializer_list<const Tensor
   TORCH_CHECK(!records_graph(inputs), op,
               " is not differentiable: it was called with an input that requires grad. "
               "Call it under torch.no_grad() or with detached inputs.");
-}
-
-std::tuple<Tensor, Tensor> weight_and_bias_or_stand_ins(const Tensor& weight, const Tensor& input,
-                                                        at::IntArrayRef shape,
-                                                        at::ScalarType dtype) {
-  const auto options = weight.defined() ? weight.options() : input.options().dtype(dtype);
-  return {weight.defined() ? weight : at::ones(shape, options), at::zeros(shape, options)};
 }
 
 variable_list backward_of_backward(const ReferenceForward& forward, const variable_list& inputs,
@@ -142,6 +132,22 @@ variable_list backward_of_backward(const ReferenceForward& forward, const variab
                                                 create_graph, /*allow_unused=*/true);
   for (size_t k = 0; k < slot.size(); ++k) result[slot[k]] = h[k];
   return result;
+}
+
+std::array<Tensor, 3> norm_backward_of_backward(const ReferenceForward& forward,
+                                                const Tensor& grad_out, const Tensor& input,
+                                                const Tensor& weight, at::IntArrayRef param_shape,
+                                                at::ScalarType param_dtype,
+                                                const variable_list& gg,
+                                                std::array<bool, 3> wanted) {
+  TORCH_INTERNAL_ASSERT(gg.size() == 2 || gg.size() == 3);
+  const auto options = weight.defined() ? weight.options() : input.options().dtype(param_dtype);
+  const Tensor w = weight.defined() ? weight : at::ones(param_shape, options);
+  const Tensor b = at::zeros(param_shape, options);
+  const auto h = backward_of_backward(
+      forward, {input, w, b}, grad_out, {gg[0], gg[1], gg.size() == 3 ? gg[2] : Tensor()},
+      {wanted[0], wanted[1], wanted[2], false});
+  return {h[0], h[1], h[2]};
 }
 
 }  // namespace autograd_util

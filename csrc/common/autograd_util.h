@@ -18,6 +18,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
+#include <array>
 #include <functional>
 #include <initializer_list>
 #include <optional>
@@ -59,14 +60,21 @@ void check_reverse_mode_only(const char* op, std::initializer_list<const Tensor*
 // Whether autograd will record this call: grad mode on and an input requires grad.
 bool records_graph(std::initializer_list<const Tensor*> inputs);
 
+// Calls an operator straight to its kernels, recording nothing (the
+// caller's autograd kernel does, or nothing is differentiated).
+template <typename Signature, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& handle, const Args&... args) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return handle.call(args...);
+}
+
 // Calls a backward-pass operator from a Function's backward: through its
 // autograd kernel when grad mode is on (create_graph=True: the result must be
 // differentiable), else straight to the kernel.
 template <typename Signature, typename... Args>
 auto call_backward(const c10::TypedOperatorHandle<Signature>& handle, const Args&... args) {
   if (at::GradMode::is_enabled()) return handle.call(args...);
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return handle.call(args...);
+  return call_below_autograd(handle, args...);
 }
 
 // Throws torch's "the derivative for '<name>' is not implemented" when a
@@ -91,13 +99,19 @@ variable_list backward_of_backward(const ReferenceForward& forward, const variab
                                    const Tensor& dy, const variable_list& gg,
                                    const std::vector<bool>& wanted);
 
-// The weight, or a stand-in of ones, and a stand-in bias of zeros, of
-// `shape` and the dtype of the parameter gradients (the weight's, else
-// `dtype`): backward ops return parameter gradients even without parameters,
-// so their double backward differentiates with respect to these.
-std::tuple<Tensor, Tensor> weight_and_bias_or_stand_ins(const Tensor& weight, const Tensor& input,
-                                                        at::IntArrayRef shape,
-                                                        at::ScalarType dtype);
+// The double backward of a norm's backward op, which returns (grad_input,
+// grad_weight[, grad_bias]) whether or not the norm has parameters: the
+// derivative of `forward(x, weight, bias)` (backward_of_backward) taken with
+// the weight, or a stand-in of ones, and a stand-in bias of zeros, of
+// `param_shape` and the dtype of the parameter gradients (the weight's, else
+// `param_dtype`). gg holds the gradients reaching those outputs (2 or 3).
+// Returns (d grad_out, d input, d weight), undefined where `wanted` is false.
+std::array<Tensor, 3> norm_backward_of_backward(const ReferenceForward& forward,
+                                                const Tensor& grad_out, const Tensor& input,
+                                                const Tensor& weight, at::IntArrayRef param_shape,
+                                                at::ScalarType param_dtype,
+                                                const variable_list& gg,
+                                                std::array<bool, 3> wanted);
 
 // (grad_input, grad_weight, grad_bias) as autograd wants them: undefined
 // where no gradient was asked for. Autograd numbers only the tensors actually

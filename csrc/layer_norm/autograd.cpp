@@ -64,21 +64,19 @@ struct LayerNormBwdFunction : public torch::autograd::Function<LayerNormBwdFunct
     check_no_grad_needed(ctx, 3, op, "rstd");
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[1];
-    const bool has_weight = saved[2].defined();
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t nd = ctx->saved_data["nd"].toInt();
-    const auto [w, b] = weight_and_bias_or_stand_ins(
-        saved[2], x, x.sizes().slice(x.dim() - nd), param_grad_dtype(saved[2], x));
     // A parameter gradient that was not asked for is an empty placeholder.
     const Tensor gg_w = ctx->saved_data["mask_w"].toBool() ? gg[1] : Tensor();
     const Tensor gg_b = ctx->saved_data["mask_b"].toBool() ? gg[2] : Tensor();
     const ReferenceForward forward = [=](const variable_list& in) {
       return std::get<0>(reference::layer_norm(in[0], nd, in[1], in[2], eps));
     };
-    const auto h = backward_of_backward(
-        forward, {x, w, b}, saved[0], {gg[0], gg_w, gg_b},
-        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_weight && ctx->needs_input_grad(4),
-         false});
+    const auto h = norm_backward_of_backward(
+        forward, saved[0], x, saved[2], x.sizes().slice(x.dim() - nd),
+        param_grad_dtype(saved[2], x), {gg[0], gg_w, gg_b},
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+         saved[2].defined() && ctx->needs_input_grad(4)});  // no edge without a weight
     return {h[0], h[1], Tensor(), Tensor(), h[2], Tensor(), Tensor()};
   }
 };
@@ -100,18 +98,17 @@ struct RmsNormBwdFunction : public torch::autograd::Function<RmsNormBwdFunction>
     check_no_grad_needed(ctx, 2, "bnext::rms_norm_bwd", "rstd");
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[1];
-    const bool has_weight = saved[2].defined();
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t nd = ctx->saved_data["nd"].toInt();
-    const Tensor w = std::get<0>(weight_and_bias_or_stand_ins(
-        saved[2], x, x.sizes().slice(x.dim() - nd), param_grad_dtype(saved[2], x)));
     const Tensor gg_w = ctx->saved_data["weight_grad"].toBool() ? gg[1] : Tensor();
     const ReferenceForward forward = [=](const variable_list& in) {
-      return std::get<0>(reference::rms_norm(in[0], nd, in[1], eps));
+      return std::get<0>(reference::rms_norm(in[0], nd, in[1], eps));  // no bias: in[2] unused
     };
-    const auto h = backward_of_backward(
-        forward, {x, w}, saved[0], {gg[0], gg_w},
-        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_weight && ctx->needs_input_grad(3)});
+    const auto h = norm_backward_of_backward(
+        forward, saved[0], x, saved[2], x.sizes().slice(x.dim() - nd),
+        param_grad_dtype(saved[2], x), {gg[0], gg_w},
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+         saved[2].defined() && ctx->needs_input_grad(3)});  // no edge without a weight
     return {h[0], h[1], Tensor(), h[2], Tensor(), Tensor()};
   }
 };

@@ -15,16 +15,14 @@ void check_param_shape(const char* op, const char* name, const Tensor& param,
   TORCH_CHECK(param.sizes() == normalized_shape, "Expected ", name,
               " to be of same shape as normalized_shape, but got ", name, " of shape ",
               param.sizes(), " and normalized_shape = ", normalized_shape);
+  check_param(op, name, param, input, param.numel(),
+              /*check_dtype=*/rule == ParamDtype::kLikeInput);
   if (rule == ParamDtype::kAnyFloat) {
-    TORCH_CHECK(param.device() == input.device(), op, ": expected ", name, " on device ",
-                input.device(), " (the input's device), got ", param.device());
     TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(param.scalar_type()) ||
                                     (input.is_complex() && param.is_complex()),
                                 "\"", op,
                                 "\" not implemented for a ", name, " of dtype ",
                                 param.scalar_type());
-  } else {
-    check_param(op, name, param, input, param.numel());
   }
 }
 
