@@ -254,6 +254,8 @@ def _op_samples():
         "batch_norm_infer": ((x, v(), var, v(), v(), 1e-5), [0, 3, 4], [0]),
         "batch_norm_backward": ((g, x, mean, var_b, v(), 1e-5, True), [0, 1, 4], [0, 1, 2]),
         "batch_renorm_train": ((x, v(), var, v(), v(), 1e-5, 1.0, 0.0), [0, 3, 4], [0]),
+        "batch_renorm_train.Tensor": ((x, v(), var, v(), v(), 1e-5, torch.tensor(1.0, dtype=D),
+                                       torch.tensor(0.0, dtype=D)), [0, 3, 4], [0]),
         "batch_renorm_backward": ((g, x, mean, var_b, v(), r, d, 1e-5), [0, 1, 4], [0, 1, 2]),
         "layer_norm_fwd": ((lx, [6], lw, v().repeat(2), 1e-5), [0, 2, 3], [0]),
         "layer_norm_bwd": ((rand(4, 6, requires_grad=False), lx, lmean, lrstd, lw, 1e-5,
@@ -281,6 +283,12 @@ STATISTICS_OF_X = {
 }
 
 
+def op_overload(name):
+    """torch.ops.bnext.<name>, name being "op" or "op.overload"."""
+    base, _, overload = name.partition(".")
+    return getattr(getattr(ops, base), overload or "default")
+
+
 def all_ops():
     names = torch._C._dispatch_get_all_op_names()
     return sorted(n.split("::")[1] for n in names if n.startswith("bnext::"))
@@ -296,7 +304,7 @@ def test_every_op_has_an_autograd_kernel():
 @pytest.mark.parametrize("name", sorted(_op_samples()))
 def test_every_differentiable_op_has_correct_derivatives(name):
     args, differentiable, outputs = _op_samples()[name]
-    op = getattr(ops, name)
+    op = op_overload(name)
     positions = [i for i in differentiable if isinstance(args[i], torch.Tensor)]
 
     def fn(*tensors):
@@ -329,12 +337,25 @@ def test_every_differentiable_op_has_correct_derivatives(name):
         ("batch_norm_infer", 1, "running_mean"),
         ("batch_norm_infer", 2, "running_var"),
         ("batch_renorm_train", 1, "running_mean"),
+        ("batch_renorm_train.Tensor", 6, "r_max"),
+        ("batch_renorm_train.Tensor", 7, "d_max"),
     ],
 )
-def test_arguments_without_derivative_raise(name, position, what):
+@pytest.mark.parametrize("affine", [True, False])
+def test_arguments_without_derivative_raise(name, position, what, affine):
     args = list(_op_samples()[name][0])
     args[position] = args[position].detach().clone().requires_grad_()
-    out = getattr(ops, name)(*args)
+    if not affine:  # an absent weight (and bias) is no autograd edge: the others shift
+        params = {"batch_norm_backward": [4], "batch_renorm_backward": [4], "layer_norm_bwd": [4],
+                  "rms_norm_bwd": [3], "batch_norm_infer": [3, 4], "batch_renorm_train": [3, 4],
+                  "batch_renorm_train.Tensor": [3, 4]}[name]
+        for i in params:
+            args[i] = None
+        if name.endswith("_bwd"):  # and no weight (bias) gradient is asked of them
+            args[-1] = [False, False] if name == "layer_norm_bwd" else False
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:2]):
+            args[0] = args[0].detach().clone().requires_grad_()  # something to differentiate
+    out = op_overload(name)(*args)
     first = out[0] if isinstance(out, tuple) else out
     with pytest.raises(RuntimeError, match=f"derivative for '{what}' is not implemented"):
         torch.autograd.grad(first.sum(), args[position])

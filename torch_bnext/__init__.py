@@ -16,7 +16,7 @@ from .modules import (
     LayerNorm,
     RMSNorm,
 )
-from .schedule import renorm_schedule
+from .schedule import LinearRamp, Schedule, renorm_schedule
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,9 @@ __all__ = [
     "BatchRenorm3d",
     "HAS_CUDA_KERNELS",
     "LayerNorm",
+    "LinearRamp",
     "RMSNorm",
+    "Schedule",
     "convert_model",
     "functional",
     "renorm_schedule",

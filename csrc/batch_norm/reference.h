@@ -28,6 +28,11 @@ std::tuple<Tensor, Tensor> renorm_correction(const Tensor& mean, const Tensor& v
                                              const Tensor& running_mean,
                                              const Tensor& running_var, double eps, double r_max,
                                              double d_max);
+// The same with r_max and d_max as 0-dim tensors (a schedule's values).
+std::tuple<Tensor, Tensor> renorm_correction(const Tensor& mean, const Tensor& var,
+                                             const Tensor& running_mean,
+                                             const Tensor& running_var, double eps,
+                                             const Tensor& r_max, const Tensor& d_max);
 
 // y with given (constant) statistics.
 Tensor infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,

@@ -46,10 +46,11 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const char* op = "bnext::batch_renorm_backward";
     check_no_grad_needed(ctx, 2, op, "mean");
     check_no_grad_needed(ctx, 3, op, "var");
-    const size_t r_edge = 5;  // weight is edge 4, present or not
+    const auto saved = ctx->get_saved_variables();
+    // An absent weight is no edge (autograd skips an empty optional).
+    const size_t r_edge = saved[2].defined() ? 5 : 4;
     check_no_grad_needed(ctx, r_edge, op, "r");
     check_no_grad_needed(ctx, r_edge + 1, op, "d");
-    const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[1];
     const Tensor r = saved[3];
     const Tensor d = saved[4];
@@ -74,64 +75,120 @@ Grads backward_autograd(const Tensor& grad_out, const Tensor& input, const Tenso
   return {g[0], g[1], g[2]};
 }
 
+using TrainResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using TrainSig = TrainResult(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                             const OptTensor&, double, double, double);
+using TrainTensorSig = TrainResult(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   const OptTensor&, double, const Tensor&, const Tensor&);
+
+// r_max and d_max of either overload: floats, or 0-dim tensors (defined).
+struct LimitArgs {
+  double r_max = 0.0;
+  double d_max = 0.0;
+  Tensor r_max_t;
+  Tensor d_max_t;
+  bool tensors() const { return r_max_t.defined(); }
+};
+
+TrainResult call_train(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+                       const OptTensor& weight, const OptTensor& bias, double eps,
+                       const LimitArgs& limits) {
+  static const auto by_value = op<TrainSig>("bnext::batch_renorm_train");
+  static const auto by_tensor = op<TrainTensorSig>("bnext::batch_renorm_train", "Tensor");
+  if (limits.tensors())
+    return by_tensor.call(input, running_mean, running_var, weight, bias, eps, limits.r_max_t,
+                          limits.d_max_t);
+  return by_value.call(input, running_mean, running_var, weight, bias, eps, limits.r_max,
+                       limits.d_max);
+}
+
 struct TrainFunction : public torch::autograd::Function<TrainFunction> {
+  // The limit tensors are passed separately so that autograd sees them as
+  // inputs (and can refuse a gradient for them).
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                const Tensor& running_mean, const Tensor& running_var,
                                const OptTensor& weight, const OptTensor& bias, double eps,
-                               double r_max, double d_max) {
-    static const auto train =
-        op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-            const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-            double, double, double)>("bnext::batch_renorm_train");
+                               const OptTensor& r_max_t, const OptTensor& d_max_t,
+                               LimitArgs limits) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mean, var, r, d] =
-        train.call(input, running_mean, running_var, weight, bias, eps, r_max, d_max);
+        call_train(input, running_mean, running_var, weight, bias, eps, limits);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, r, d});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_weight"] = present(weight);
     ctx->saved_data["has_bias"] = present(bias);
+    ctx->saved_data["tensor_limits"] = limits.tensors();
     ctx->mark_non_differentiable({mean, var, r, d});
     return {out, mean, var, r, d};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // r and d are constants, so the running statistics they come from get no gradient.
-    check_no_grad_needed(ctx, 1, "bnext::batch_renorm_train", "running_mean");
-    check_no_grad_needed(ctx, 2, "bnext::batch_renorm_train", "running_var");
+    // r and d are constants, so the running statistics and limits they come
+    // from get no gradient.
+    const char* op = "bnext::batch_renorm_train";
+    check_no_grad_needed(ctx, 1, op, "running_mean");
+    check_no_grad_needed(ctx, 2, op, "running_var");
+    // Absent weight or bias are no edges (autograd skips an empty optional),
+    // nor are the float overload's absent limit tensors.
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    if (ctx->saved_data["tensor_limits"].toBool()) {
+      const size_t r_max_edge = 3 + has_weight + has_bias;
+      check_no_grad_needed(ctx, r_max_edge, op, "r_max");
+      check_no_grad_needed(ctx, r_max_edge + 1, op, "d_max");
+    }
     const auto saved = ctx->get_saved_variables();
     const auto g = call_backward(backward_handle(), grads[0], saved[0], saved[2], saved[3],
                                  optional_of(saved[1]), saved[4], saved[5],
                                  ctx->saved_data["eps"].toDouble());
-    const auto in = input_grads(ctx, g, 3, ctx->saved_data["has_weight"].toBool(),
-                                ctx->saved_data["has_bias"].toBool());
-    return {in[0], Tensor(), Tensor(), in[1], in[2], Tensor(), Tensor(), Tensor()};
+    const auto in = input_grads(ctx, g, 3, has_weight, has_bias);
+    return {in[0], Tensor(), Tensor(), in[1], in[2], Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_autograd(
-    const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
-    const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max) {
+TrainResult train_autograd_impl(const char* op, const Tensor& input, const Tensor& running_mean,
+                                const Tensor& running_var, const OptTensor& weight,
+                                const OptTensor& bias, double eps, const LimitArgs& limits) {
   if (use_reference({&input, &running_mean, &running_var}, {&weight, &bias})) {
-    const char* op = "bnext::batch_renorm_train";
-    check_limits(op, r_max, d_max);
+    if (!limits.tensors()) check_limits(op, limits.r_max, limits.d_max);
     const Tensor& w = value_or_undefined(weight);
     const Tensor& b = value_or_undefined(bias);
     batch_norm::check_args(op, input, w, b, running_mean, running_var);
     auto [mean, var] = reference::stats(input);
-    auto [r, d] = reference::renorm_correction(mean, var, running_mean, running_var, eps, r_max,
-                                               d_max);
+    auto [r, d] = limits.tensors()
+                      ? reference::renorm_correction(mean, var, running_mean, running_var, eps,
+                                                     limits.r_max_t, limits.d_max_t)
+                      : reference::renorm_correction(mean, var, running_mean, running_var, eps,
+                                                     limits.r_max, limits.d_max);
     const Tensor out = std::get<0>(reference::train(input, w, b, eps, r, d));
     return {out, mean.detach(), var.detach(), r, d};
   }
-  auto out = TrainFunction::apply(input, running_mean, running_var, weight, bias, eps, r_max,
-                                  d_max);
+  auto out = TrainFunction::apply(input, running_mean, running_var, weight, bias, eps,
+                                  optional_of(limits.r_max_t), optional_of(limits.d_max_t),
+                                  limits);
   return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+TrainResult train_autograd(const Tensor& input, const Tensor& running_mean,
+                           const Tensor& running_var, const OptTensor& weight,
+                           const OptTensor& bias, double eps, double r_max, double d_max) {
+  return train_autograd_impl("bnext::batch_renorm_train", input, running_mean, running_var,
+                             weight, bias, eps, {r_max, d_max, Tensor(), Tensor()});
+}
+
+TrainResult train_tensor_autograd(const Tensor& input, const Tensor& running_mean,
+                                  const Tensor& running_var, const OptTensor& weight,
+                                  const OptTensor& bias, double eps, const Tensor& r_max,
+                                  const Tensor& d_max) {
+  return train_autograd_impl("bnext::batch_renorm_train.Tensor", input, running_mean,
+                             running_var, weight, bias, eps, {0.0, 0.0, r_max, d_max});
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("batch_renorm_train", &train_autograd);
+  m.impl("batch_renorm_train.Tensor", &train_tensor_autograd);
   m.impl("batch_renorm_backward", &backward_autograd);
 }
 

@@ -30,18 +30,57 @@ namespace batch_renorm {
 using at::Tensor;
 using batch_norm::OptTensor;
 
+// r_max and d_max as the kernels read them: values known on the host (the
+// float overload), or 0-dim tensors on the input's device (the Tensor
+// overload, for schedules evaluated inside the graph), read per channel.
+template <typename T>
+struct Limits {
+  T r_max;
+  T d_max;
+  const T* r_max_p;
+  const T* d_max_p;
+  C10_HOST_DEVICE T r() const { return r_max_p ? *r_max_p : r_max; }
+  C10_HOST_DEVICE T d() const { return d_max_p ? *d_max_p : d_max; }
+};
+
+// The limits as tensors the kernel may read: on the input's device, opmath
+// dtype, one element each.
+inline std::tuple<Tensor, Tensor> device_limits(const char* op, const Tensor& x,
+                                                const Tensor& r_max, const Tensor& d_max) {
+  const auto opmath = opmath_dtype(x.scalar_type());
+  Tensor out[2];
+  const Tensor* in[2] = {&r_max, &d_max};
+  const char* names[2] = {"r_max", "d_max"};
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(in[i]->dim() == 0, op, ": expected ", names[i],
+                " to be a 0-dim tensor (one value for every channel), got shape ", in[i]->sizes());
+    TORCH_CHECK(at::isFloatingType(in[i]->scalar_type()), op, ": expected ", names[i],
+                " to be a floating-point tensor, got ", in[i]->scalar_type());
+    out[i] = in[i]->to(x.device(), opmath).contiguous();
+  }
+  return {out[0], out[1]};
+}
+
 template <class K>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
-    const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
-    const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max) {
-  const char* op = "bnext::batch_renorm_train";
-  check_limits(op, r_max, d_max);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
+    const char* op, const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+    const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max,
+    const Tensor& r_max_t, const Tensor& d_max_t) {
   const Tensor& w_in = value_or_undefined(weight);
   const Tensor& b_in = value_or_undefined(bias);
   batch_norm::check_args(op, input, w_in, b_in, running_mean, running_var);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const auto opmath = opmath_dtype(x.scalar_type());
+  Tensor rmax_t, dmax_t;
+  if (r_max_t.defined()) {
+    std::tie(rmax_t, dmax_t) = device_limits(op, x, r_max_t, d_max_t);
+    // Reading a CPU value costs no synchronisation: check it as the float
+    // overload does. On the GPU the shared math turns a bad limit into NaN.
+    if (x.is_cpu()) check_limits(op, rmax_t.item<double>(), dmax_t.item<double>());
+  } else {
+    check_limits(op, r_max, d_max);
+  }
   const Tensor rm = batch_norm::per_channel(running_mean, opmath);
   const Tensor rv = batch_norm::per_channel(running_var, opmath);
   const Tensor w = batch_norm::per_channel(w_in, opmath);
@@ -61,11 +100,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
     scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
     scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
     const auto eps_ = static_cast<scalar_t>(eps);
-    const auto r_max_ = static_cast<scalar_t>(r_max);
-    const auto d_max_ = static_cast<scalar_t>(d_max);
+    const Limits<scalar_t> limits{static_cast<scalar_t>(r_max), static_cast<scalar_t>(d_max),
+                                  data_or_null<scalar_t>(rmax_t), data_or_null<scalar_t>(dmax_t)};
     std::tie(out, mean, var) = batch_norm::stats_normalize<K, scalar_t>(
         x, scale, shift, [=] C10_HOST_DEVICE(int64_t c, scalar_t mean_c, scalar_t var_c) {
-          const auto rd = renorm_correction(mean_c, var_c, rm_p[c], rv_p[c], eps_, r_max_, d_max_);
+          const auto rd = renorm_correction(mean_c, var_c, rm_p[c], rv_p[c], eps_, limits.r(),
+                                            limits.d());
           const scalar_t w_c = batch_norm::load_or(w_p, c, scalar_t(1));
           const auto co = forward_coeffs(inv_std(var_c, eps_), w_c * rd.r,
                                          batch_norm::load_or(b_p, c, scalar_t(0)) + w_c * rd.d);
@@ -76,6 +116,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
         });
   });
   return {out, mean, var, r, d};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
+    const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+    const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max) {
+  return train_with_limits<K>("bnext::batch_renorm_train", input, running_mean, running_var,
+                              weight, bias, eps, r_max, d_max, Tensor(), Tensor());
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_tensor_limits(
+    const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
+    const OptTensor& weight, const OptTensor& bias, double eps, const Tensor& r_max,
+    const Tensor& d_max) {
+  return train_with_limits<K>("bnext::batch_renorm_train.Tensor", input, running_mean,
+                              running_var, weight, bias, eps, 0.0, 0.0, r_max, d_max);
 }
 
 template <class K>
@@ -92,6 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
 template <class K>
 void register_renorm_kernels(torch::Library& m) {
   m.impl("batch_renorm_train", &train<K>);
+  m.impl("batch_renorm_train.Tensor", &train_tensor_limits<K>);
   m.impl("batch_renorm_backward", &backward<K>);
 }
 

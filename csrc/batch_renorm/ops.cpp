@@ -14,6 +14,13 @@ TORCH_LIBRARY_FRAGMENT(bnext, m) {
       "batch_renorm_train(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
       "Tensor? bias, float eps, float r_max, float d_max) "
       "-> (Tensor out, Tensor mean, Tensor var, Tensor r, Tensor d)");
+  // r_max and d_max as 0-dim tensors: a schedule evaluated from
+  // num_batches_tracked on the device, inside a compiled graph, without a
+  // host synchronisation (torch_bnext/schedule.py).
+  m.def(
+      "batch_renorm_train.Tensor(Tensor input, Tensor running_mean, Tensor running_var, "
+      "Tensor? weight, Tensor? bias, float eps, Tensor r_max, Tensor d_max) "
+      "-> (Tensor out, Tensor mean, Tensor var, Tensor r, Tensor d)");
   m.def(
       "batch_renorm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor r, Tensor d, float eps) "

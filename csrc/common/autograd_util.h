@@ -34,8 +34,8 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+c10::TypedOperatorHandle<Signature> op(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
 }
 
 inline OptTensor optional_of(const Tensor& t) {

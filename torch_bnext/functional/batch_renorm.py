@@ -1,4 +1,4 @@
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -14,7 +14,25 @@ from .batch_norm import (
 _ops = torch.ops.bnext
 
 
-def check_renorm_limits(r_max: float, d_max: float) -> None:
+Limit = Union[float, Tensor]
+
+
+def check_renorm_limits(r_max: Limit, d_max: Limit) -> None:
+    """Rejects limits known on the host. Tensor limits (a schedule's values on
+    the device) are checked by the operator: on the CPU it raises the same
+    ValueError; on the GPU an invalid limit makes the output NaN, since
+    reading it here would synchronise."""
+    for name, value in (("r_max", r_max), ("d_max", d_max)):
+        if isinstance(value, Tensor):
+            if value.dim() != 0 or not value.is_floating_point():
+                raise ValueError(
+                    f"{name} must be a float or a 0-dim floating-point tensor, got a "
+                    f"{value.dtype} tensor of shape {tuple(value.shape)}"
+                )
+        elif not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float or a 0-dim tensor, got {value!r}")
+    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
+        return
     # `not (x >= lo)` so that NaN is rejected too.
     if not r_max >= 1.0:
         raise ValueError(f"r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
@@ -30,8 +48,8 @@ def batch_renorm_training(
     bias: Optional[Tensor],
     momentum: Optional[float],
     eps: float,
-    r_max: float,
-    d_max: float,
+    r_max: Limit,
+    d_max: Limit,
     num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """Training-mode Batch Renorm. r and d are computed from the running buffers
@@ -48,9 +66,18 @@ def batch_renorm_training(
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     verify_batch_size(input)
     check_eps(eps, True)
-    out, mean, var, _r, _d = _ops.batch_renorm_train(
-        input, running_mean, running_var, weight, bias, eps, float(r_max), float(d_max)
-    )
+    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
+        r_max, d_max = (
+            v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float64, device=input.device)
+            for v in (r_max, d_max)
+        )
+        out, mean, var, _r, _d = _ops.batch_renorm_train.Tensor(
+            input, running_mean, running_var, weight, bias, eps, r_max, d_max
+        )
+    else:
+        out, mean, var, _r, _d = _ops.batch_renorm_train.default(
+            input, running_mean, running_var, weight, bias, eps, float(r_max), float(d_max)
+        )
     update_running_stats(input, running_mean, running_var, num_batches_tracked, mean, var, momentum)
     return out
 
@@ -64,8 +91,8 @@ def batch_renorm(
     training: bool = False,
     momentum: float = 0.01,
     eps: float = 1e-5,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
+    r_max: Limit = 3.0,
+    d_max: Limit = 5.0,
 ) -> Tensor:
     """Batch Renormalization (Ioffe, 2017).
 
@@ -89,6 +116,15 @@ def batch_renorm(
     The running buffers are required in training (they define r and d); r_max
     must be >= 1 and d_max >= 0 (ValueError otherwise). r_max = 1, d_max = 0 is
     Batch Norm.
+
+    r_max and d_max are floats, or 0-dim floating-point tensors such as a
+    schedule's value ``torch_bnext.renorm_schedule()[0](num_batches_tracked)``:
+    a tensor stays on the device (no host synchronisation, no graph break
+    under torch.compile). The paper relaxes them from Batch Norm (1, 0) to
+    (3, 5) over the first tens of thousands of steps; the modules
+    (BatchRenorm*d) evaluate such a schedule from their num_batches_tracked.
+    A tensor limit is checked on the CPU (ValueError); on the GPU an invalid
+    one makes the output NaN, since checking it would synchronise.
     """
     if training:
         return batch_renorm_training(

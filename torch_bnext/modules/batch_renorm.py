@@ -1,31 +1,65 @@
 from typing import Callable, Union
 
+import torch
 from torch import Tensor, nn
 
 from ..functional.batch_norm import batch_norm_eval
 from ..functional.batch_renorm import batch_renorm_training, check_renorm_limits
+from ..schedule import LinearRamp, Schedule
 
-
-Limit = Union[float, Callable[[int], float]]
+Limit = Union[float, Schedule, Callable[[int], float]]
 
 
 class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
-    """Batch Renormalization (Ioffe, 2017); see torch_bnext.functional.batch_renorm
-    for the formulas.
+    r"""Batch Renormalization (Ioffe, 2017) over the channel dimension 1.
 
-    A subclass of torch's _BatchNorm with running statistics always tracked, so
-    parameters and buffers (weight, bias, running_mean, running_var,
-    num_batches_tracked) have Batch Norm's names: Batch Norm checkpoints load
-    into it and back. Eval is exactly Batch Norm's eval.
+    In training, with the batch mean :math:`\mu_B` and biased variance
+    :math:`\sigma_B^2` of each channel, and the running statistics as they
+    are *before* this step (:math:`\sigma = \sqrt{\mathrm{running\_var} + \epsilon}`):
 
-    The running statistic is the variance, as in torch's Batch Norm, not the
-    paper's moving average of sigma_B; sigma = sqrt(running_var + eps).
+    .. math::
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}\Big(\frac{\sqrt{\sigma_B^2 + \epsilon}}{\sigma}\Big), \qquad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\Big(\frac{\mu_B - \mathrm{running\_mean}}{\sigma}\Big)
 
-    r_max and d_max are floats, or callables of the step count
-    (num_batches_tracked as an int) such as those of torch_bnext.renorm_schedule.
-    A callable is evaluated at every training step and needs the step count on
-    the host, which synchronises with the device (and breaks a torch.compile
-    graph); floats do not.
+        y = \mathrm{weight} \cdot \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \mathrm{bias}
+
+    with r and d constants for autograd (the gradient flows through
+    :math:`\mu_B` and :math:`\sigma_B` only, as in the paper). The running
+    statistics are then updated exactly as ``torch.nn.BatchNorm`` updates them:
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    batch variance, and ``num_batches_tracked`` grows by one. In eval the layer
+    is Batch Norm's eval: ``(x - running_mean) / sigma * weight + bias``.
+    ``r_max = 1, d_max = 0`` is Batch Norm.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variances (default 1e-5).
+        momentum: of the running statistics (default 0.01, smaller than Batch
+            Norm's 0.1: the running statistics define r and d, so they should
+            be smooth); ``None`` is the cumulative average.
+        affine: learnable weight and bias (default True).
+        r_max: bound of r, a float >= 1, or a schedule of the step.
+        d_max: bound of d, a float >= 0, or a schedule of the step.
+
+    **Schedules.** The paper starts as Batch Norm and relaxes the bounds
+    (``torch_bnext.renorm_schedule()``: r_max = 1, d_max = 0 for 5000 steps,
+    then linear to 3 at 40k steps and 5 at 25k). A :class:`torch_bnext.Schedule`
+    (such as those ``renorm_schedule`` returns) is evaluated from
+    ``num_batches_tracked`` on its device, inside the graph: no host
+    synchronisation, and ``torch.compile(fullgraph=True)`` traces it. Any other
+    callable ``f(step: int) -> float`` works too, but reads the step on the host
+    each training step (a GPU synchronisation and a graph break).
+
+    **Deliberate difference from the paper.** The running statistic is the
+    variance, as in ``torch.nn.BatchNorm``, not a moving average of
+    :math:`\sigma_B`; :math:`\sigma` is derived from it. The two differ by
+    Jensen's gap (:math:`E[\sigma_B] \le \sqrt{E[\sigma_B^2]}`) and the
+    unbiased-variance factor. In exchange the parameters and buffers
+    (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) have Batch Norm's names and meaning: Batch Norm
+    checkpoints load into Batch Renorm and back, and
+    ``convert_model(model, norm="batchrenorm")`` converts a trained model.
+    Running statistics are always tracked (they define r and d).
     """
 
     def __init__(
@@ -42,9 +76,13 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         for name, value in (("r_max", r_max), ("d_max", d_max)):
             if not callable(value) and not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a float or a callable of the step, got {value!r}")
-        check_renorm_limits(
-            r_max if not callable(r_max) else 1.0, d_max if not callable(d_max) else 0.0
-        )
+        # Ramps are checked at both ends (so everywhere); other schedules by
+        # the operator when they are evaluated.
+        ends = lambda v: (v.start, v.end) if isinstance(v, LinearRamp) else (v,)  # noqa: E731
+        for r in ends(r_max):
+            check_renorm_limits(r if not callable(r) else 1.0, 0.0)
+        for d in ends(d_max):
+            check_renorm_limits(1.0, d if not callable(d) else 0.0)
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.r_max = r_max
         self.d_max = d_max
@@ -54,6 +92,15 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
 
     def _limits(self):
         r_max, d_max = self.r_max, self.d_max
+        if isinstance(r_max, Schedule) or isinstance(d_max, Schedule):
+            # On the device, from the step before this one: no synchronisation.
+            step = self.num_batches_tracked
+            return tuple(
+                v(step) if isinstance(v, Schedule)
+                else torch.full((), v(int(step.item())) if callable(v) else v,
+                                dtype=torch.float64, device=step.device)
+                for v in (r_max, d_max)
+            )
         if callable(r_max) or callable(d_max):
             step = int(self.num_batches_tracked.item())
             r_max = r_max(step) if callable(r_max) else r_max
@@ -82,18 +129,37 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
 
 
 class BatchRenorm1d(_BatchRenorm):
-    """Batch Renorm on (N, C) or (N, C, L) input."""
+    """Batch Renorm on (N, C) or (N, C, L) input; see :class:`_BatchRenorm` above
+    for the formulas, schedules and the difference from the paper.
+
+    Example::
+
+        >>> r_max, d_max = torch_bnext.renorm_schedule()
+        >>> layer = torch_bnext.BatchRenorm1d(64, r_max=r_max, d_max=d_max)
+        >>> y = layer(torch.randn(32, 64))
+    """
 
     _check_input_dim = nn.BatchNorm1d._check_input_dim
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """Batch Renorm on (N, C, H, W) input, NCHW or channels_last."""
+    """Batch Renorm on (N, C, H, W) input, NCHW or channels_last (kept); see
+    :class:`_BatchRenorm` above for the formulas, schedules and the difference
+    from the paper.
+
+    Example::
+
+        >>> r_max, d_max = torch_bnext.renorm_schedule()
+        >>> layer = torch_bnext.BatchRenorm2d(64, r_max=r_max, d_max=d_max)
+        >>> y = layer(torch.randn(8, 64, 32, 32))
+    """
 
     _check_input_dim = nn.BatchNorm2d._check_input_dim
 
 
 class BatchRenorm3d(_BatchRenorm):
-    """Batch Renorm on (N, C, D, H, W) input, NCDHW or channels_last_3d."""
+    """Batch Renorm on (N, C, D, H, W) input, NCDHW or channels_last_3d (kept);
+    see :class:`_BatchRenorm` above for the formulas, schedules and the
+    difference from the paper."""
 
     _check_input_dim = nn.BatchNorm3d._check_input_dim

@@ -47,6 +47,10 @@ struct RenormCorrection {
 template <typename T>
 C10_HOST_DEVICE inline RenormCorrection<T> renorm_correction(
     T batch_mean, T batch_var, T running_mean, T running_var, T eps, T r_max, T d_max) {
+  // Limits that come from a tensor on the GPU cannot be checked on the host
+  // without a synchronisation: an invalid one (r_max < 1, d_max < 0, NaN)
+  // poisons r and d so the output is NaN instead of silently mis-clipped.
+  if (!(r_max >= T(1)) || !(d_max >= T(0))) return {T(NAN), T(NAN)};
   const T sigma = std::sqrt(running_var + eps);
   const T sigma_batch = std::sqrt(batch_var + eps);
   return {clamp(sigma_batch / sigma, T(1) / r_max, r_max),
