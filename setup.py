@@ -2,7 +2,9 @@
 kernels when a CUDA toolkit is present).
 
 Environment:
-  BNEXT_CUDA=1|0            force / forbid the CUDA build (default: when nvcc is found)
+  BNEXT_CUDA=1|0            force / forbid the CUDA build (default: when a CUDA toolkit
+                            is found and torch sees a GPU; a CPU-only machine that merely
+                            has nvcc builds the CPU kernels only, in a fraction of the time)
   TORCH_CUDA_ARCH_LIST      GPU architectures (default: the visible GPUs, else "8.0;9.0")
   BNEXT_CPU_CAPABILITY      avx512 | avx2 | default (default: what this machine's CPU has)
   MAX_JOBS                  parallel compile jobs (ninja)
@@ -48,6 +50,13 @@ def want_cuda():
         if flag == "1":
             sys.exit("BNEXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
         return False
+    if flag != "1":
+        import torch
+
+        if torch.version.cuda is None or not torch.cuda.is_available():
+            print("torch_bnext: no GPU visible, building the CPU kernels only "
+                  "(BNEXT_CUDA=1 compiles the CUDA kernels too)", file=sys.stderr)
+            return False
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
     return True
@@ -104,8 +113,54 @@ def cuda_wheel_include_dirs():
     return dirs
 
 
+def write_build_info(package_dir):
+    """Records the torch this build compiles against: `import torch_bnext`
+    compares it with the running torch (an extension built against another
+    torch fails with an undefined C++ symbol otherwise)."""
+    path = os.path.join(package_dir, "_build_info.py")
+    text = (
+        '"""Written by setup.py at build time: what torch_bnext._C was compiled against."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_KERNELS = {WITH_CUDA!r}\n"
+    )
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:  # unchanged: leave its timestamp alone
+        with open(path, "w") as f:
+            f.write(text)
+
+
+class Build(BuildExtension):
+    """torch's BuildExtension with a build folder that outlives the build.
+
+    pip's editable and wheel builds use a fresh temporary folder each time, so
+    ninja would recompile every source on every `make test`. In a fixed folder
+    per (python, torch, CUDA or not) ninja recompiles only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-" + (
+            "cuda" if WITH_CUDA else "cpu")
+        self.build_temp = os.path.join(ROOT, "build", f"temp-{tag}")
+
+    def build_extensions(self):
+        super().build_extensions()
+        # Next to the library: in the tree (in-place and editable builds) and
+        # in the wheel's folder (build_py has already copied the package).
+        write_build_info(os.path.join(ROOT, "torch_bnext"))
+        if not self.inplace and os.path.isdir(os.path.join(self.build_lib, "torch_bnext")):
+            write_build_info(os.path.join(self.build_lib, "torch_bnext"))
+
+
 def sources(pattern):
     return sorted(glob.glob(os.path.join("csrc", "**", pattern), recursive=True))
+
+
+def headers():
+    # setuptools rebuilds only when a source or one of `depends` is newer than
+    # the library: a header-only change must count too, and so must a new
+    # torch (its version.py is rewritten by every install).
+    return sources("*.h") + sources("*.cuh") + [
+        os.path.join(os.path.dirname(torch.__file__), "version.py")]
 
 
 def extension():
@@ -116,6 +171,7 @@ def extension():
     link_flags = ["-fopenmp"]
     if not WITH_CUDA:
         return CppExtension("torch_bnext._C", sources("*.cpp"), include_dirs=include_dirs,
+                            depends=headers(),
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
                             py_limited_api=False)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -125,6 +181,7 @@ def extension():
     return CUDAExtension(
         "torch_bnext._C",
         sources("*.cpp") + sources("*.cu"),
+        depends=headers(),
         include_dirs=include_dirs + cuda_wheel_include_dirs(),
         define_macros=[("BNEXT_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -138,7 +195,7 @@ setup(
     description="Batch Norm, Batch Renorm, LayerNorm and RMSNorm with C++/CUDA kernels for PyTorch",
     packages=find_packages(include=["torch_bnext", "torch_bnext.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
 )
