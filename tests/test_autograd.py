@@ -266,7 +266,8 @@ def _op_samples():
     }
 
 
-NOT_DIFFERENTIABLE = {"batch_norm_update_stats"}
+NOT_DIFFERENTIABLE = {"batch_norm_update_stats", "batch_norm_update_stats.Tensor",
+                      "batch_norm_gather_stats", "batch_norm_backward_coeffs"}
 
 # The backward ops take the forward's statistics of x: differentiating them
 # means the statistics move with x (as in a double backward), so the

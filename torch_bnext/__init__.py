@@ -15,6 +15,8 @@ from .modules import (
     BatchRenorm3d,
     LayerNorm,
     RMSNorm,
+    SyncBatchNorm,
+    SyncBatchRenorm,
 )
 from .schedule import LinearRamp, Schedule, renorm_schedule
 
@@ -32,6 +34,8 @@ __all__ = [
     "LinearRamp",
     "RMSNorm",
     "Schedule",
+    "SyncBatchNorm",
+    "SyncBatchRenorm",
     "convert_model",
     "functional",
     "renorm_schedule",

@@ -225,6 +225,22 @@ void update_stats_autograd(const Tensor& running_mean, const Tensor& running_var
   if (present(num_batches_tracked)) torch::autograd::increment_version(*num_batches_tracked);
 }
 
+void update_stats_tensor_autograd(const Tensor& running_mean, const Tensor& running_var,
+                                  const OptTensor& num_batches_tracked, const Tensor& mean,
+                                  const Tensor& var, std::optional<double> momentum,
+                                  const Tensor& count) {
+  check_not_differentiated("bnext::batch_norm_update_stats.Tensor",
+                           {&running_mean, &running_var, &mean, &var});
+  static const auto update =
+      op<void(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+              std::optional<double>, const Tensor&)>("bnext::batch_norm_update_stats", "Tensor");
+  call_below_autograd(update, running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                      count);
+  torch::autograd::increment_version(running_mean);
+  torch::autograd::increment_version(running_var);
+  if (present(num_batches_tracked)) torch::autograd::increment_version(*num_batches_tracked);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
@@ -236,6 +252,7 @@ TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("batch_norm_backward_reduce", &backward_reduce_autograd);
   m.impl("batch_norm_backward_elemt", &backward_elemt_autograd);
   m.impl("batch_norm_update_stats", &update_stats_autograd);
+  m.impl("batch_norm_update_stats.Tensor", &update_stats_tensor_autograd);
 }
 
 }  // namespace batch_norm

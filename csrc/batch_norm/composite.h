@@ -61,6 +61,34 @@ struct ForwardStep {
   }
 };
 
+// Batch Norm's per-channel backward step from the sums over the batch (of
+// `count` values per channel): the coefficients of dx = a * dy + k * (x - mean)
+// + c and the weight gradient. Batch Renorm's r and d (null for Batch Norm)
+// rescale the weight and add d * sum(dy) to its gradient.
+template <typename T>
+struct BackwardStep {
+  const T* var;
+  const T* weight;
+  const T* r;
+  const T* d;
+  T* grad_weight;
+  T* a;
+  T* k;
+  T* c_out;
+  T eps;
+  bool training;
+  C10_HOST_DEVICE void operator()(int64_t c, T sum_dy, T sum_dy_xmu, int64_t count) const {
+    const T invstd = inv_std(var[c], eps);
+    const T r_c = load_or(r, c, T(1));
+    const T w_c = load_or(weight, c, T(1)) * r_c;
+    const auto co = backward_coeffs(invstd, w_c, sum_dy, sum_dy_xmu, count, training);
+    grad_weight[c] = r_c * sum_dy_xmu * invstd + load_or(d, c, T(0)) * sum_dy;
+    a[c] = co.a;
+    k[c] = co.k;
+    c_out[c] = co.c;
+  }
+};
+
 inline Tensor empty_channel_vector(const Tensor& x, at::ScalarType opmath) {
   return at::empty({x.size(1)}, x.options().dtype(opmath));
 }
@@ -176,26 +204,15 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
   const Tensor c_ = empty_channel_vector(x, opmath);
   Tensor grad_input, sum_dy, sum_dy_xmu;
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_backward", [&] {
-    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
-    const scalar_t* w_p = data_or_null<scalar_t>(w);
-    const scalar_t* r_p = data_or_null<scalar_t>(r);
-    const scalar_t* d_p = data_or_null<scalar_t>(d);
-    scalar_t* gw_p = grad_weight.mutable_data_ptr<scalar_t>();
-    scalar_t* a_p = a.mutable_data_ptr<scalar_t>();
-    scalar_t* k_p = k.mutable_data_ptr<scalar_t>();
-    scalar_t* c_p = c_.mutable_data_ptr<scalar_t>();
-    const auto eps_ = static_cast<scalar_t>(eps);
+    const BackwardStep<scalar_t> step{
+        var.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w), data_or_null<scalar_t>(r),
+        data_or_null<scalar_t>(d), grad_weight.mutable_data_ptr<scalar_t>(),
+        a.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
+        c_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps), training};
     std::tie(grad_input, sum_dy, sum_dy_xmu) = reduce_elemt<K, scalar_t>(
         dy, x, mean, a, k, c_,
         [=] C10_HOST_DEVICE(int64_t c, scalar_t sum_dy_c, scalar_t sum_dy_xmu_c) {
-          const scalar_t invstd = inv_std(var_p[c], eps_);
-          const scalar_t r_c = load_or(r_p, c, scalar_t(1));
-          const scalar_t w_c = load_or(w_p, c, scalar_t(1)) * r_c;
-          const auto co = backward_coeffs(invstd, w_c, sum_dy_c, sum_dy_xmu_c, count, training);
-          gw_p[c] = r_c * sum_dy_xmu_c * invstd + load_or(d_p, c, scalar_t(0)) * sum_dy_c;
-          a_p[c] = co.a;
-          k_p[c] = co.k;
-          c_p[c] = co.c;
+          step(c, sum_dy_c, sum_dy_xmu_c, count);
         });
   });
   const auto param_dtype = weight.defined() ? weight.scalar_type() : opmath;
@@ -208,10 +225,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
 // failing call leaves all three buffers as they were. Running tensors may be
 // of any float dtype and are updated in place.
 template <class K>
-void update_stats(const Tensor& running_mean, const Tensor& running_var,
-                  const OptTensor& num_batches_tracked, const Tensor& mean_in,
-                  const Tensor& var_in, std::optional<double> momentum, int64_t count) {
-  const char* op = "bnext::batch_norm_update_stats";
+void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor& running_var,
+                       const OptTensor& num_batches_tracked, const Tensor& mean_in,
+                       const Tensor& var_in, std::optional<double> momentum, int64_t count,
+                       const Tensor& count_t) {
   const int64_t C = mean_in.numel();
   TORCH_CHECK(var_in.numel() == C && var_in.device() == mean_in.device() &&
                   var_in.scalar_type() == mean_in.scalar_type(),
@@ -234,7 +251,18 @@ void update_stats(const Tensor& running_mean, const Tensor& running_var,
   TORCH_CHECK(!steps.defined() || (steps.numel() == 1 && steps.device() == mean_in.device()), op,
               ": expected num_batches_tracked to be one value on ", mean_in.device(), ", got ",
               steps.sizes(), " on ", steps.device());
-  TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training, got ", count);
+  Tensor count_i64;
+  if (count_t.defined()) {
+    TORCH_CHECK(count_t.numel() == 1 && count_t.device() == mean_in.device(), op,
+                ": expected count to be one value on ", mean_in.device(), ", got ",
+                count_t.sizes(), " on ", count_t.device());
+    count_i64 = count_t.to(at::kLong);
+    // Read where that costs no synchronisation; on the GPU a count <= 1 gives
+    // a NaN unbiased variance (bnext::unbiased_var).
+    if (count_i64.is_cpu()) count = count_i64.item<int64_t>();
+  }
+  if (!count_t.defined() || count_i64.is_cpu())
+    TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training, got ", count);
   const typename K::DeviceGuard guard(mean_in.device());
 
   const auto opmath = mean_in.scalar_type();
@@ -253,17 +281,37 @@ void update_stats(const Tensor& running_mean, const Tensor& running_var,
     const scalar_t* mean_p = mean.const_data_ptr<scalar_t>();
     const scalar_t* var_p = var.const_data_ptr<scalar_t>();
     const int64_t* steps_p = steps_i64.defined() ? steps_i64.const_data_ptr<int64_t>() : nullptr;
+    const int64_t* count_p = count_i64.defined() ? count_i64.const_data_ptr<int64_t>() : nullptr;
     const auto fixed = static_cast<scalar_t>(momentum.value_or(0.0));
     K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
       const scalar_t m =
           steps_p != nullptr ? scalar_t(1) / static_cast<scalar_t>(steps_p[0] + 1) : fixed;
       rm_p[c] = running_update(rm_p[c], mean_p[c], m);
-      rv_p[c] = running_update(rv_p[c], unbiased_var(var_p[c], count), m);
+      const int64_t n = count_p != nullptr ? count_p[0] : count;
+      rv_p[c] = running_update(rv_p[c], unbiased_var(var_p[c], n), m);
     });
   });
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);
   if (!rv.is_same(running_var)) running_var.copy_(rv);
   if (steps.defined()) steps.add_(1);
+}
+
+template <class K>
+void update_stats(const Tensor& running_mean, const Tensor& running_var,
+                  const OptTensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
+                  std::optional<double> momentum, int64_t count) {
+  update_stats_impl<K>("bnext::batch_norm_update_stats", running_mean, running_var,
+                       num_batches_tracked, mean, var, momentum, count, Tensor());
+}
+
+// The count as a tensor on the device: the global batch size of a
+// distributed step, known only after a collective.
+template <class K>
+void update_stats_tensor(const Tensor& running_mean, const Tensor& running_var,
+                         const OptTensor& num_batches_tracked, const Tensor& mean,
+                         const Tensor& var, std::optional<double> momentum, const Tensor& count) {
+  update_stats_impl<K>("bnext::batch_norm_update_stats.Tensor", running_mean, running_var,
+                       num_batches_tracked, mean, var, momentum, 0, count);
 }
 
 // ------------------------------------------------ operator entry points
@@ -326,6 +374,7 @@ void register_kernels(torch::Library& m) {
   m.impl("batch_norm_infer", &infer<K>);
   m.impl("batch_norm_backward", &backward_op<K>);
   m.impl("batch_norm_update_stats", &update_stats<K>);
+  m.impl("batch_norm_update_stats.Tensor", &update_stats_tensor<K>);
 }
 
 }  // namespace batch_norm

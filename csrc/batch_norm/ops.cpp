@@ -30,4 +30,10 @@ TORCH_LIBRARY_FRAGMENT(bnext, m) {
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, int count) -> ()");
+  // The count as a one-value tensor on the device (the global batch size of a
+  // distributed step, known there only after a collective).
+  m.def(
+      "batch_norm_update_stats.Tensor(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, Tensor count) "
+      "-> ()");
 }

@@ -1,6 +1,7 @@
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .layer_norm import LayerNorm, RMSNorm
+from .sync_batch_norm import SyncBatchNorm, SyncBatchRenorm
 
 __all__ = [
     "BatchNorm1d",
@@ -11,4 +12,6 @@ __all__ = [
     "BatchRenorm3d",
     "LayerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
+    "SyncBatchRenorm",
 ]

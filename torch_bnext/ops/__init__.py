@@ -7,5 +7,6 @@ as the kernels on small inputs.
 
 from . import batch_norm  # noqa: F401
 from . import batch_renorm  # noqa: F401
+from . import distributed  # noqa: F401
 from . import layer_norm  # noqa: F401
 from . import vmap  # noqa: F401  (batching rules)

@@ -59,5 +59,13 @@ def _update_stats_fake(running_mean, running_var, num_batches_tracked, mean, var
                    running_var=running_var)
     return None
 
+@torch.library.register_fake("bnext::batch_norm_update_stats.Tensor")
+def _update_stats_tensor_fake(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                              count):
+    _check_devices("bnext::batch_norm_update_stats.Tensor", mean, running_mean=running_mean,
+                   running_var=running_var, count=count)
+    return None
+
+
 # Autograd: csrc/batch_norm/autograd.cpp, in C++ because a Python
 # autograd.Function costs as much as the kernels on small inputs.

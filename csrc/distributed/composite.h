@@ -1,0 +1,199 @@
+// The distributed Batch Norm steps (ops.cpp), written once over a Batch Norm
+// backend `K` (batch_norm/composite.h) with the shared per-channel math:
+// Chan's merge (bnext/welford.h), the coefficients and Batch Renorm's r/d
+// (bnext/batch_norm_math.h). Compiled by the host compiler (cpu.cpp) and nvcc
+// (cuda.cu).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "batch_norm/composite.h"
+#include "batch_renorm/composite.h"
+#include "bnext/batch_norm_math.h"
+#include "bnext/welford.h"
+#include "common/checks.h"
+
+namespace bnext {
+namespace distributed {
+
+using at::Tensor;
+using batch_norm::OptTensor;
+using batch_norm::per_channel;
+
+inline void check_channel_vector(const char* op, const char* name, const Tensor& t, int64_t C,
+                                 at::Device device) {
+  if (!t.defined()) return;
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " of shape (", C,
+              ",), got ", t.sizes());
+  TORCH_CHECK(t.device() == device, op, ": expected ", name, " on ", device, ", got ",
+              t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name,
+              ", got ", t.scalar_type());
+}
+
+// The global count as a 0-dim int64 tensor on `device`.
+inline Tensor device_count(const char* op, const Tensor& count, at::Device device) {
+  TORCH_CHECK(count.numel() == 1 && count.device() == device, op,
+              ": expected count to be one value on ", device, ", got ", count.sizes(), " on ",
+              count.device());
+  return count.reshape({}).to(at::kLong).contiguous();
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gather_stats(
+    const Tensor& means_in, const Tensor& vars_in, const Tensor& counts_in,
+    at::ScalarType dtype, const OptTensor& weight, const OptTensor& bias, double eps,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& r_max,
+    const OptTensor& d_max) {
+  const char* op = "bnext::batch_norm_gather_stats";
+  TORCH_CHECK(means_in.dim() == 2 && vars_in.sizes() == means_in.sizes(), op,
+              ": expected means and vars of one shape (world size, channels), got ",
+              means_in.sizes(), " and ", vars_in.sizes());
+  const int64_t W = means_in.size(0);
+  const int64_t C = means_in.size(1);
+  TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == W, op,
+              ": expected one count per row (", W, "), got shape ", counts_in.sizes());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": expected dtype float32 or float64 (the opmath dtype), got ", dtype);
+  const at::Device device = means_in.device();
+  TORCH_CHECK(vars_in.device() == device && counts_in.device() == device, op,
+              ": expected means, vars and counts on one device");
+  const Tensor& rm_in = value_or_undefined(running_mean);
+  const Tensor& rv_in = value_or_undefined(running_var);
+  const Tensor& rmax_in = value_or_undefined(r_max);
+  const Tensor& dmax_in = value_or_undefined(d_max);
+  TORCH_CHECK(rm_in.defined() == rv_in.defined() && rmax_in.defined() == dmax_in.defined() &&
+                  (!rmax_in.defined() || rm_in.defined()),
+              op, ": Batch Renorm needs running_mean, running_var, r_max and d_max together");
+  const std::pair<const char*, const Tensor*> vectors[] = {
+      {"weight", &value_or_undefined(weight)}, {"bias", &value_or_undefined(bias)},
+      {"running_mean", &rm_in}, {"running_var", &rv_in}};
+  for (const auto& [name, t] : vectors) check_channel_vector(op, name, *t, C, device);
+  const typename K::DeviceGuard guard(device);
+
+  const Tensor means = means_in.to(dtype).contiguous();
+  const Tensor vars = vars_in.to(dtype).contiguous();
+  const Tensor counts = counts_in.to(at::kLong).contiguous();
+  const Tensor w = per_channel(value_or_undefined(weight), dtype);
+  const Tensor b = per_channel(value_or_undefined(bias), dtype);
+  const Tensor rm = per_channel(rm_in, dtype);
+  const Tensor rv = per_channel(rv_in, dtype);
+  Tensor rmax_t, dmax_t;
+  if (rmax_in.defined()) {
+    const Tensor like = at::empty({0}, means.options().dtype(
+                                           dtype == at::kDouble ? at::kDouble : at::kFloat));
+    std::tie(rmax_t, dmax_t) = batch_renorm::device_limits(op, like, rmax_in, dmax_in);
+    if (device.is_cpu()) batch_renorm::check_limits(op, rmax_t.item<double>(), dmax_t.item<double>());
+  }
+  const auto options = means.options();
+  Tensor mean = at::empty({C}, options), var = at::empty({C}, options);
+  Tensor scale = at::empty({C}, options), shift = at::empty({C}, options);
+  Tensor r = at::empty({C}, options), d = at::empty({C}, options);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bnext_gather_stats", [&] {
+    const scalar_t* means_p = means.const_data_ptr<scalar_t>();
+    const scalar_t* vars_p = vars.const_data_ptr<scalar_t>();
+    const int64_t* counts_p = counts.const_data_ptr<int64_t>();
+    const scalar_t* w_p = data_or_null<scalar_t>(w);
+    const scalar_t* b_p = data_or_null<scalar_t>(b);
+    const scalar_t* rm_p = data_or_null<scalar_t>(rm);
+    const scalar_t* rv_p = data_or_null<scalar_t>(rv);
+    const batch_renorm::Limits<scalar_t> limits{scalar_t(1), scalar_t(0),
+                                                data_or_null<scalar_t>(rmax_t),
+                                                data_or_null<scalar_t>(dmax_t)};
+    scalar_t* mean_p = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* var_p = var.mutable_data_ptr<scalar_t>();
+    scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
+    scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
+    scalar_t* r_p = r.mutable_data_ptr<scalar_t>();
+    scalar_t* d_p = d.mutable_data_ptr<scalar_t>();
+    const auto eps_ = static_cast<scalar_t>(eps);
+    // Rank order is fixed, so every rank computes the same bits.
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
+      Welford<scalar_t> acc;
+      for (int64_t i = 0; i < W; ++i) {
+        const int64_t n = counts_p[i];
+        Welford<scalar_t> part;
+        part.mean = means_p[i * C + c];
+        part.m2 = vars_p[i * C + c] * static_cast<scalar_t>(n);
+        part.count = n;
+        acc = welford_merge(acc, part);
+      }
+      const scalar_t v = welford_var(acc);
+      RenormCorrection<scalar_t> rd{scalar_t(1), scalar_t(0)};
+      if (rm_p != nullptr && limits.r_max_p != nullptr)
+        rd = renorm_correction(acc.mean, v, rm_p[c], rv_p[c], eps_, limits.r(), limits.d());
+      const scalar_t w_c = batch_norm::load_or(w_p, c, scalar_t(1));
+      const auto co = forward_coeffs(inv_std(v, eps_), w_c * rd.r,
+                                     batch_norm::load_or(b_p, c, scalar_t(0)) + w_c * rd.d);
+      mean_p[c] = acc.mean;
+      var_p[c] = v;
+      scale_p[c] = co.scale;
+      shift_p[c] = co.shift;
+      r_p[c] = rd.r;
+      d_p[c] = rd.d;
+    });
+  });
+  return {mean, var, counts.sum(), scale, shift, r, d};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_coeffs_op(
+    const Tensor& sum_dy_in, const Tensor& sum_dy_xmu_in, const Tensor& var_in,
+    const OptTensor& weight, const OptTensor& r_in, const OptTensor& d_in, double eps,
+    const Tensor& count_in) {
+  const char* op = "bnext::batch_norm_backward_coeffs";
+  TORCH_CHECK(sum_dy_in.dim() == 1, op, ": expected sum_dy of shape (C,), got ",
+              sum_dy_in.sizes());
+  const int64_t C = sum_dy_in.size(0);
+  const at::Device device = sum_dy_in.device();
+  const auto dtype = sum_dy_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": expected float32 or float64 sums (the opmath dtype), got ", dtype);
+  const std::pair<const char*, const Tensor*> vectors[] = {
+      {"sum_dy", &sum_dy_in}, {"sum_dy_xmu", &sum_dy_xmu_in}, {"var", &var_in},
+      {"weight", &value_or_undefined(weight)}, {"r", &value_or_undefined(r_in)},
+      {"d", &value_or_undefined(d_in)}};
+  for (const auto& [name, t] : vectors) check_channel_vector(op, name, *t, C, device);
+  const Tensor count = device_count(op, count_in, device);
+  const typename K::DeviceGuard guard(device);
+  const Tensor sum_dy = sum_dy_in.contiguous();
+  const Tensor sum_dy_xmu = per_channel(sum_dy_xmu_in, dtype);
+  const Tensor var = per_channel(var_in, dtype);
+  const Tensor w = per_channel(value_or_undefined(weight), dtype);
+  const Tensor r = per_channel(value_or_undefined(r_in), dtype);
+  const Tensor d = per_channel(value_or_undefined(d_in), dtype);
+  const auto options = sum_dy.options();
+  Tensor a = at::empty({C}, options), k = at::empty({C}, options), c_ = at::empty({C}, options);
+  Tensor grad_weight = at::empty({C}, options);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bnext_backward_coeffs", [&] {
+    const batch_norm::BackwardStep<scalar_t> step{
+        var.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w), data_or_null<scalar_t>(r),
+        data_or_null<scalar_t>(d), grad_weight.mutable_data_ptr<scalar_t>(),
+        a.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
+        c_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps), /*training=*/true};
+    const scalar_t* sdy_p = sum_dy.const_data_ptr<scalar_t>();
+    const scalar_t* sdx_p = sum_dy_xmu.const_data_ptr<scalar_t>();
+    const int64_t* count_p = count.const_data_ptr<int64_t>();
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
+      step(c, sdy_p[c], sdx_p[c], count_p[0]);
+    });
+  });
+  return {a, k, c_, grad_weight};
+}
+
+template <class K>
+void register_distributed_kernels(torch::Library& m) {
+  m.impl("batch_norm_gather_stats", &gather_stats<K>);
+  m.impl("batch_norm_backward_coeffs", &backward_coeffs_op<K>);
+}
+
+}  // namespace distributed
+}  // namespace bnext
