@@ -135,6 +135,25 @@ def scenario_errors(rank, world):
     return result
 
 
+def scenario_compile(rank, world):
+    """torch.compile(fullgraph=True) of the layers: the collectives trace
+    (dynamo rewrites torch.distributed's in-place all_reduce); compiled
+    results against eager ones."""
+    import copy
+
+    out = {}
+    for case in ("2d", "renorm_1d_schedule"):
+        eager = make_layer(case, sync=True)
+        compiled_layer = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_layer, fullgraph=True)
+        got, want = run_steps(case, compiled, world, rank), run_steps(case, eager, world, rank)
+        for name in ("out", "grad_input", "grad_weight", "running_var"):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g[name], w[name], rtol=1e-12, atol=1e-12)
+        out[case] = len(got)
+    return out
+
+
 class SmallNet(nn.Module):
     """A ResNet-like stem and block, with torch's BatchNorm2d as torchvision has."""
 

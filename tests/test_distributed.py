@@ -119,6 +119,11 @@ def test_a_local_mistake_raises_before_any_collective(tmp_path):
     assert all(r["completed"] and r["num_batches_tracked"] == 1 for r in results)
 
 
+def test_compiles_fullgraph_and_equals_eager(tmp_path):
+    results = run_ranks("compile", 2, tmp_path)
+    assert all(r == {"2d": worker.STEPS, "renorm_1d_schedule": worker.STEPS} for r in results)
+
+
 def test_ddp_training_matches_single_process_training(tmp_path):
     world = 2
     results = run_ranks("ddp", world, tmp_path)
