@@ -5,7 +5,7 @@ from . import _extension  # noqa: F401  (loads the kernels first)
 from . import ops  # noqa: F401  (fake kernels and autograd)
 from . import functional
 from ._extension import HAS_CUDA_KERNELS
-from .convert import convert_model
+from .convert import convert_model, revert_model
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -18,6 +18,7 @@ from .modules import (
     SyncBatchNorm,
     SyncBatchRenorm,
 )
+from .onnx import onnx_translations
 from .schedule import LinearRamp, Schedule, renorm_schedule
 
 __version__ = "0.1.0"
@@ -38,5 +39,7 @@ __all__ = [
     "SyncBatchRenorm",
     "convert_model",
     "functional",
+    "onnx_translations",
     "renorm_schedule",
+    "revert_model",
 ]

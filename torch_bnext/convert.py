@@ -13,6 +13,8 @@ from .modules import (
     BatchRenorm3d,
     LayerNorm,
     RMSNorm,
+    SyncBatchNorm,
+    SyncBatchRenorm,
 )
 from .modules.batch_renorm import _BatchRenorm
 
@@ -122,6 +124,79 @@ def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = 
         out = module
     for name, child in module.named_children():
         new_child = convert_model(child, norm, layernorm, **kwargs)
+        if new_child is not child:
+            out.add_module(name, new_child)
+    return out
+
+
+# Every layer of ours -> the torch.nn layer it stands in for. Batch Renorm
+# becomes Batch Norm with the same buffers: exactly its eval computation (in
+# training, torch's layer then normalises as Batch Norm does, without r and d).
+_REVERT_BATCH_NORM = {
+    BatchNorm1d: nn.BatchNorm1d,
+    BatchNorm2d: nn.BatchNorm2d,
+    BatchNorm3d: nn.BatchNorm3d,
+    BatchRenorm1d: nn.BatchNorm1d,
+    BatchRenorm2d: nn.BatchNorm2d,
+    BatchRenorm3d: nn.BatchNorm3d,
+    SyncBatchNorm: nn.SyncBatchNorm,
+    SyncBatchRenorm: nn.SyncBatchNorm,
+}
+
+
+def _revert_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls) -> nn.Module:
+    extra = {"process_group": module.process_group} if cls is nn.SyncBatchNorm else {}
+    new = cls(module.num_features, eps=module.eps, momentum=module.momentum,
+              affine=module.affine, track_running_stats=module.track_running_stats,
+              device="meta", **extra)
+    # The very Parameter and buffer objects, as in _swap_batch_norm.
+    new.weight, new.bias = module.weight, module.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(module, name))
+    new.train(module.training)
+    return new
+
+
+def _revert_row_norm(module: nn.Module) -> nn.Module:
+    if type(module) is LayerNorm:
+        new = nn.LayerNorm(module.normalized_shape, eps=module.eps,
+                           elementwise_affine=module.elementwise_affine,
+                           bias=module.bias is not None or not module.elementwise_affine,
+                           device="meta")
+        new.weight, new.bias = module.weight, module.bias
+    else:
+        new = nn.RMSNorm(module.normalized_shape, eps=module.eps,
+                         elementwise_affine=module.elementwise_affine, device="meta")
+        new.weight = module.weight
+    new.train(module.training)
+    return new
+
+
+def revert_model(module: nn.Module) -> nn.Module:
+    """The inverse of convert_model: return `module` with every torch_bnext
+    layer replaced by the torch.nn layer it stands in for, in place on the
+    children (the root is returned replaced if it is ours):
+
+    BatchNorm1d/2d/3d -> nn.BatchNorm1d/2d/3d; BatchRenorm1d/2d/3d ->
+    nn.BatchNorm1d/2d/3d with the same buffers and momentum (exactly its eval
+    computation; in training torch's layer is Batch Norm, without r and d);
+    SyncBatchNorm and SyncBatchRenorm -> nn.SyncBatchNorm (process_group
+    kept; the same caveat for Renorm); LayerNorm -> nn.LayerNorm; RMSNorm ->
+    nn.RMSNorm.
+
+    The very Parameter and buffer objects are kept (optimisers, tied weights
+    and the state_dict keys are unchanged), as are train/eval mode, device and
+    dtype. Useful to hand a trained model to tools that know only torch's
+    layers, or to a deployment without torch_bnext's operators."""
+    cls = _REVERT_BATCH_NORM.get(type(module))
+    if cls is not None:
+        out = _revert_batch_norm(module, cls)
+    elif type(module) in (LayerNorm, RMSNorm):
+        out = _revert_row_norm(module)
+    else:
+        out = module
+    for name, child in module.named_children():
+        new_child = revert_model(child)
         if new_child is not child:
             out.add_module(name, new_child)
     return out
