@@ -134,9 +134,18 @@ def test_convert_model_lazy_and_sync_batch_norm():
         torch_bnext.convert_model(lazy)
     lazy(torch.randn(2, 3, 4, 4))  # now initialised: it became nn.BatchNorm2d
     assert type(torch_bnext.convert_model(lazy)[0]) is torch_bnext.BatchNorm2d
-    with pytest.warns(UserWarning, match="SyncBatchNorm"):
-        model = torch_bnext.convert_model(nn.Sequential(nn.SyncBatchNorm(3)))
-    assert type(model[0]) is nn.SyncBatchNorm
+    group = object()  # stands for a process group: only carried over
+    torch_sync = nn.SyncBatchNorm(3, process_group=group)
+    model = torch_bnext.convert_model(nn.Sequential(torch_sync))
+    assert type(model[0]) is torch_bnext.SyncBatchNorm and model[0].process_group is group
+    assert model[0].weight is torch_sync.weight and model[0].running_var is torch_sync.running_var
+    model = torch_bnext.convert_model(nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(
+        nn.BatchNorm1d(3))), sync=True)
+    assert [type(m) for m in model.modules()][1:] == [torch_bnext.SyncBatchNorm, nn.Sequential,
+                                                     torch_bnext.SyncBatchNorm]
+    model = torch_bnext.convert_model(model, norm="batchrenorm", sync=True, r_max=2.0)
+    assert type(model[0]) is torch_bnext.SyncBatchRenorm and model[0].r_max == 2.0
+    assert model[0].process_group is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch_bnext.convert_model(nn.Sequential(nn.BatchNorm2d(3)))

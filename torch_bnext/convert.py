@@ -1,6 +1,5 @@
 """Swapping torch.nn normalisation layers for torch_bnext ones in a model."""
 
-import warnings
 
 from torch import nn
 
@@ -80,18 +79,28 @@ def _check_unconvertible(module: nn.Module) -> None:
             f"convert_model: {type(module).__name__} has not inferred num_features yet; run one "
             "forward pass (or call the model on a sample input) before converting"
         )
+
+
+# Layers that become synchronised ones: with sync=True every Batch Norm, and
+# torch's SyncBatchNorm always (it is synchronised already).
+_SYNC_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d,
+                 BatchNorm3d, nn.SyncBatchNorm)
+_SYNC_TARGETS = {"batchnorm": SyncBatchNorm, "batchrenorm": SyncBatchRenorm}
+
+
+def _sync_target(module: nn.Module, norm: str, sync: bool):
+    cls = _SYNC_TARGETS[norm]
     if type(module) is nn.SyncBatchNorm:
-        warnings.warn(
-            "convert_model: nn.SyncBatchNorm layers are left as torch's (torch_bnext has no "
-            "synchronized Batch Norm yet); convert the model before "
-            "nn.SyncBatchNorm.convert_sync_batchnorm to use ours",
-            UserWarning,
-            stacklevel=3,
-        )
+        return cls
+    if not sync or type(module) is cls:
+        return None
+    sources = _SYNC_SOURCES + ((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchNorm)
+                               if norm == "batchrenorm" else ())
+    return cls if type(module) in sources else None
 
 
 def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = False,
-                  **kwargs) -> nn.Module:
+                  sync: bool = False, process_group=None, **kwargs) -> nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
     torch_bnext layer named by `norm` (parameters, buffers, train/eval mode,
     device and dtype preserved), in the manner of
@@ -103,9 +112,12 @@ def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = 
     eps, momentum and affine are otherwise taken from the replaced layer.
     With layernorm=True, torch.nn.LayerNorm and torch.nn.RMSNorm are replaced
     by torch_bnext.LayerNorm and RMSNorm too.
+    With sync=True the Batch Norm layers become torch_bnext.SyncBatchNorm
+    (norm="batchrenorm": SyncBatchRenorm) on `process_group` (None: the
+    default group); torch's nn.SyncBatchNorm layers become ours in any case,
+    keeping their process group unless one is given.
     Layers that are already of the target kind are left as they are.
-    Lazy Batch Norm layers convert once initialised (ValueError before);
-    nn.SyncBatchNorm layers stay torch's, with a UserWarning."""
+    Lazy Batch Norm layers convert once initialised (ValueError before)."""
     if norm not in _TARGETS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(_TARGETS)}")
     misplaced = [k for k in _RENORM_ONLY if k in kwargs and norm != "batchrenorm"]
@@ -115,15 +127,22 @@ def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = 
             f"norm='batchrenorm' to convert to it (got norm={norm!r})"
         )
     _check_unconvertible(module)
+    sync_cls = _sync_target(module, norm, sync)
     cls = _TARGETS[norm].get(type(module))
-    if cls is not None:
+    if sync_cls is not None:
+        group = process_group if process_group is not None else getattr(
+            module, "process_group", None)
+        if isinstance(module, _BatchRenorm):
+            kwargs = {"r_max": module.r_max, "d_max": module.d_max, **kwargs}
+        out = _swap_batch_norm(module, sync_cls, {**kwargs, "process_group": group})
+    elif cls is not None:
         out = _swap_batch_norm(module, cls, kwargs)
     elif layernorm and type(module) in (nn.LayerNorm, nn.RMSNorm):
         out = _swap_row_norm(module)
     else:
         out = module
     for name, child in module.named_children():
-        new_child = convert_model(child, norm, layernorm, **kwargs)
+        new_child = convert_model(child, norm, layernorm, sync, process_group, **kwargs)
         if new_child is not child:
             out.add_module(name, new_child)
     return out
