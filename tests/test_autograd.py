@@ -254,7 +254,7 @@ def _op_samples():
         "batch_norm_infer": ((x, v(), var, v(), v(), 1e-5), [0, 3, 4], [0]),
         "batch_norm_backward": ((g, x, mean, var_b, v(), 1e-5, True), [0, 1, 4], [0, 1, 2]),
         "batch_renorm_train": ((x, v(), var, v(), v(), 1e-5, 1.0, 0.0), [0, 3, 4], [0]),
-        "batch_renorm_train.Tensor": ((x, v(), var, v(), v(), 1e-5, torch.tensor(1.0, dtype=D),
+        "batch_renorm_train_scheduled": ((x, v(), var, v(), v(), 1e-5, torch.tensor(1.0, dtype=D),
                                        torch.tensor(0.0, dtype=D)), [0, 3, 4], [0]),
         "batch_renorm_backward": ((g, x, mean, var_b, v(), r, d, 1e-5), [0, 1, 4], [0, 1, 2]),
         "layer_norm_fwd": ((lx, [6], lw, v().repeat(2), 1e-5), [0, 2, 3], [0]),
@@ -266,7 +266,7 @@ def _op_samples():
     }
 
 
-NOT_DIFFERENTIABLE = {"batch_norm_update_stats", "batch_norm_update_stats.Tensor",
+NOT_DIFFERENTIABLE = {"batch_norm_update_stats", "batch_norm_update_stats_global",
                       "batch_norm_gather_stats", "batch_norm_backward_coeffs"}
 
 # The backward ops take the forward's statistics of x: differentiating them
@@ -338,8 +338,8 @@ def test_every_differentiable_op_has_correct_derivatives(name):
         ("batch_norm_infer", 1, "running_mean"),
         ("batch_norm_infer", 2, "running_var"),
         ("batch_renorm_train", 1, "running_mean"),
-        ("batch_renorm_train.Tensor", 6, "r_max"),
-        ("batch_renorm_train.Tensor", 7, "d_max"),
+        ("batch_renorm_train_scheduled", 6, "r_max"),
+        ("batch_renorm_train_scheduled", 7, "d_max"),
     ],
 )
 @pytest.mark.parametrize("affine", [True, False])
@@ -349,7 +349,7 @@ def test_arguments_without_derivative_raise(name, position, what, affine):
     if not affine:  # an absent weight (and bias) is no autograd edge: the others shift
         params = {"batch_norm_backward": [4], "batch_renorm_backward": [4], "layer_norm_bwd": [4],
                   "rms_norm_bwd": [3], "batch_norm_infer": [3, 4], "batch_renorm_train": [3, 4],
-                  "batch_renorm_train.Tensor": [3, 4]}[name]
+                  "batch_renorm_train_scheduled": [3, 4]}[name]
         for i in params:
             args[i] = None
         if name.endswith("_bwd"):  # and no weight (bias) gradient is asked of them

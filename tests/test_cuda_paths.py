@@ -49,7 +49,7 @@ def test_batch_renorm_on_cuda_matches_cpu_float64(fmt, dtype):
         assert err <= tol, err
     assert y.is_contiguous(memory_format=fmt)
     # The schedule path (limits as device tensors) gives the same bits.
-    out_t = torch.ops.bnext.batch_renorm_train.Tensor(
+    out_t = torch.ops.bnext.batch_renorm_train_scheduled(
         xc.detach(), layers["cuda"].running_mean, layers["cuda"].running_var, None, None, 1e-5,
         *(t.cuda() for t in limits))
     out_f = torch.ops.bnext.batch_renorm_train(

@@ -229,5 +229,5 @@ def test_gather_stats_merges_like_one_batch_and_survives_a_large_mean():
                           (torch.randn(5), torch.randn(5), torch.rand(5), None, None, None, 1e-5,
                            torch.tensor(9)))
     rm, rv = torch.zeros(5), torch.ones(5)
-    torch.library.opcheck(torch.ops.bnext.batch_norm_update_stats.Tensor,
+    torch.library.opcheck(torch.ops.bnext.batch_norm_update_stats_global.default,
                           (rm, rv, None, torch.randn(5), torch.rand(5), 0.1, torch.tensor(9)))

@@ -69,7 +69,7 @@ def test_tensor_limits_equal_float_limits(device):
             for limit_device in (device, "cpu"):
                 limits = (torch.tensor(r_max, dtype=torch.float64, device=limit_device),
                           torch.tensor(d_max, dtype=torch.float64, device=limit_device))
-                got = _ops.batch_renorm_train.Tensor(x, rm, rv, w, b, 1e-5, *limits)
+                got = _ops.batch_renorm_train_scheduled(x, rm, rv, w, b, 1e-5, *limits)
                 for name, g, e in zip(("out", "mean", "var", "r", "d"), got, want):
                     assert torch.equal(g, e), (dtype, fmt, r_max, name)
 
@@ -82,11 +82,11 @@ def test_invalid_tensor_limits():
     for r_max, d_max, match in ((0.5, 1.0, "r_max"), (2.0, -1.0, "d_max"),
                                 (float("nan"), 1.0, "r_max")):
         with pytest.raises(ValueError, match=match):
-            _ops.batch_renorm_train.Tensor(x, rm, rv, None, None, 1e-5, t(r_max), t(d_max))
+            _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, t(r_max), t(d_max))
     with pytest.raises(RuntimeError, match="0-dim"):
-        _ops.batch_renorm_train.Tensor(x, rm, rv, None, None, 1e-5, torch.ones(1), t(1.0))
+        _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, torch.ones(1), t(1.0))
     with pytest.raises(RuntimeError, match="floating-point"):
-        _ops.batch_renorm_train.Tensor(x, rm, rv, None, None, 1e-5, torch.tensor(2), t(1.0))
+        _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, torch.tensor(2), t(1.0))
     with pytest.raises(ValueError, match="r_max"):
         tb.BatchRenorm1d(3, r_max=tb.LinearRamp(0.5, 2.0, 0, 10))
     with pytest.raises(ValueError, match="d_max"):
@@ -98,7 +98,7 @@ def test_invalid_tensor_limit_on_gpu_gives_nan_not_a_clipped_value():
     x = torch.randn(4, 3, device="cuda") + 1
     rm, rv = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
     bad = torch.tensor(0.5, device="cuda")
-    out, _, _, r, d = _ops.batch_renorm_train.Tensor(x, rm, rv, None, None, 1e-5, bad,
+    out, _, _, r, d = _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, bad,
                                                      torch.tensor(1.0, device="cuda"))
     assert out.isnan().all() and r.isnan().all() and d.isnan().all()
 
@@ -111,8 +111,8 @@ def test_opcheck_tensor_overload():
         b = torch.randn(4).requires_grad_()
         rm, rv = torch.randn(4) * 0.2, torch.rand(4) + 0.5
         limits = (torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
-        torch.library.opcheck(_ops.batch_renorm_train.Tensor, (x, rm, rv, w, b, 1e-5, *limits))
-        torch.library.opcheck(_ops.batch_renorm_train.Tensor,
+        torch.library.opcheck(_ops.batch_renorm_train_scheduled.default, (x, rm, rv, w, b, 1e-5, *limits))
+        torch.library.opcheck(_ops.batch_renorm_train_scheduled.default,
                               (x.detach(), rm, rv, None, None, 1e-5, *limits))
 
 
@@ -126,7 +126,7 @@ def test_forward_mode_with_tensor_limits_matches_float_limits():
     limits = (torch.tensor(1.2, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
     _, want = func.jvp(lambda t: _ops.batch_renorm_train(t, rm, rv, None, None, 1e-5, 1.2, 0.3)[0],
                        (x,), (tangent,))
-    _, got = func.jvp(lambda t: _ops.batch_renorm_train.Tensor(t, rm, rv, None, None, 1e-5,
+    _, got = func.jvp(lambda t: _ops.batch_renorm_train_scheduled(t, rm, rv, None, None, 1e-5,
                                                                 *limits)[0], (x,), (tangent,))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 

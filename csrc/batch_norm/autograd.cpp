@@ -229,11 +229,11 @@ void update_stats_tensor_autograd(const Tensor& running_mean, const Tensor& runn
                                   const OptTensor& num_batches_tracked, const Tensor& mean,
                                   const Tensor& var, std::optional<double> momentum,
                                   const Tensor& count) {
-  check_not_differentiated("bnext::batch_norm_update_stats.Tensor",
+  check_not_differentiated("bnext::batch_norm_update_stats_global",
                            {&running_mean, &running_var, &mean, &var});
   static const auto update =
       op<void(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-              std::optional<double>, const Tensor&)>("bnext::batch_norm_update_stats", "Tensor");
+              std::optional<double>, const Tensor&)>("bnext::batch_norm_update_stats_global");
   call_below_autograd(update, running_mean, running_var, num_batches_tracked, mean, var, momentum,
                       count);
   torch::autograd::increment_version(running_mean);
@@ -252,7 +252,7 @@ TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("batch_norm_backward_reduce", &backward_reduce_autograd);
   m.impl("batch_norm_backward_elemt", &backward_elemt_autograd);
   m.impl("batch_norm_update_stats", &update_stats_autograd);
-  m.impl("batch_norm_update_stats.Tensor", &update_stats_tensor_autograd);
+  m.impl("batch_norm_update_stats_global", &update_stats_tensor_autograd);
 }
 
 }  // namespace batch_norm

@@ -310,7 +310,7 @@ template <class K>
 void update_stats_tensor(const Tensor& running_mean, const Tensor& running_var,
                          const OptTensor& num_batches_tracked, const Tensor& mean,
                          const Tensor& var, std::optional<double> momentum, const Tensor& count) {
-  update_stats_impl<K>("bnext::batch_norm_update_stats.Tensor", running_mean, running_var,
+  update_stats_impl<K>("bnext::batch_norm_update_stats_global", running_mean, running_var,
                        num_batches_tracked, mean, var, momentum, 0, count);
 }
 
@@ -374,7 +374,7 @@ void register_kernels(torch::Library& m) {
   m.impl("batch_norm_infer", &infer<K>);
   m.impl("batch_norm_backward", &backward_op<K>);
   m.impl("batch_norm_update_stats", &update_stats<K>);
-  m.impl("batch_norm_update_stats.Tensor", &update_stats_tensor<K>);
+  m.impl("batch_norm_update_stats_global", &update_stats_tensor<K>);
 }
 
 }  // namespace batch_norm

@@ -33,7 +33,7 @@ TORCH_LIBRARY_FRAGMENT(bnext, m) {
   // The count as a one-value tensor on the device (the global batch size of a
   // distributed step, known there only after a collective).
   m.def(
-      "batch_norm_update_stats.Tensor(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "batch_norm_update_stats_global(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, Tensor count) "
       "-> ()");
 }

@@ -81,7 +81,7 @@ using TrainSig = TrainResult(const Tensor&, const Tensor&, const Tensor&, const 
 using TrainTensorSig = TrainResult(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                    const OptTensor&, double, const Tensor&, const Tensor&);
 
-// r_max and d_max of either overload: floats, or 0-dim tensors (defined).
+// r_max and d_max of batch_renorm_train (floats) or batch_renorm_train_scheduled (0-dim tensors).
 struct LimitArgs {
   double r_max = 0.0;
   double d_max = 0.0;
@@ -94,7 +94,7 @@ TrainResult call_train(const Tensor& input, const Tensor& running_mean, const Te
                        const OptTensor& weight, const OptTensor& bias, double eps,
                        const LimitArgs& limits) {
   static const auto by_value = op<TrainSig>("bnext::batch_renorm_train");
-  static const auto by_tensor = op<TrainTensorSig>("bnext::batch_renorm_train", "Tensor");
+  static const auto by_tensor = op<TrainTensorSig>("bnext::batch_renorm_train_scheduled");
   if (limits.tensors())
     return by_tensor.call(input, running_mean, running_var, weight, bias, eps, limits.r_max_t,
                           limits.d_max_t);
@@ -129,7 +129,7 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
     check_no_grad_needed(ctx, 1, op, "running_mean");
     check_no_grad_needed(ctx, 2, op, "running_var");
     // Absent weight or bias are no edges (autograd skips an empty optional),
-    // nor are the float overload's absent limit tensors.
+    // nor are batch_renorm_train's absent limit tensors.
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     if (ctx->saved_data["tensor_limits"].toBool()) {
@@ -180,7 +180,7 @@ TrainResult train_tensor_autograd(const Tensor& input, const Tensor& running_mea
                                   const Tensor& running_var, const OptTensor& weight,
                                   const OptTensor& bias, double eps, const Tensor& r_max,
                                   const Tensor& d_max) {
-  return train_autograd_impl("bnext::batch_renorm_train.Tensor", input, running_mean,
+  return train_autograd_impl("bnext::batch_renorm_train_scheduled", input, running_mean,
                              running_var, weight, bias, eps, {0.0, 0.0, r_max, d_max});
 }
 
@@ -188,7 +188,7 @@ TrainResult train_tensor_autograd(const Tensor& input, const Tensor& running_mea
 
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("batch_renorm_train", &train_autograd);
-  m.impl("batch_renorm_train.Tensor", &train_tensor_autograd);
+  m.impl("batch_renorm_train_scheduled", &train_tensor_autograd);
   m.impl("batch_renorm_backward", &backward_autograd);
 }
 

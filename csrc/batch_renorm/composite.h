@@ -30,9 +30,9 @@ namespace batch_renorm {
 using at::Tensor;
 using batch_norm::OptTensor;
 
-// r_max and d_max as the kernels read them: values known on the host (the
-// float overload), or 0-dim tensors on the input's device (the Tensor
-// overload, for schedules evaluated inside the graph), read per channel.
+// r_max and d_max as the kernels read them: values known on the host
+// (batch_renorm_train), or 0-dim tensors on the input's device
+// (batch_renorm_train_scheduled: a schedule evaluated inside the graph), read per channel.
 template <typename T>
 struct Limits {
   T r_max;
@@ -76,7 +76,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
   if (r_max_t.defined()) {
     std::tie(rmax_t, dmax_t) = device_limits(op, x, r_max_t, d_max_t);
     // Reading a CPU value costs no synchronisation: check it as the float
-    // overload does. On the GPU the shared math turns a bad limit into NaN.
+    // limits are. On the GPU the shared math turns a bad limit into NaN.
     if (x.is_cpu()) check_limits(op, rmax_t.item<double>(), dmax_t.item<double>());
   } else {
     check_limits(op, r_max, d_max);
@@ -131,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_tensor_limits(
     const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
     const OptTensor& weight, const OptTensor& bias, double eps, const Tensor& r_max,
     const Tensor& d_max) {
-  return train_with_limits<K>("bnext::batch_renorm_train.Tensor", input, running_mean,
+  return train_with_limits<K>("bnext::batch_renorm_train_scheduled", input, running_mean,
                               running_var, weight, bias, eps, 0.0, 0.0, r_max, d_max);
 }
 
@@ -149,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
 template <class K>
 void register_renorm_kernels(torch::Library& m) {
   m.impl("batch_renorm_train", &train<K>);
-  m.impl("batch_renorm_train.Tensor", &train_tensor_limits<K>);
+  m.impl("batch_renorm_train_scheduled", &train_tensor_limits<K>);
   m.impl("batch_renorm_backward", &backward<K>);
 }
 

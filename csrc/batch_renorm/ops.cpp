@@ -18,7 +18,7 @@ TORCH_LIBRARY_FRAGMENT(bnext, m) {
   // num_batches_tracked on the device, inside a compiled graph, without a
   // host synchronisation (torch_bnext/schedule.py).
   m.def(
-      "batch_renorm_train.Tensor(Tensor input, Tensor running_mean, Tensor running_var, "
+      "batch_renorm_train_scheduled(Tensor input, Tensor running_mean, Tensor running_var, "
       "Tensor? weight, Tensor? bias, float eps, Tensor r_max, Tensor d_max) "
       "-> (Tensor out, Tensor mean, Tensor var, Tensor r, Tensor d)");
   m.def(

@@ -3,7 +3,7 @@
 //
 //   forward:  batch_norm_stats -> all-gather (mean, var, count) of every rank
 //             -> batch_norm_gather_stats -> batch_norm_elemt
-//             -> batch_norm_update_stats.Tensor (the global count)
+//             -> batch_norm_update_stats_global (the global count)
 //   backward: batch_norm_backward_reduce -> all-reduce (sum dy, sum dy*(x-mean))
 //             -> batch_norm_backward_coeffs -> batch_norm_backward_elemt
 //

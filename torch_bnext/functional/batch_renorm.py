@@ -71,7 +71,7 @@ def batch_renorm_training(
             v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float64, device=input.device)
             for v in (r_max, d_max)
         )
-        out, mean, var, _r, _d = _ops.batch_renorm_train.Tensor(
+        out, mean, var, _r, _d = _ops.batch_renorm_train_scheduled(
             input, running_mean, running_var, weight, bias, eps, r_max, d_max
         )
     else:

@@ -7,7 +7,7 @@ operators (csrc/distributed/ops.cpp):
     forward:  batch_norm_stats -> all-gather of every rank's (mean, var, count)
               -> batch_norm_gather_stats (Chan's merge in rank order, the
               coefficients, Batch Renorm's r and d) -> batch_norm_elemt
-              -> batch_norm_update_stats.Tensor (with the global count)
+              -> batch_norm_update_stats_global (with the global count)
     backward: batch_norm_backward_reduce -> all-reduce of (sum dy, sum dy*(x-mean))
               -> batch_norm_backward_coeffs -> batch_norm_backward_elemt
 
@@ -66,7 +66,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         out = (_ops.batch_norm_elemt(input, mean, scale, shift) if input.numel() > 0
                else torch.empty_like(input))
         if running_mean is not None:
-            _ops.batch_norm_update_stats.Tensor(running_mean, running_var, num_batches_tracked,
+            _ops.batch_norm_update_stats_global(running_mean, running_var, num_batches_tracked,
                                                 mean, var, momentum, count)
         ctx.save_for_backward(input, weight, mean, var, count, r if renorm else None,
                               d if renorm else None)

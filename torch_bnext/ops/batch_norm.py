@@ -59,10 +59,10 @@ def _update_stats_fake(running_mean, running_var, num_batches_tracked, mean, var
                    running_var=running_var)
     return None
 
-@torch.library.register_fake("bnext::batch_norm_update_stats.Tensor")
+@torch.library.register_fake("bnext::batch_norm_update_stats_global")
 def _update_stats_tensor_fake(running_mean, running_var, num_batches_tracked, mean, var, momentum,
                               count):
-    _check_devices("bnext::batch_norm_update_stats.Tensor", mean, running_mean=running_mean,
+    _check_devices("bnext::batch_norm_update_stats_global", mean, running_mean=running_mean,
                    running_var=running_var, count=count)
     return None
 

@@ -14,11 +14,11 @@ def _train_fake(input, running_mean, running_var, weight, bias, eps, r_max, d_ma
     return (empty_canonical(input),) + tuple(channel_vector(input) for _ in range(4))
 
 
-@torch.library.register_fake("bnext::batch_renorm_train.Tensor")
+@torch.library.register_fake("bnext::batch_renorm_train_scheduled")
 def _train_tensor_fake(input, running_mean, running_var, weight, bias, eps, r_max, d_max):
     # The values are on the device: the kernel checks them (CPU) or poisons
     # the output with NaN (GPU); here only what the shapes tell.
-    op = "bnext::batch_renorm_train.Tensor"
+    op = "bnext::batch_renorm_train_scheduled"
     for name, t in (("r_max", r_max), ("d_max", d_max)):
         torch._check(t.dim() == 0, lambda: f"{op}: expected {name} to be a 0-dim tensor")
     return (empty_canonical(input),) + tuple(channel_vector(input) for _ in range(4))
