@@ -25,6 +25,27 @@ LN_SHAPES = {
     "cuda": [(32768, 1024), (8192, 4096), (4096, 12288), (64, 1024)],
 }
 
+# The default run (without --full): a representative subset, about 2 minutes
+# on 2 CPU cores. Batch Norm: the early large layer, a mid layer and a small
+# late one, NCHW and channels_last; Batch Renorm: the large and the small one
+# (with its cost over our Batch Norm); LayerNorm/RMSNorm: a large and a small
+# row block. Training (forward + backward) and inference (eval forward).
+SUBSET_PASSES = ("train fwd+bwd", "eval fwd")
+SUBSET_SHAPES = {
+    "cpu": {
+        "batchnorm": [(32, 64, 56, 56), (32, 256, 14, 14), (8, 512, 7, 7)],
+        "batchrenorm": [(32, 64, 56, 56), (8, 512, 7, 7)],
+        "layernorm": [(8192, 1024), (64, 1024)],
+        "rmsnorm": [(8192, 1024), (64, 1024)],
+    },
+    "cuda": {
+        "batchnorm": [(128, 64, 112, 112), (128, 1024, 14, 14), (8, 512, 7, 7)],
+        "batchrenorm": [(128, 64, 112, 112), (8, 512, 7, 7)],
+        "layernorm": [(32768, 1024), (4096, 12288), (64, 1024)],
+        "rmsnorm": [(32768, 1024), (4096, 12288), (64, 1024)],
+    },
+}
+
 
 @dataclass
 class Case:
@@ -125,11 +146,20 @@ def available_ops():
     return ops
 
 
-def build_cases(ops, device, dtypes, shapes: Optional[list] = None, passes=PASSES):
+def default_shapes(op, device, full=True):
+    if not full:
+        return SUBSET_SHAPES[device][op]
+    return (BN_SHAPES if op in ("batchnorm", "batchrenorm") else LN_SHAPES)[device]
+
+
+def build_cases(ops, device, dtypes, shapes: Optional[list] = None, passes=None, full=True):
+    """Cases of the full suite (full=True) or of the default subset; shapes and
+    passes, where given, replace the suite's (or subset's) own."""
+    passes = passes or (PASSES if full else SUBSET_PASSES)
     cases = []
     for op in ops:
         is_bn = op in ("batchnorm", "batchrenorm")
-        for shape in shapes or (BN_SHAPES if is_bn else LN_SHAPES)[device]:
+        for shape in shapes or default_shapes(op, device, full):
             layouts = ["contiguous", "channels_last"] if is_bn and len(shape) == 4 else ["contiguous"]
             for layout in layouts:
                 for dtype in dtypes:

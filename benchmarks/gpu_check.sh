@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # uses python3 (or $PYTHON) as it is
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh --full      # the whole suite instead of the default subset
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,5 +25,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 status=0
 "$PY" -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.txt" || status=$?
 "$PY" benchmarks/run.py --device cuda --json "$OUT/cuda.json" --csv "$OUT/cuda.csv" \
-  --png "$OUT/cuda.png" "$@" 2>"$OUT/bench_progress.txt" | tee "$OUT/cuda_table.txt" || status=$?
+  --png "$OUT/cuda.png" --md "$OUT/cuda.md" --no-out "$@" 2>"$OUT/bench_progress.txt" | tee "$OUT/cuda_table.txt" || status=$?
 exit $status
