@@ -80,12 +80,13 @@ def make_layer(case, sync, process_group=None):
     return layer
 
 
-def run_steps(case, layer, world, rank):
-    """STEPS training steps on this rank's slice; returns what was measured."""
+def run_steps(case, layer, world, rank=None):
+    """STEPS training steps on this rank's slice of the global batch (the whole
+    batch for rank None); returns what was measured."""
     _, fmt, _ = CASES[case]
     sizes = rank_sizes(world)
-    start = sum(sizes[:rank])
-    stop = start + sizes[rank]
+    start = 0 if rank is None else sum(sizes[:rank])
+    stop = sum(sizes) if rank is None else start + sizes[rank]
     record = []
     for step in range(STEPS):
         x, grad = global_batch(case, world, step)

@@ -55,30 +55,7 @@ def run_ranks(scenario, world, tmp_path):
 
 def reference(case, world):
     """Our single-process layer on the concatenated batch, STEPS steps."""
-    layer = worker.make_layer(case, sync=False)
-    return worker.run_steps(case, layer, world=1, rank=0) if world == 1 else _reference(
-        case, world, layer)
-
-
-def _reference(case, world, layer):
-    _, fmt, _ = worker.CASES[case]
-    record = []
-    for step in range(worker.STEPS):
-        x, grad = worker.global_batch(case, world, step)
-        if fmt is not None:
-            x, grad = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
-        x.requires_grad_()
-        for p in layer.parameters():
-            p.grad = None
-        y = layer(x)
-        y.backward(grad)
-        record.append({"out": y.detach(), "grad_input": x.grad,
-                       "grad_weight": layer.weight.grad.clone(),
-                       "grad_bias": layer.bias.grad.clone(),
-                       "running_mean": layer.running_mean.clone(),
-                       "running_var": layer.running_var.clone(),
-                       "num_batches_tracked": int(layer.num_batches_tracked)})
-    return record
+    return worker.run_steps(case, worker.make_layer(case, sync=False), world)
 
 
 @pytest.mark.parametrize("world", [2, 3])

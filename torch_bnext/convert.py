@@ -15,6 +15,7 @@ from .modules import (
     SyncBatchNorm,
     SyncBatchRenorm,
 )
+from .modules.batch_norm import adopt_tensors
 from .modules.batch_renorm import _BatchRenorm
 
 _BATCH_NORM = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
@@ -41,14 +42,7 @@ def _swap_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls, kwargs) -> nn
             )
     else:
         options["track_running_stats"] = module.track_running_stats
-    new = cls(module.num_features, **{**options, **kwargs}, device="meta")
-    # Reuse the very Parameter and buffer objects: optimisers and tied
-    # references keep pointing at the live tensors, device and dtype kept.
-    new.weight, new.bias = module.weight, module.bias
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(module, name))
-    new.train(module.training)
-    return new
+    return adopt_tensors(cls(module.num_features, **{**options, **kwargs}, device="meta"), module)
 
 
 def _swap_row_norm(module: nn.Module) -> nn.Module:
@@ -168,12 +162,7 @@ def _revert_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls) -> nn.Modul
     new = cls(module.num_features, eps=module.eps, momentum=module.momentum,
               affine=module.affine, track_running_stats=module.track_running_stats,
               device="meta", **extra)
-    # The very Parameter and buffer objects, as in _swap_batch_norm.
-    new.weight, new.bias = module.weight, module.bias
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(module, name))
-    new.train(module.training)
-    return new
+    return adopt_tensors(new, module)  # the very Parameter and buffer objects
 
 
 def _revert_row_norm(module: nn.Module) -> nn.Module:

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..ops._meta import opmath_dtype
+from .batch_norm import check_eps
 
 _ops = torch.ops.bnext
 
@@ -146,8 +147,7 @@ def sync_batch_norm_training(
 ) -> Tensor:
     """Training-mode Batch Norm (Batch Renorm with r_max/d_max as 0-dim
     tensors) over the global batch of `world` = (group, world size, rank)."""
-    if eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    check_eps(eps, True)
     group, world_size, rank = world
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                        num_batches_tracked, eps, momentum, r_max, d_max, group,

@@ -14,23 +14,33 @@ class _BatchNormForward:
     def _use_batch_stats(self) -> bool:
         return self.training or (self.running_mean is None and self.running_var is None)
 
+    def _updated_buffers(self):
+        """(running_mean, running_var, num_batches_tracked) that this step
+        updates, or Nones (eval with batch statistics, untracked)."""
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            return self.running_mean, self.running_var, self.num_batches_tracked
+        return None, None, None
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self._use_batch_stats():
             return batch_norm_eval(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
-        track = self.training and self.track_running_stats and self.running_mean is not None
-        return batch_norm_training(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked if track else None,
-        )
+        running_mean, running_var, steps = self._updated_buffers()
+        return batch_norm_training(input, running_mean, running_var, self.weight, self.bias,
+                                   self.momentum, self.eps, steps)
+
+
+def adopt_tensors(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Hands `old`'s very Parameter and buffer objects (and mode) to `new`, a
+    Batch Norm built on the meta device: optimisers and tied references keep
+    pointing at the live tensors, device and dtype kept."""
+    new.weight, new.bias = old.weight, old.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(old, name))
+    new.train(old.training)
+    return new
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

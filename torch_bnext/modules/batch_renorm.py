@@ -113,19 +113,12 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
             return batch_norm_eval(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
-        r_max, d_max = self._limits()
-        return batch_renorm_training(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.momentum,
-            self.eps,
-            r_max,
-            d_max,
-            self.num_batches_tracked,
-        )
+        return self._train_step(input, *self._limits())
+
+    def _train_step(self, input: Tensor, r_max, d_max) -> Tensor:
+        return batch_renorm_training(input, self.running_mean, self.running_var, self.weight,
+                                     self.bias, self.momentum, self.eps, r_max, d_max,
+                                     self.num_batches_tracked)
 
 
 class BatchRenorm1d(_BatchRenorm):

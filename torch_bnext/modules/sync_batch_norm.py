@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional.sync_batch_norm import check_sync_input, sync_batch_norm_training, world_of
-from .batch_norm import _BatchNormForward
+from .batch_norm import _BatchNormForward, adopt_tensors
 from .batch_renorm import Limit, _BatchRenorm
 
 
@@ -56,19 +56,10 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         world = world_of(self.process_group) if self.training else None
         if world is None:
             return super().forward(input)
-        track = self.track_running_stats and self.running_mean is not None
         check_sync_input(input, self.num_features, self.weight, self.running_mean)
-        return sync_batch_norm_training(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked if track else None,
-            world,
-        )
+        running_mean, running_var, steps = self._updated_buffers()
+        return sync_batch_norm_training(input, running_mean, running_var, self.weight, self.bias,
+                                        self.momentum, self.eps, steps, world)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
@@ -81,7 +72,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         ):
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, device="meta")
-            _adopt_tensors(converted, module)
+            adopt_tensors(converted, module)
             if hasattr(module, "qconfig"):
                 converted.qconfig = module.qconfig
         for name, child in module.named_children():
@@ -117,29 +108,17 @@ class SyncBatchRenorm(_BatchRenorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        world = world_of(self.process_group) if self.training else None
+    def _train_step(self, input: Tensor, r_max, d_max) -> Tensor:
+        world = world_of(self.process_group)
         if world is None:
-            return super().forward(input)
+            return super()._train_step(input, r_max, d_max)
         check_sync_input(input, self.num_features, self.weight, self.running_mean)
-        r_max, d_max = self._limits()
         r_max, d_max = (v if isinstance(v, Tensor)
                         else torch.full((), v, dtype=torch.float64, device=input.device)
                         for v in (r_max, d_max))
-        return sync_batch_norm_training(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked,
-            world,
-            r_max,
-            d_max,
-        )
+        return sync_batch_norm_training(input, self.running_mean, self.running_var, self.weight,
+                                        self.bias, self.momentum, self.eps,
+                                        self.num_batches_tracked, world, r_max, d_max)
 
     @classmethod
     def convert_sync_batchrenorm(cls, module: nn.Module, process_group=None,
@@ -157,18 +136,9 @@ class SyncBatchRenorm(_BatchRenorm):
                 r_max, d_max = module.r_max, module.d_max
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
                             r_max, d_max, process_group, device="meta")
-            _adopt_tensors(converted, module)
+            adopt_tensors(converted, module)
         for name, child in module.named_children():
             converted.add_module(
                 name, cls.convert_sync_batchrenorm(child, process_group, r_max, d_max))
         return converted
-
-
-def _adopt_tensors(new: nn.Module, old: nn.Module) -> None:
-    # Reuse the very Parameter and buffer objects: optimisers and tied
-    # references keep pointing at the live tensors, device and dtype kept.
-    new.weight, new.bias = old.weight, old.bias
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(old, name))
-    new.train(old.training)
 
