@@ -6,8 +6,9 @@ SyncBatchNorm is timed as well).
     python benchmarks/distributed.py                 # 2 CPU processes, gloo
     python benchmarks/distributed.py --world 2 --threads 1 --shapes 16x64x28x28
 
-Each rank times train fwd+bwd with torch.utils.benchmark (CPU) or CUDA
-events; rank 0 prints the per-shape medians (ms) and the overhead of
+Each rank times train fwd+bwd over a fixed number of calls (the same on every
+rank, so that the collectives match) with torch.utils.benchmark (CPU) or CUDA
+events, alternating the layers over several rounds; rank 0 prints the per-shape medians (ms) and the overhead of
 synchronising, sync / local.
 """
 
@@ -32,23 +33,26 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="per-rank input shapes")
-    p.add_argument("--min-run-time", type=float, default=0.3)
+    p.add_argument("--calls", type=int, default=20, help="calls per measurement")
     p.add_argument("--rounds", type=int, default=3)
     return p.parse_args(argv)
 
 
-def time_it(fn, device, min_run_time):
+def time_it(fn, device, calls):
+    """Seconds per call over a fixed number of calls: every rank must make the
+    same calls, or the collectives would not match (an autorange would choose
+    a different count on each rank and hang)."""
     if device == "cpu":
         import torch.utils.benchmark as benchmark
 
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn},
                                 num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=min_run_time).median
+        return timer.timeit(calls).median
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(50):
+    for _ in range(calls):
         start.record()
         fn()
         end.record()
@@ -91,7 +95,7 @@ def rank_main(rank, args, port):
                 layer.to(device).train()
                 dist.barrier()
                 times[name].append(time_it(train_step(layer, x, grad), args.device,
-                                           args.min_run_time))
+                                           args.calls))
         rows.append((spec, {k: statistics.median(v) * 1e3 for k, v in times.items()}))
     if rank == 0:
         names = list(rows[0][1])
