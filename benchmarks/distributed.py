@@ -96,14 +96,25 @@ def rank_main(rank, args, port):
                 dist.barrier()
                 times[name].append(time_it(train_step(layer, x, grad), args.device,
                                            args.calls))
+        # The floor of synchronising: the step's two collectives alone, at its sizes.
+        table = torch.zeros(args.world, 2 * channels + 1, dtype=torch.float64, device=device)
+        sums = torch.zeros(2 * channels, device=device)
+
+        def collectives():
+            dist.all_reduce(table)
+            dist.all_reduce(sums)
+        times["2 all-reduces"] = []
+        for _ in range(args.rounds):
+            dist.barrier()
+            times["2 all-reduces"].append(time_it(collectives, args.device, args.calls))
         rows.append((spec, {k: statistics.median(v) * 1e3 for k, v in times.items()}))
     if rank == 0:
         names = list(rows[0][1])
         print(f"{args.world} ranks, {backend}, {args.device}, {args.threads} thread(s) per rank; "
               "train fwd+bwd per rank, median ms")
-        print(f"{'shape (per rank)':<18}" + "".join(f"{n:>12}" for n in names) + f"{'sync/local':>12}")
+        print(f"{'shape (per rank)':<18}" + "".join(f"{n:>15}" for n in names) + f"{'sync/local':>12}")
         for spec, t in rows:
-            print(f"{spec:<18}" + "".join(f"{t[n]:>12.3f}" for n in names)
+            print(f"{spec:<18}" + "".join(f"{t[n]:>15.3f}" for n in names)
                   + f"{t['sync'] / t['local']:>12.2f}")
     dist.destroy_process_group()
 
