@@ -136,6 +136,43 @@ def scenario_errors(rank, world):
     return result
 
 
+def scenario_half(rank, world):
+    """bfloat16 and float16, channels_last, mean 100: the synchronised layer
+    against our local layer on the whole batch, which every rank can compute;
+    returns the relative errors."""
+    sizes = rank_sizes(world)
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        gen = torch.Generator().manual_seed(3)
+        x = (torch.randn(sum(sizes), 6, 5, 5, generator=gen) * 3 + 100).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = torch.randn(x.shape, generator=gen).to(dtype)
+        sync, local = tb.SyncBatchNorm(6), tb.BatchNorm2d(6)
+        xs, xl = x[start:stop].clone().requires_grad_(), x.clone().requires_grad_()
+        ys = sync(xs)
+        ys.backward(g[start:stop])
+        yl = local(xl)
+        yl.backward(g)
+        grad_weight = sync.weight.grad.clone()
+        dist.all_reduce(grad_weight)
+
+        def rel(a, b):
+            return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+        name = str(dtype).replace("torch.", "")
+        errors[name] = {
+            "out": rel(ys, yl[start:stop]) if stop > start else 0.0,
+            "grad_input": rel(xs.grad, xl.grad[start:stop]) if stop > start else 0.0,
+            "grad_weight": rel(grad_weight, local.weight.grad),
+            "running_var": rel(sync.running_var, local.running_var),
+            "layout_kept": stop == start or ys.is_contiguous(memory_format=torch.channels_last),
+            "dtype_kept": ys.dtype == dtype,
+        }
+    return errors
+
+
 def scenario_compile(rank, world):
     """torch.compile(fullgraph=True) of the layers: the collectives trace
     (dynamo rewrites torch.distributed's in-place all_reduce); compiled
