@@ -43,11 +43,13 @@ struct Limits {
   C10_HOST_DEVICE T d() const { return d_max_p ? *d_max_p : d_max; }
 };
 
-// The limits as tensors the kernel may read: on the input's device, opmath
-// dtype, one element each.
-inline std::tuple<Tensor, Tensor> device_limits(const char* op, const Tensor& x,
-                                                const Tensor& r_max, const Tensor& d_max) {
-  const auto opmath = opmath_dtype(x.scalar_type());
+// The limits as tensors the kernel may read: on `device`, in `opmath`, one
+// element each. Reading a CPU value costs no synchronisation, so there they
+// are checked as float limits are; on the GPU the shared math turns a bad
+// limit into NaN.
+inline std::tuple<Tensor, Tensor> device_limits(const char* op, at::Device device,
+                                                at::ScalarType opmath, const Tensor& r_max,
+                                                const Tensor& d_max) {
   Tensor out[2];
   const Tensor* in[2] = {&r_max, &d_max};
   const char* names[2] = {"r_max", "d_max"};
@@ -56,8 +58,9 @@ inline std::tuple<Tensor, Tensor> device_limits(const char* op, const Tensor& x,
                 " to be a 0-dim tensor (one value for every channel), got shape ", in[i]->sizes());
     TORCH_CHECK(at::isFloatingType(in[i]->scalar_type()), op, ": expected ", names[i],
                 " to be a floating-point tensor, got ", in[i]->scalar_type());
-    out[i] = in[i]->to(x.device(), opmath).contiguous();
+    out[i] = in[i]->to(device, opmath).contiguous();
   }
+  if (device.is_cpu()) check_limits(op, out[0].item<double>(), out[1].item<double>());
   return {out[0], out[1]};
 }
 
@@ -74,10 +77,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
   const auto opmath = opmath_dtype(x.scalar_type());
   Tensor rmax_t, dmax_t;
   if (r_max_t.defined()) {
-    std::tie(rmax_t, dmax_t) = device_limits(op, x, r_max_t, d_max_t);
-    // Reading a CPU value costs no synchronisation: check it as the float
-    // limits are. On the GPU the shared math turns a bad limit into NaN.
-    if (x.is_cpu()) check_limits(op, rmax_t.item<double>(), dmax_t.item<double>());
+    std::tie(rmax_t, dmax_t) = device_limits(op, x.device(), opmath, r_max_t, d_max_t);
   } else {
     check_limits(op, r_max, d_max);
   }

@@ -87,12 +87,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gather_stats(
   const Tensor rm = per_channel(rm_in, dtype);
   const Tensor rv = per_channel(rv_in, dtype);
   Tensor rmax_t, dmax_t;
-  if (rmax_in.defined()) {
-    const Tensor like = at::empty({0}, means.options().dtype(
-                                           dtype == at::kDouble ? at::kDouble : at::kFloat));
-    std::tie(rmax_t, dmax_t) = batch_renorm::device_limits(op, like, rmax_in, dmax_in);
-    if (device.is_cpu()) batch_renorm::check_limits(op, rmax_t.item<double>(), dmax_t.item<double>());
-  }
+  if (rmax_in.defined())
+    std::tie(rmax_t, dmax_t) = batch_renorm::device_limits(op, device, dtype, rmax_in, dmax_in);
   const auto options = means.options();
   Tensor mean = at::empty({C}, options), var = at::empty({C}, options);
   Tensor scale = at::empty({C}, options), shift = at::empty({C}, options);
