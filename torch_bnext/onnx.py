@@ -76,6 +76,17 @@ def _check_exporting_opset(opset_version: int) -> None:
         )
 
 
+def _param_dtype(dtypes: set, stats_dtype, float_, double_):
+    """The one dtype BatchNormalization takes for both weight and bias (our
+    kernel accepts two): theirs if they agree, else the wider; the statistics'
+    dtype when both are absent. Dtypes are those of either exporter."""
+    if not dtypes:
+        return stats_dtype
+    if len(dtypes) == 1:
+        return next(iter(dtypes))
+    return double_ if double_ in dtypes else float_
+
+
 def onnx_translations(opset_version: int = 18) -> dict:
     """The ``custom_translation_table`` for torch.onnx.export(dynamo=True):
     {torch.ops.bnext.<op>.default: ONNX translation} for the operators of
@@ -120,13 +131,8 @@ def onnx_translations(opset_version: int = 18) -> dict:
         # parameters): a single node, which runtimes fuse into a preceding Conv.
         # The kernel also accepts weight and bias of different dtypes; the
         # node wants one dtype for both: the wider.
-        dtypes = {p.dtype for p in (weight, bias) if p is not None}
-        if not dtypes:
-            pdtype = stats_dtype
-        elif len(dtypes) == 1:
-            pdtype = dtypes.pop()
-        else:
-            pdtype = DOUBLE if DOUBLE in dtypes else FLOAT
+        pdtype = _param_dtype({p.dtype for p in (weight, bias) if p is not None}, stats_dtype,
+                              FLOAT, DOUBLE)
         channels = op.Shape(mean)
         if weight is None:
             weight = ones(pdtype, channels)
@@ -313,13 +319,8 @@ def _legacy_symbolics():
         return None if sh._is_none(value) else value
 
     def batch_norm(g, input, mean, var, stats_dtype, weight, bias, eps):
-        dtypes = {dtype_of(p) for p in (weight, bias) if p is not None}
-        if not dtypes:
-            pdtype = stats_dtype
-        elif len(dtypes) == 1:
-            pdtype = dtypes.pop()
-        else:
-            pdtype = DOUBLE if DOUBLE in dtypes else FLOAT
+        pdtype = _param_dtype({dtype_of(p) for p in (weight, bias) if p is not None}, stats_dtype,
+                              FLOAT, DOUBLE)
         channels = g.op("Shape", mean)
         if weight is None:
             weight = ones(g, pdtype, channels)

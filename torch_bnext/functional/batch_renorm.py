@@ -40,6 +40,14 @@ def check_renorm_limits(r_max: Limit, d_max: Limit) -> None:
         raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
 
 
+def limit_tensors(r_max: Limit, d_max: Limit, device) -> tuple:
+    """Both limits as 0-dim tensors, for batch_renorm_train_scheduled (and the
+    distributed step): a float becomes a float64 tensor on `device`."""
+    return tuple(v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float64,
+                                                             device=device)
+                 for v in (r_max, d_max))
+
+
 def batch_renorm_training(
     input: Tensor,
     running_mean: Tensor,
@@ -67,12 +75,9 @@ def batch_renorm_training(
     verify_batch_size(input)
     check_eps(eps, True)
     if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
-        r_max, d_max = (
-            v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float64, device=input.device)
-            for v in (r_max, d_max)
-        )
         out, mean, var, _r, _d = _ops.batch_renorm_train_scheduled(
-            input, running_mean, running_var, weight, bias, eps, r_max, d_max
+            input, running_mean, running_var, weight, bias, eps,
+            *limit_tensors(r_max, d_max, input.device)
         )
     else:
         out, mean, var, _r, _d = _ops.batch_renorm_train.default(

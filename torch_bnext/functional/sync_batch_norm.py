@@ -82,8 +82,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         input, weight, mean, var, count, r, d = ctx.saved_tensors
         channels = input.shape[1]
         sum_dy, sum_dy_xmu = _local_sums(grad_out, input, mean)
-        local = torch.cat([sum_dy, sum_dy_xmu])
-        total = local.clone()
+        total = torch.cat([sum_dy, sum_dy_xmu])  # a new tensor: the local sums stay
         dist.all_reduce(total, group=ctx.group)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -116,9 +115,8 @@ def world_of(group) -> Optional[tuple]:
 def check_sync_input(input: Tensor, num_features: int, weight: Optional[Tensor],
                      running_mean: Optional[Tensor]) -> None:
     """What one rank can see wrong on its own, raised before any collective so
-    that the other ranks are not left waiting in it."""
-    if input.dim() < 2:
-        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    that the other ranks are not left waiting in it (the layers have checked
+    the number of dimensions already, with torch.nn.SyncBatchNorm's check)."""
     if input.shape[1] != num_features:
         raise RuntimeError(
             f"running_mean should contain {input.shape[1]} elements not {num_features}"

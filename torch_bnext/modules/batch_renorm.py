@@ -1,6 +1,5 @@
 from typing import Callable, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..functional.batch_norm import batch_norm_eval
@@ -91,21 +90,17 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
     def _limits(self):
-        r_max, d_max = self.r_max, self.d_max
-        if isinstance(r_max, Schedule) or isinstance(d_max, Schedule):
-            # On the device, from the step before this one: no synchronisation.
-            step = self.num_batches_tracked
-            return tuple(
-                v(step) if isinstance(v, Schedule)
-                else torch.full((), v(int(step.item())) if callable(v) else v,
-                                dtype=torch.float64, device=step.device)
-                for v in (r_max, d_max)
-            )
-        if callable(r_max) or callable(d_max):
-            step = int(self.num_batches_tracked.item())
-            r_max = r_max(step) if callable(r_max) else r_max
-            d_max = d_max(step) if callable(d_max) else d_max
-        return float(r_max), float(d_max)
+        """r_max and d_max for this step, from the step count before it: a
+        Schedule as a 0-dim tensor evaluated on the device (no synchronisation),
+        any other callable of the step count read once on the host."""
+        step = self.num_batches_tracked
+        limits = (self.r_max, self.d_max)
+        host_step = (int(step.item()) if any([callable(v) and not isinstance(v, Schedule)
+                                              for v in limits]) else None)
+        return tuple(v(step) if isinstance(v, Schedule)
+                     else float(v(host_step)) if callable(v)
+                     else float(v)
+                     for v in limits)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

@@ -1,9 +1,9 @@
 """SyncBatchNorm and SyncBatchRenorm: batch statistics over the ranks of a
 torch.distributed process group (torch_bnext/functional/sync_batch_norm.py)."""
 
-import torch
 from torch import Tensor, nn
 
+from ..functional.batch_renorm import limit_tensors
 from ..functional.sync_batch_norm import check_sync_input, sync_batch_norm_training, world_of
 from .batch_norm import _BatchNormForward, adopt_tensors
 from .batch_renorm import Limit, _BatchRenorm
@@ -104,21 +104,17 @@ class SyncBatchRenorm(_BatchRenorm):
         super().__init__(num_features, eps, momentum, affine, r_max, d_max, device, dtype)
         self.process_group = process_group
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
 
     def _train_step(self, input: Tensor, r_max, d_max) -> Tensor:
         world = world_of(self.process_group)
         if world is None:
             return super()._train_step(input, r_max, d_max)
         check_sync_input(input, self.num_features, self.weight, self.running_mean)
-        r_max, d_max = (v if isinstance(v, Tensor)
-                        else torch.full((), v, dtype=torch.float64, device=input.device)
-                        for v in (r_max, d_max))
         return sync_batch_norm_training(input, self.running_mean, self.running_var, self.weight,
                                         self.bias, self.momentum, self.eps,
-                                        self.num_batches_tracked, world, r_max, d_max)
+                                        self.num_batches_tracked, world,
+                                        *limit_tensors(r_max, d_max, input.device))
 
     @classmethod
     def convert_sync_batchrenorm(cls, module: nn.Module, process_group=None,
