@@ -152,7 +152,10 @@ class Build(BuildExtension):
 
 
 def sources(pattern):
-    return sorted(glob.glob(os.path.join("csrc", "**", pattern), recursive=True))
+    # csrc/emulator is the tests' CPU emulator of the CUDA kernels
+    # (tests/emulated_cuda.py builds it), not part of the extension.
+    found = glob.glob(os.path.join("csrc", "**", pattern), recursive=True)
+    return sorted(p for p in found if not p.startswith(os.path.join("csrc", "emulator", "")))
 
 
 def headers():

@@ -1,17 +1,20 @@
 // The CUDA implementation of the Batch Norm building blocks (see composite.h
-// for the contract). CUDA-only: include it from .cu files, never from .cpp,
-// so that the CPU-only build never sees it.
+// for the contract); the kernels are in cuda_kernels.cuh. CUDA-only: include
+// it from .cu files (or the emulator's module), never from the CPU build.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+
+#include "common/cuda_launch.cuh"
+
+#ifndef BNEXT_EMULATE_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace bnext {
 namespace batch_norm {
@@ -21,8 +24,7 @@ namespace cuda_detail {
 template <typename F>
 __global__ void for_each_channel_kernel(int64_t C, F f) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
-       c += stride) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += stride) {
     f(c);
   }
 }
@@ -32,6 +34,14 @@ __global__ void for_each_channel_kernel(int64_t C, F f) {
 struct CudaBackend {
   using Tensor = at::Tensor;
 
+#ifdef BNEXT_EMULATE_CUDA
+  // The emulator runs the kernels on CPU tensors.
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device device) {
+      TORCH_CHECK(device.is_cpu(), "bnext emulator: expected a CPU tensor, got ", device);
+    }
+  };
+#else
   struct DeviceGuard {
     // The dispatcher picks the CUDA kernel when any argument is on CUDA; a
     // CPU input would otherwise reach the kernels as a host pointer.
@@ -44,23 +54,22 @@ struct CudaBackend {
     }
     c10::cuda::CUDAGuard guard_;
   };
+#endif
 
   static std::tuple<Tensor, Tensor> stats(const Tensor& x);
   static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift);
-  static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x,
-                                                    const Tensor& mean);
-  static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
-                               const Tensor& a, const Tensor& k, const Tensor& c);
+  static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean);
+  static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& a,
+                               const Tensor& k, const Tensor& c);
 
   // Per-channel coefficients: a few flops per channel, so one thread each.
   template <typename F>
   static void for_each_channel(int64_t C, const F& f) {
     if (C <= 0) return;
     constexpr int kThreads = 256;
-    const int64_t blocks = std::min<int64_t>((C + kThreads - 1) / kThreads, 1024);
-    cuda_detail::for_each_channel_kernel<F>
-        <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(C, f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t blocks = std::min<int64_t>(cuda::ceil_div(C, kThreads), 1024);
+    cuda::launch(cuda_detail::for_each_channel_kernel<F>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), C,
+                 f);
   }
 };
 

@@ -2,14 +2,11 @@
 // (merged with bnext::welford_merge, the same code the CPU kernels run).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include "bnext/welford.h"
+#include "common/cuda_launch.cuh"
 
 namespace bnext {
 namespace cuda {
-
-constexpr int kWarpSize = 32;
 
 template <typename T>
 __device__ __forceinline__ T shfl_down(T v, int offset) {

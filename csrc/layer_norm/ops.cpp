@@ -1,26 +1,8 @@
-// LayerNorm and RMSNorm operator schemas. Kernels: cpu_kernels.cpp,
-// cuda_kernels.cu; fake kernels and autograd: torch_bnext/ops/layer_norm.py.
-//
-// The input is M rows of N = prod(normalized_shape) values. Row statistics
-// (mean, rstd) have the input's leading (batch) shape and the opmath dtype
-// (float32, float64 for float64 input); the backward ops recover the split
-// from their dimension. A parameter gradient that output_mask does not ask
-// for comes back as an empty (0,) tensor. The backward ops take the forward's
-// eps for their own derivative (double backward), which recomputes the
-// statistics from the input; the kernels use the saved ones.
+// Declares the layer norm schemas (schemas.h) in the bnext library.
 #include <torch/library.h>
 
+#include "layer_norm/schemas.h"
+
 TORCH_LIBRARY_FRAGMENT(bnext, m) {
-  m.def(
-      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
-      "float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
-  m.def(
-      "layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-      "float eps, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  m.def(
-      "rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps) "
-      "-> (Tensor out, Tensor rstd)");
-  m.def(
-      "rms_norm_bwd(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, float eps, "
-      "bool weight_grad) -> (Tensor grad_input, Tensor grad_weight)");
+  bnext::layer_norm::define_schemas(m);
 }

@@ -64,6 +64,28 @@ C10_HOST_DEVICE inline Welford<T> welford_merge(const Welford<T>& a, const Welfo
   return out;
 }
 
+// Adds K samples at once: their own mean and m2 (two passes over K values in
+// registers), then one Chan merge, so a reduction pays one division per K
+// samples instead of one per sample.
+template <typename T, int K>
+C10_HOST_DEVICE inline void welford_push_chunk(Welford<T>& s, const T (&x)[K]) {
+  T sum = T(0);
+  for (int i = 0; i < K; ++i) sum += x[i];
+  const T mean = sum / static_cast<T>(K);
+  T m2 = T(0);
+  for (int i = 0; i < K; ++i) {
+    const T d = x[i] - mean;
+    m2 += d * d;
+  }
+  if (s.count == 0) {
+    s.mean = mean;
+    s.m2 = m2;
+  } else {
+    merge_into(s.mean, s.m2, mean, m2, merge_weights<T>(s.count, K));
+  }
+  s.count += K;
+}
+
 // Biased (population) variance; 0 for an empty or single-sample set.
 template <typename T>
 C10_HOST_DEVICE inline T welford_var(const Welford<T>& s) {

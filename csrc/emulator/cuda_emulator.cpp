@@ -1,0 +1,266 @@
+// The fiber scheduler behind cuda_emulator.h. One launch runs its blocks in
+// order (x fastest, as blockIdx enumerates them); inside a block every thread
+// is a ucontext fiber with its own stack. A fiber runs until it reaches a
+// barrier (__syncthreads, or the two halves of a warp shuffle) or returns; the
+// scheduler releases a barrier once every live thread that must reach it has,
+// and reports an error when the threads wait at different barriers.
+#include "emulator/cuda_emulator.h"
+
+#include <ucontext.h>
+
+#include <exception>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace bnext {
+namespace emu {
+namespace {
+
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxGridYZ = 65535;
+constexpr std::size_t kStackBytes = 256 * 1024;
+
+enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t context;
+  uint3 idx;
+  int linear = 0;
+  State state = State::kReady;
+  uint64_t block_barriers = 0;  // __syncthreads passed, to catch divergence
+  uint64_t warp_barriers = 0;
+  unsigned mask = 0;
+};
+
+struct Block {
+  dim3 grid;
+  dim3 block;
+  uint3 block_idx;
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<unsigned char> slots;  // kWarpSize * kMaxShuffleBytes per warp
+  ucontext_t scheduler;
+  Fiber* current = nullptr;
+  std::exception_ptr error;
+};
+
+Block* g_block = nullptr;
+int64_t g_num_sms = 4;
+int64_t g_launches = 0;
+std::vector<std::unique_ptr<char[]>> g_stacks;
+
+Fiber& self() {
+  if (g_block == nullptr || g_block->current == nullptr) {
+    throw std::runtime_error("bnext emulator: a CUDA built-in was used outside a kernel launch");
+  }
+  return *g_block->current;
+}
+
+void yield_to_scheduler(State state) {
+  Fiber& f = self();
+  f.state = state;
+  swapcontext(&f.context, &g_block->scheduler);
+}
+
+void fiber_main() {
+  Fiber& f = *g_block->current;
+  try {
+    (*g_block->body)();
+  } catch (...) {
+    if (!g_block->error) g_block->error = std::current_exception();
+  }
+  f.state = State::kDone;
+  // uc_link returns to the scheduler.
+}
+
+std::string describe(const Block& b, const char* what) {
+  std::ostringstream os;
+  os << "bnext emulator: " << what << " in block (" << b.block_idx.x << ", " << b.block_idx.y
+     << ", " << b.block_idx.z << ") of a (" << b.block.x << ", " << b.block.y << ", "
+     << b.block.z << ") block";
+  return os.str();
+}
+
+// Releases the warps whose live lanes all wait at the same shuffle barrier.
+bool release_warps(Block& b) {
+  bool released = false;
+  const int n = static_cast<int>(b.fibers.size());
+  for (int w0 = 0; w0 < n; w0 += kWarpSize) {
+    const int w1 = std::min(n, w0 + kWarpSize);
+    int waiting = 0;
+    int live = 0;
+    for (int i = w0; i < w1; ++i) {
+      if (b.fibers[i].state == State::kDone) continue;
+      ++live;
+      if (b.fibers[i].state == State::kAtWarpBarrier) ++waiting;
+    }
+    if (live == 0 || waiting != live) continue;
+    const Fiber* first = nullptr;
+    for (int i = w0; i < w1; ++i) {
+      Fiber& f = b.fibers[i];
+      if (f.state == State::kDone) continue;
+      if (first == nullptr) first = &f;
+      if (f.warp_barriers != first->warp_barriers) {
+        throw std::runtime_error(describe(b, "lanes of a warp shuffle at different points"));
+      }
+      f.state = State::kReady;
+    }
+    released = true;
+  }
+  return released;
+}
+
+bool release_block(Block& b) {
+  const Fiber* first = nullptr;
+  for (const Fiber& f : b.fibers) {
+    if (f.state == State::kDone) continue;
+    if (f.state != State::kAtBlockBarrier) return false;
+    if (first == nullptr) first = &f;
+    if (f.block_barriers != first->block_barriers) {
+      throw std::runtime_error(describe(b, "threads wait at different __syncthreads()"));
+    }
+  }
+  if (first == nullptr) return false;
+  for (Fiber& f : b.fibers) {
+    if (f.state != State::kDone) f.state = State::kReady;
+  }
+  return true;
+}
+
+void run_block(Block& b) {
+  const unsigned threads = b.block.x * b.block.y * b.block.z;
+  b.fibers.assign(threads, Fiber());
+  b.slots.assign((threads + kWarpSize - 1) / kWarpSize * kWarpSize * kMaxShuffleBytes, 0);
+  while (g_stacks.size() < threads) g_stacks.emplace_back(new char[kStackBytes]);
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& f = b.fibers[i];
+    f.linear = static_cast<int>(i);
+    f.idx = {i % b.block.x, i / b.block.x % b.block.y, i / (b.block.x * b.block.y)};
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = g_stacks[i].get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &b.scheduler;
+    makecontext(&f.context, &fiber_main, 0);
+  }
+  for (;;) {
+    bool ran = false;
+    for (Fiber& f : b.fibers) {
+      if (f.state != State::kReady) continue;
+      b.current = &f;
+      swapcontext(&b.scheduler, &f.context);
+      b.current = nullptr;
+      ran = true;
+      if (b.error) std::rethrow_exception(b.error);
+    }
+    const bool released = release_warps(b) || release_block(b);
+    if (ran || released) continue;
+    for (const Fiber& f : b.fibers) {
+      if (f.state != State::kDone) {
+        throw std::runtime_error(describe(
+            b, "deadlock: some threads wait at __syncthreads() while others wait in a warp "
+               "shuffle"));
+      }
+    }
+    return;
+  }
+}
+
+void check_config(dim3 grid, dim3 block) {
+  std::ostringstream os;
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > kMaxThreadsPerBlock || block.z > 64) {
+    os << "block of (" << block.x << ", " << block.y << ", " << block.z << ") threads";
+  } else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > kMaxGridYZ ||
+             grid.z > kMaxGridYZ || grid.x > 0x7fffffffu) {
+    os << "grid of (" << grid.x << ", " << grid.y << ", " << grid.z << ") blocks";
+  } else {
+    return;
+  }
+  throw std::runtime_error("bnext emulator: invalid configuration argument: " + os.str());
+}
+
+}  // namespace
+
+const uint3& thread_idx() { return self().idx; }
+const uint3& block_idx() {
+  self();
+  return g_block->block_idx;
+}
+const dim3& block_dim() {
+  self();
+  return g_block->block;
+}
+const dim3& grid_dim() {
+  self();
+  return g_block->grid;
+}
+int lane_id() { return self().linear % kWarpSize; }
+
+void syncthreads() {
+  Fiber& f = self();
+  ++f.block_barriers;
+  yield_to_scheduler(State::kAtBlockBarrier);
+}
+
+void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask) {
+  Fiber& f = self();
+  Block& b = *g_block;
+  const int lane = f.linear % kWarpSize;
+  const int warp0 = f.linear - lane;
+  if (mask != 0xffffffffu) {
+    throw std::runtime_error(describe(b, "a shuffle with a partial mask (not emulated)"));
+  }
+  if (src_lane < 0 || src_lane >= kWarpSize || warp0 + src_lane >= static_cast<int>(b.fibers.size())) {
+    throw std::runtime_error(describe(b, "a shuffle reads a lane that does not exist"));
+  }
+  unsigned char* slots = b.slots.data() + static_cast<std::size_t>(warp0) * kMaxShuffleBytes;
+  std::memcpy(slots + lane * kMaxShuffleBytes, in, bytes);
+  f.mask = mask;
+  ++f.warp_barriers;
+  yield_to_scheduler(State::kAtWarpBarrier);
+  if (b.fibers[warp0 + src_lane].state == State::kDone) {
+    throw std::runtime_error(describe(b, "a shuffle reads a lane that has exited"));
+  }
+  std::memcpy(out, slots + src_lane * kMaxShuffleBytes, bytes);
+  // Nobody may overwrite a slot before every lane has read its source.
+  ++f.warp_barriers;
+  yield_to_scheduler(State::kAtWarpBarrier);
+}
+
+void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  check_config(grid, block);
+  if (g_block != nullptr) throw std::runtime_error("bnext emulator: nested launch");
+  ++g_launches;
+  Block b;
+  b.grid = grid;
+  b.block = block;
+  b.body = &body;
+  g_block = &b;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          b.block_idx = {x, y, z};
+          run_block(b);
+        }
+      }
+    }
+  } catch (...) {
+    g_block = nullptr;
+    throw;
+  }
+  g_block = nullptr;
+}
+
+int64_t num_sms() { return g_num_sms; }
+void set_num_sms(int64_t n) {
+  if (n < 1) throw std::invalid_argument("bnext emulator: num_sms must be positive");
+  g_num_sms = n;
+}
+int64_t launch_count() { return g_launches; }
+
+}  // namespace emu
+}  // namespace bnext

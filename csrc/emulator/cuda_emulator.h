@@ -1,0 +1,130 @@
+// A CUDA emulator for testing the kernels on a machine without a GPU.
+//
+// The CUDA kernels (csrc/**/cuda_kernels.cuh) are written against a handful of
+// CUDA built-ins. Compiled with BNEXT_EMULATE_CUDA by a host compiler, this
+// header supplies those built-ins, and a launch runs the grid on the CPU: the
+// blocks one after another, each block's threads as fibers on one OS thread
+// that switch at every barrier and every warp shuffle. The semantics that the
+// kernels rely on are kept:
+//   - __shared__ variables are shared by the threads of a block (they become
+//     function statics, which one block at a time may use);
+//   - __syncthreads() waits for every live thread of the block;
+//   - __shfl_*_sync exchange values between the 32 lanes of a warp, which must
+//     all take part (as the full masks the kernels pass demand).
+// What real hardware would hang on or leave undefined is an error here: a
+// barrier that some threads skip (divergence), a shuffle whose source lane has
+// exited or does not exist, a launch configuration CUDA refuses.
+//
+// Not emulated: memory-model races between blocks (blocks run in order, so a
+// last-block-merges pattern always sees every partial), shared memory being
+// uninitialised (statics start as zero), timing. The GPU remains the judge of
+// those; this is for the arithmetic, the indexing and the launch plans.
+#pragma once
+
+#ifndef BNEXT_EMULATE_CUDA
+#error "cuda_emulator.h is for host builds with BNEXT_EMULATE_CUDA"
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace bnext {
+namespace emu {
+
+constexpr int kWarpSize = 32;
+// Largest value one shuffle moves (the kernels shuffle scalars).
+constexpr std::size_t kMaxShuffleBytes = 16;
+
+const uint3& thread_idx();
+const uint3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+int lane_id();
+
+void syncthreads();
+// Every live lane of the calling warp contributes `bytes` from `in` and receives
+// the value of lane `src_lane` in `out`.
+void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask);
+
+// Runs `body` once per thread of the grid; throws std::runtime_error for a
+// configuration CUDA would refuse, a divergent barrier or a bad shuffle.
+void launch(dim3 grid, dim3 block, const std::function<void()>& body);
+
+// The emulated device's multiprocessor count, which launch plans read.
+int64_t num_sms();
+void set_num_sms(int64_t n);
+// Launches so far (tests check that a path takes the launches it should).
+int64_t launch_count();
+
+template <typename T>
+T shuffle(T v, int src_lane, unsigned mask) {
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= kMaxShuffleBytes,
+                "shuffles move scalars");
+  T out = v;
+  warp_exchange(&v, &out, sizeof(T), src_lane, mask);
+  return out;
+}
+
+}  // namespace emu
+}  // namespace bnext
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define threadIdx (::bnext::emu::thread_idx())
+#define blockIdx (::bnext::emu::block_idx())
+#define blockDim (::bnext::emu::block_dim())
+#define gridDim (::bnext::emu::grid_dim())
+
+inline void __syncthreads() { ::bnext::emu::syncthreads(); }
+inline void __threadfence() {}
+
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::bnext::emu::lane_id();
+  const int end = lane / width * width + width;
+  const int src = lane + static_cast<int>(delta) < end ? lane + static_cast<int>(delta) : lane;
+  return ::bnext::emu::shuffle(v, src, mask);
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int lane = ::bnext::emu::lane_id();
+  const int src = lane ^ lane_mask;
+  return ::bnext::emu::shuffle(v, src / width == lane / width ? src : lane, mask);
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  const int lane = ::bnext::emu::lane_id();
+  return ::bnext::emu::shuffle(v, lane / width * width + src_lane % width, mask);
+}
+
+// Blocks run one at a time, so read-modify-write is atomic already.
+template <typename T>
+T atomicAdd(T* address, T v) {
+  const T old = *address;
+  *address = old + v;
+  return old;
+}
+
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}

@@ -1,0 +1,47 @@
+// The test library `bnext_emu`: every bnext operator (the same schemas), with
+// the CUDA kernels compiled for the CPU emulator (cuda_emulator.h) as its
+// kernels for CPU tensors. tests/test_cuda_emulated.py compares it with the
+// CPU kernels, so the CUDA kernels' indexing, launch plans and arithmetic are
+// tested on machines without a GPU. Built on demand by tests/emulated_cuda.py,
+// never part of torch_bnext._C.
+#ifndef BNEXT_EMULATE_CUDA
+#error "build with -DBNEXT_EMULATE_CUDA"
+#endif
+
+#include <torch/library.h>
+
+#include "batch_norm/cuda_kernels.cuh"
+#include "batch_norm/schemas.h"
+#include "batch_renorm/composite.h"
+#include "batch_renorm/schemas.h"
+#include "distributed/composite.h"
+#include "distributed/schemas.h"
+#include "emulator/cuda_emulator.h"
+
+namespace bnext {
+namespace emu {
+namespace {
+
+void set_num_sms_op(int64_t n) { set_num_sms(n); }
+int64_t num_sms_op() { return num_sms(); }
+int64_t launch_count_op() { return launch_count(); }
+
+}  // namespace
+}  // namespace emu
+}  // namespace bnext
+
+TORCH_LIBRARY(bnext_emu, m) {
+  bnext::batch_norm::define_schemas(m);
+  bnext::batch_renorm::define_schemas(m);
+  bnext::distributed::define_schemas(m);
+  // The emulated GPU's SM count sets the launch plans (how many partials).
+  m.def("set_num_sms(int n) -> ()", &bnext::emu::set_num_sms_op);
+  m.def("num_sms() -> int", &bnext::emu::num_sms_op);
+  m.def("launch_count() -> int", &bnext::emu::launch_count_op);
+}
+
+TORCH_LIBRARY_IMPL(bnext_emu, CPU, m) {
+  bnext::batch_norm::register_kernels<bnext::batch_norm::CudaBackend>(m);
+  bnext::batch_renorm::register_renorm_kernels<bnext::batch_norm::CudaBackend>(m);
+  bnext::distributed::register_distributed_kernels<bnext::batch_norm::CudaBackend>(m);
+}

@@ -1,0 +1,36 @@
+"""Builds and loads `bnext_emu`: the CUDA kernels compiled for the CPU emulator
+(csrc/emulator/), registered as CPU kernels of operators with the bnext
+schemas. Tests call torch.ops.bnext_emu.<op> where they would call the CUDA
+op, with CPU tensors."""
+
+import functools
+import os
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+# The CUDA kernels' host-side helpers that live in .cpp files of the main build.
+SOURCES = ["emulator/module.cpp", "emulator/cuda_emulator.cpp", "common/checks.cpp", "common/layout.cpp"]
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """Compiles (ninja recompiles what a changed source or header touches) and
+    loads the library; returns torch.ops.bnext_emu."""
+    build = os.path.join(ROOT, "build", f"emulator-torch{torch.__version__}")
+    os.makedirs(build, exist_ok=True)
+    cpp_extension.load(
+        name="bnext_emu",
+        sources=[os.path.join(CSRC, s) for s in SOURCES],
+        extra_include_paths=[CSRC, os.path.join(CSRC, "include")],
+        # Hidden symbols: this library repeats names of torch_bnext._C's.
+        extra_cflags=["-O2", "-DBNEXT_EMULATE_CUDA", "-fvisibility=hidden"],
+        extra_ldflags=["-Wl,-Bsymbolic"],
+        build_directory=build,
+        is_python_module=False,
+        verbose=bool(os.environ.get("BNEXT_VERBOSE_BUILD")),
+    )
+    return torch.ops.bnext_emu
