@@ -55,7 +55,7 @@ else
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$LOG"
   # Only the visible GPU's architecture: one device-code pass instead of several.
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  DEVICE=cuda BUILD_ENV="BNEXT_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH" TEST_SELECT="cuda"
+  DEVICE=cuda BUILD_ENV="BNEXT_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH" TEST_SELECT="cuda and not emulated"
   BENCH_SELECT=""
 fi
 

@@ -192,3 +192,30 @@ def test_one_launch_when_one_block_row_suffices():
     finally:
         EMU.set_num_sms(old)
     assert (one, two) == (1, 2)
+
+
+# ------------------------------------------------------------- the emulator
+
+
+def test_emulator_reductions_give_cuda_results():
+    out = EMU.selftest("reductions")
+    # 96 threads valued 1..96: the block sum, then each warp's butterfly sum.
+    assert out[:4].tolist() == [96 * 97 / 2, sum(range(1, 33)), sum(range(33, 65)), sum(range(65, 97))]
+    col = EMU.selftest("column")
+    assert col[:4].tolist() == [(x + 1) * 36 for x in range(4)]
+
+
+def test_emulator_runs_blocks_in_order():
+    assert EMU.selftest("block_order")[:7].tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("divergent_barrier", "different __syncthreads"),
+    ("exited_lane", "lane that has exited"),
+    ("barrier_or_shuffle", "deadlock"),
+    ("too_many_threads", "invalid configuration argument"),
+    ("grid_y_too_large", "invalid configuration argument"),
+])
+def test_emulator_reports_what_a_gpu_would_hang_on_or_refuse(case, message):
+    with pytest.raises(RuntimeError, match=message):
+        EMU.selftest(case)

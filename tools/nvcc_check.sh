@@ -4,7 +4,8 @@
 # whole CUDA build about 12 on 2 cores). Objects go to build/nvcc-check/.
 #   tools/nvcc_check.sh csrc/layer_norm/cuda_kernels.cu [more.cu ...]
 # Env: PYTHON (default .venv/bin/python), CUDA_HOME (default /usr/local/cuda),
-#      TORCH_CUDA_ARCH_LIST (default 9.0).
+#      TORCH_CUDA_ARCH_LIST (default 9.0), NVCC_EXTRA (more flags, e.g.
+#      "-Xptxas -v" for registers and spills per kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -32,5 +33,5 @@ for src in "$@"; do
     -O3 --extended-lambda --expt-relaxed-constexpr -lineinfo -std=c++20 \
     -Xcompiler -fPIC -gencode "arch=compute_${ARCH/./},code=sm_${ARCH/./}" \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ ${NVCC_EXTRA:-}
 done

@@ -32,6 +32,8 @@ struct Fiber {
   State state = State::kReady;
   uint64_t block_barriers = 0;  // __syncthreads passed, to catch divergence
   uint64_t warp_barriers = 0;
+  const char* file = nullptr;  // the __syncthreads() it waits at
+  int line = 0;
   unsigned mask = 0;
 };
 
@@ -119,7 +121,8 @@ bool release_block(Block& b) {
     if (f.state == State::kDone) continue;
     if (f.state != State::kAtBlockBarrier) return false;
     if (first == nullptr) first = &f;
-    if (f.block_barriers != first->block_barriers) {
+    if (f.block_barriers != first->block_barriers || f.line != first->line ||
+        std::strcmp(f.file, first->file) != 0) {
       throw std::runtime_error(describe(b, "threads wait at different __syncthreads()"));
     }
   }
@@ -199,8 +202,10 @@ const dim3& grid_dim() {
 }
 int lane_id() { return self().linear % kWarpSize; }
 
-void syncthreads() {
+void syncthreads(const char* file, int line) {
   Fiber& f = self();
+  f.file = file;
+  f.line = line;
   ++f.block_barriers;
   yield_to_scheduler(State::kAtBlockBarrier);
 }

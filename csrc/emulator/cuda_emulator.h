@@ -8,7 +8,8 @@
 // kernels rely on are kept:
 //   - __shared__ variables are shared by the threads of a block (they become
 //     function statics, which one block at a time may use);
-//   - __syncthreads() waits for every live thread of the block;
+//   - __syncthreads() waits for every live thread of the block, all at the same
+//     call (source line);
 //   - __shfl_*_sync exchange values between the 32 lanes of a warp, which must
 //     all take part (as the full masks the kernels pass demand).
 // What real hardware would hang on or leave undefined is an error here: a
@@ -53,7 +54,9 @@ const dim3& block_dim();
 const dim3& grid_dim();
 int lane_id();
 
-void syncthreads();
+// `file` and `line` name the call site: threads that wait at different
+// __syncthreads() calls are an error even when their counts agree.
+void syncthreads(const char* file, int line);
 // Every live lane of the calling warp contributes `bytes` from `in` and receives
 // the value of lane `src_lane` in `out`.
 void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask);
@@ -92,7 +95,7 @@ T shuffle(T v, int src_lane, unsigned mask) {
 #define blockDim (::bnext::emu::block_dim())
 #define gridDim (::bnext::emu::grid_dim())
 
-inline void __syncthreads() { ::bnext::emu::syncthreads(); }
+#define __syncthreads() ::bnext::emu::syncthreads(__FILE__, __LINE__)
 inline void __threadfence() {}
 
 template <typename T>

@@ -1,0 +1,103 @@
+// Kernels that check the emulator itself (tests/test_cuda_emulated.py): the
+// built-ins the real kernels rely on give CUDA's results, and the mistakes a
+// GPU would hang on or leave undefined are reported as errors.
+#ifndef BNEXT_EMULATE_CUDA
+#error "build with -DBNEXT_EMULATE_CUDA"
+#endif
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "common/cuda_launch.cuh"
+#include "common/cuda_reduce.cuh"
+
+namespace bnext {
+namespace emu {
+namespace {
+
+// out[0] = sum over the block by block_reduce, out[1 + w] = warp w's butterfly
+// sum (__shfl_xor_sync), read back by every lane.
+__global__ void reductions_kernel(double* out) {
+  __shared__ double scratch[cuda::kWarpSize];
+  const double v = threadIdx.x + 1.0;
+  double all = v;
+  for (int m = 16; m > 0; m >>= 1) all += __shfl_xor_sync(0xffffffffu, all, m);
+  if (threadIdx.x % cuda::kWarpSize == 0) out[1 + threadIdx.x / cuda::kWarpSize] = all;
+  const double total = cuda::block_reduce(v, cuda::SumOp(), scratch, 0.0);
+  if (threadIdx.x == 0) out[0] = total;
+}
+
+// out[x] = sum over threadIdx.y of (x + 1) * (y + 1), for a (4, 8) block.
+__global__ void column_kernel(double* out) {
+  __shared__ double scratch[32];
+  const double v = (threadIdx.x + 1.0) * (threadIdx.y + 1.0);
+  const double total = cuda::column_reduce(v, cuda::SumOp(), scratch);
+  if (threadIdx.y == 0) out[threadIdx.x] = total;
+}
+
+// Blocks run one after another, as the last-block patterns assume.
+__global__ void block_order_kernel(double* out) {
+  if (threadIdx.x == 0) out[blockIdx.y * gridDim.x + blockIdx.x] = atomicAdd(out + 6, 1.0);
+}
+
+// Both halves pass one barrier each, but not the same one: undefined on a GPU.
+__global__ void divergent_barrier_kernel(double* out) {
+  if (threadIdx.x < 16) {
+    out[1] = 1;
+    __syncthreads();
+    out[2] = 1;
+  } else {
+    __syncthreads();
+  }
+}
+
+__global__ void exited_lane_kernel(double* out) {
+  if (threadIdx.x >= 16) return;
+  out[0] = __shfl_down_sync(0xffffffffu, 1.0, 16);
+}
+
+// Half of each warp waits at the barrier, the other half for a shuffle that
+// needs the first half: a hang on a GPU.
+__global__ void barrier_or_shuffle_kernel(double* out) {
+  if (threadIdx.x % cuda::kWarpSize < 16) {
+    __syncthreads();
+  } else {
+    out[0] = __shfl_down_sync(0xffffffffu, 1.0, 1);
+  }
+}
+
+at::Tensor selftest(const std::string& name) {
+  at::Tensor out = at::zeros({8}, at::kDouble);
+  double* p = out.data_ptr<double>();
+  if (name == "reductions") {
+    cuda::launch(reductions_kernel, dim3(1), dim3(96), p);
+  } else if (name == "column") {
+    cuda::launch(column_kernel, dim3(1), dim3(4, 8), p);
+  } else if (name == "block_order") {
+    cuda::launch(block_order_kernel, dim3(3, 2), dim3(32), p);
+  } else if (name == "divergent_barrier") {
+    cuda::launch(divergent_barrier_kernel, dim3(1), dim3(64), p);
+  } else if (name == "exited_lane") {
+    cuda::launch(exited_lane_kernel, dim3(1), dim3(32), p);
+  } else if (name == "barrier_or_shuffle") {
+    cuda::launch(barrier_or_shuffle_kernel, dim3(1), dim3(64), p);
+  } else if (name == "too_many_threads") {
+    cuda::launch(reductions_kernel, dim3(1), dim3(2048), p);
+  } else if (name == "grid_y_too_large") {
+    cuda::launch(block_order_kernel, dim3(1, 65536), dim3(32), p);
+  } else {
+    TORCH_CHECK(false, "unknown emulator self-test '", name, "'");
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace emu
+}  // namespace bnext
+
+TORCH_LIBRARY_FRAGMENT(bnext_emu, m) {
+  m.def("selftest(str name) -> Tensor", &bnext::emu::selftest);
+}
