@@ -48,7 +48,7 @@ from timing import copy_bandwidth, paired_samples  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-process medians merged by --processes (reliability.merge_rows).
 MERGED_KEYS = ("ours_ms", "native_ms", "speedup", "gbps", "copy_gbps", "pct_copy", "floor_ms",
-               "max_speedup", "renorm_over_bn", "others_cpus")
+               "max_speedup", "renorm_over_bn", "others_cpus", "native_cudnn_ms", "native_aten_ms")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -216,6 +216,16 @@ def measure_case(case, args, device, free_cpus, tick):
     s_ours, s_native = paired_samples(ours, native, device, args.rounds, args.min_run_time)
     t_ours = statistics.median(s.median for s in s_ours)
     t_native = statistics.median(s.median for s in s_native)
+    aten = case.native_without_cudnn(x)
+    baseline = {}
+    if aten is not None:  # the faster of cuDNN and ATen is the baseline
+        s_default, s_aten = paired_samples(native, aten, device, args.rounds, args.min_run_time)
+        t_default = statistics.median(s.median for s in s_default)
+        t_aten = statistics.median(s.median for s in s_aten)
+        baseline = {"native_cudnn_ms": t_default * 1e3, "native_aten_ms": t_aten * 1e3}
+        if t_aten < t_default:
+            native, t_native, s_native = aten, t_aten, s_aten
+            native_name += " (ATen, cuDNN off)"
     over_bn, renorm_reliable = None, True
     if case.op == "batchrenorm":  # the bound: Renorm / our Batch Norm, same input
         s_renorm, s_bn = paired_samples(ours, case.ours_batch_norm(x), device, args.rounds,
@@ -242,6 +252,7 @@ def measure_case(case, args, device, free_cpus, tick):
         "floor_ms": floor_ms,
         "max_speedup": t_native * bandwidth / bytes_floor,
         "renorm_over_bn": over_bn,
+        **baseline,
         "reliable": not flags,
         "flags": flags,
         "renorm_reliable": renorm_reliable,
