@@ -13,8 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
 # The CUDA kernels' host-side helpers that live in .cpp files of the main build.
-SOURCES = ["emulator/module.cpp", "emulator/cuda_emulator.cpp", "emulator/selftest.cpp",
-           "common/checks.cpp", "common/layout.cpp"]
+SOURCES = [
+    "emulator/module.cpp",
+    "emulator/cuda_emulator.cpp",
+    "emulator/selftest.cpp",
+    "common/checks.cpp",
+    "common/layout.cpp",
+    "layer_norm/prepare.cpp",
+    "layer_norm/reference.cpp",
+]
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,8 @@
 #include "distributed/composite.h"
 #include "distributed/schemas.h"
 #include "emulator/cuda_emulator.h"
+#include "layer_norm/cuda_kernels.cuh"
+#include "layer_norm/schemas.h"
 
 namespace bnext {
 namespace emu {
@@ -34,6 +36,7 @@ TORCH_LIBRARY(bnext_emu, m) {
   bnext::batch_norm::define_schemas(m);
   bnext::batch_renorm::define_schemas(m);
   bnext::distributed::define_schemas(m);
+  bnext::layer_norm::define_schemas(m);
   // The emulated GPU's SM count sets the launch plans (how many partials).
   m.def("set_num_sms(int n) -> ()", &bnext::emu::set_num_sms_op);
   m.def("num_sms() -> int", &bnext::emu::num_sms_op);
@@ -44,4 +47,5 @@ TORCH_LIBRARY_IMPL(bnext_emu, CPU, m) {
   bnext::batch_norm::register_kernels<bnext::batch_norm::CudaBackend>(m);
   bnext::batch_renorm::register_renorm_kernels<bnext::batch_norm::CudaBackend>(m);
   bnext::distributed::register_distributed_kernels<bnext::batch_norm::CudaBackend>(m);
+  bnext::layer_norm::register_kernels<bnext::layer_norm::CudaKernels>(m);
 }

@@ -1,0 +1,744 @@
+// LayerNorm / RMSNorm CUDA kernels and the CudaKernels backend that launches
+// them (the contract is in operators.h): the GPU counterpart of
+// cpu_kernels.cpp. Included by exactly one translation unit of a binary:
+// cuda_kernels.cu (nvcc), or the CPU emulator's module (emulator/module.cpp),
+// which runs these same kernels in the tests.
+//
+// The input is M rows of N contiguous values.
+//   forward, dx: short rows (N <= kMaxShortRow) go to groups of G lanes of a
+//     warp, G the power of two that gives every lane about one 16-byte vector
+//     (up to 32, then several per lane), so a block holds many rows and the
+//     row statistics are merged by shuffles alone; long rows get a block each
+//     and a block reduction. A lane adds one vector at a time to its Welford
+//     accumulator (one division per vector) or sum, with several vector loads
+//     in flight; the row's statistics are formed once by the group's or
+//     block's first thread and broadcast, so every lane applies the same
+//     values. Rows that are not 16-byte aligned, or whose length is not a
+//     multiple of the vector, take the same kernels with scalar loads.
+//   dweight/dbias: column sums over the rows. Block (tile, part) adds 32
+//     vectors of columns over its part of the rows with coalesced loads, 8
+//     row lanes each summing a strided subset in order, merged by a fixed
+//     shared-memory tree; a second kernel merges the parts the same way (none
+//     when one part suffices). No atomics: the partition depends on the shape and the SM
+//     count only, so results are bitwise reproducible on one GPU model.
+// The arithmetic is the CPU kernels' (bnext/layer_norm_math.h).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+#include "bnext/layer_norm_math.h"
+#include "bnext/welford.h"
+#include "common/checks.h"
+#include "common/cuda_launch.cuh"
+#include "common/cuda_reduce.cuh"
+#include "common/cuda_vec.cuh"
+#include "layer_norm/operators.h"
+#include "layer_norm/prepare.h"
+
+#ifndef BNEXT_EMULATE_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace bnext {
+namespace layer_norm {
+namespace cuda_kernels {
+
+using cuda::Pair;
+using cuda::Vec;
+
+// Rows of at most this many values go to groups of lanes within a warp.
+constexpr int64_t kMaxShortRow = 1024;
+constexpr int kShortRowThreads = 256;
+constexpr int kMinLongRowThreads = 128;
+constexpr int kMaxLongRowThreads = 512;
+// Threads one SM keeps resident: grids beyond that only queue, so row loops
+// stride over a grid of this many threads per SM.
+constexpr int64_t kThreadsPerSm = 2048;
+// Vector loads in flight per thread and input: 4, but at most 16 values, so
+// that the 8-value vectors of 2-byte types (converted to float) do not push a
+// kernel to 128 registers and a quarter of an SM's threads.
+template <int VEC>
+constexpr int unroll_for() {
+  return VEC <= 4 ? 4 : 16 / VEC;
+}
+constexpr int64_t kMaxGridX = 65535;  // the portable limit; loops stride over the rest
+constexpr int64_t kMaxGridY = 65535;
+
+// Column sums: 32 threads of VEC columns (one warp's coalesced row segment)
+// by 8 row lanes.
+constexpr int kColumnTile = 32;
+constexpr int kColumnLanes = 8;  // a power of two (column_reduce)
+constexpr int kColumnThreads = kColumnTile * kColumnLanes;
+// A part spans at least this many rows, so each thread sums a few.
+constexpr int64_t kMinRowsPerPart = 128;
+
+// ----------------------------------------------------------- per-row values
+// What a lane accumulates over its share of a row: LayerNorm's forward a
+// Welford triple, RMSNorm's a sum of squares; the backward sum(g) and
+// sum(g * (x - mean)) (RMSNorm only the latter), g = dy * w.
+
+template <typename T, bool kCentred>
+using StatsAcc = std::conditional_t<kCentred, Welford<T>, T>;
+template <bool kCentred>
+using StatsOp = std::conditional_t<kCentred, cuda::WelfordOp, cuda::SumOp>;
+
+template <typename T, bool kCentred>
+using GradAcc = std::conditional_t<kCentred, Pair<T>, T>;
+template <bool kCentred>
+using GradOp = std::conditional_t<kCentred, cuda::PairSumOp, cuda::SumOp>;
+
+template <typename T, int K>
+__device__ __forceinline__ void add_stats(Welford<T>& acc, const T (&v)[K]) {
+  if constexpr (K == 1) {
+    welford_push(acc, v[0]);
+  } else {
+    welford_push_chunk(acc, v);
+  }
+}
+
+// Squares are non-negative: no cancellation, so a plain sum is accurate.
+template <typename T, int K>
+__device__ __forceinline__ void add_stats(T& acc, const T (&v)[K]) {
+#pragma unroll
+  for (int e = 0; e < K; ++e) acc += v[e] * v[e];
+}
+
+template <typename T>
+__device__ __forceinline__ void add_grad(Pair<T>& acc, T g, T xmu) {
+  acc.a += g;
+  acc.b += g * xmu;
+}
+
+template <typename T>
+__device__ __forceinline__ void add_grad(T& acc, T g, T xmu) {
+  acc += g * xmu;
+}
+
+// (mean, rstd) of a row from its accumulated statistics.
+template <typename T>
+__device__ __forceinline__ Pair<T> row_stats(const Welford<T>& acc, int64_t /*n*/, T eps) {
+  return {acc.mean, layer_norm_rstd(acc, eps)};
+}
+
+template <typename T>
+__device__ __forceinline__ Pair<T> row_stats(T sum_sq, int64_t n, T eps) {
+  return {T(0), rms_norm_rstd(sum_sq, n, eps)};
+}
+
+// (sum g, sum g * (x - mean)) of a row.
+template <typename T>
+__device__ __forceinline__ Pair<T> grad_sums(const Pair<T>& acc) {
+  return acc;
+}
+
+template <typename T>
+__device__ __forceinline__ Pair<T> grad_sums(T sum_g_xmu) {
+  return {T(0), sum_g_xmu};
+}
+
+// ------------------------------------------------------------- row helpers
+
+// Calls f(j, vecs) for this thread's vectors j = first, first + step, ... <
+// nvec of a row, vecs[i] the j-th vector of input i; the loads of kUnroll
+// vectors are issued before any is used.
+template <int VEC, int kInputs, typename scalar_t, class F>
+__device__ __forceinline__ void visit_vectors(const scalar_t* const (&in)[kInputs], int64_t nvec,
+                                              int64_t first, int64_t step, F&& f) {
+  constexpr int kUnroll = unroll_for<VEC>();
+  for (int64_t j0 = first; j0 < nvec; j0 += kUnroll * step) {
+    Vec<scalar_t, VEC> buf[kUnroll][kInputs];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * step;
+      if (j < nvec) {
+#pragma unroll
+        for (int i = 0; i < kInputs; ++i) buf[u][i] = cuda::load_vec<VEC>(in[i] + j * VEC);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u * step;
+      if (j < nvec) f(j, buf[u]);
+    }
+  }
+}
+
+// The VEC parameters at element i, or `fill` without the parameter (a
+// warp-uniform branch per vector rather than a null check per element).
+template <int VEC, typename T>
+__device__ __forceinline__ Vec<T, VEC> param_vec(const T* p, int64_t i, T fill) {
+  if (p != nullptr) return cuda::load_vec<VEC>(p + i);
+  Vec<T, VEC> v;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) v.v[e] = fill;
+  return v;
+}
+
+template <typename T, int VEC, typename scalar_t>
+__device__ __forceinline__ void to_opmath(const Vec<scalar_t, VEC>& in, T (&out)[VEC]) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out[e] = static_cast<T>(in.v[e]);
+}
+
+// Reduction over the G lanes of each group (G a power of two <= 32, the same
+// for the whole warp, so every lane takes part in every shuffle); the result
+// is valid in the group's first lane. A fixed tree, as warp_reduce.
+template <typename V, class Op>
+__device__ __forceinline__ V group_reduce(V v, Op op, int group) {
+  for (int offset = group / 2; offset > 0; offset >>= 1) v = op(v, cuda::shfl_down(v, offset));
+  return v;
+}
+
+// The group leader's pair, in every lane of the group. RMSNorm's first
+// member (mean, sum g) is zero in every lane already.
+template <bool kCentred, typename T>
+__device__ __forceinline__ Pair<T> group_broadcast(const Pair<T>& p, int group) {
+  if (group == 1) return p;
+  const int leader = threadIdx.x % cuda::kWarpSize / group * group;
+  const T a = kCentred ? __shfl_sync(0xffffffffu, p.a, leader) : T(0);
+  return {a, __shfl_sync(0xffffffffu, p.b, leader)};
+}
+
+// Raw shared storage for n values of V: Welford has default member
+// initialisers, which __shared__ arrays do not allow.
+template <typename V, int n>
+struct SharedSlots {
+  static constexpr int kBytes = n * static_cast<int>(sizeof(V));
+};
+
+// Reduces over the block, forms the row's pair `finish(total)` in thread 0
+// and broadcasts it through shared memory. Every thread reads the pair
+// before it can reach the next call's first barrier, after which thread 0
+// alone rewrites it, so no trailing barrier is needed.
+template <typename V, class Op, class F>
+__device__ __forceinline__ auto block_reduce_broadcast(V v, Op op, F&& finish) {
+  using P = decltype(finish(v));
+  __shared__ __align__(16) unsigned char raw[SharedSlots<V, cuda::kWarpSize>::kBytes];
+  __shared__ __align__(16) unsigned char shared_pair[sizeof(P)];
+  v = cuda::block_reduce(v, op, reinterpret_cast<V*>(raw), V{});
+  P* out = reinterpret_cast<P*>(shared_pair);
+  if (threadIdx.x == 0) *out = finish(v);
+  __syncthreads();
+  return *out;
+}
+
+// ------------------------------------------------------------------- forward
+
+template <typename scalar_t>
+struct ForwardArgs {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* y;
+  const T* w;  // may be null
+  const T* b;  // may be null (always for RMSNorm)
+  T* mean;     // null for RMSNorm
+  T* rstd;
+  int64_t M;
+  int64_t N;
+  T eps;
+};
+
+// The lane's statistics over the vectors first, first + step, ... of row r.
+template <bool kCentred, int VEC, typename scalar_t>
+__device__ __forceinline__ StatsAcc<at::opmath_type<scalar_t>, kCentred> lane_stats(
+    const ForwardArgs<scalar_t>& a, int64_t r, int64_t first, int64_t step) {
+  using T = at::opmath_type<scalar_t>;
+  StatsAcc<T, kCentred> acc{};
+  const scalar_t* const in[1] = {a.x + r * a.N};
+  visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t, const Vec<scalar_t, VEC>(&v)[1]) {
+    T vals[VEC];
+    to_opmath(v[0], vals);
+    add_stats(acc, vals);
+  });
+  return acc;
+}
+
+// y = (x - mean) * (rstd * w) + b over the thread's vectors of row r, in the
+// CPU kernel's order of operations.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void normalize_row(const ForwardArgs<scalar_t>& a, int64_t r,
+                                              const Pair<at::opmath_type<scalar_t>>& stats,
+                                              int64_t first, int64_t step) {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* const in[1] = {a.x + r * a.N};
+  scalar_t* const y = a.y + r * a.N;
+  visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t j, const Vec<scalar_t, VEC>(&v)[1]) {
+    const Vec<T, VEC> w = param_vec<VEC>(a.w, j * VEC, T(1));
+    const Vec<T, VEC> b = param_vec<VEC>(a.b, j * VEC, T(0));
+    Vec<scalar_t, VEC> out;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const T xmu = static_cast<T>(v[0].v[e]) - stats.a;
+      out.v[e] = static_cast<scalar_t>(xmu * (stats.b * w.v[e]) + b.v[e]);
+    }
+    cuda::store_vec<VEC>(y + j * VEC, out);
+  });
+}
+
+template <bool kCentred, typename scalar_t>
+__device__ __forceinline__ void store_stats(const ForwardArgs<scalar_t>& a, int64_t r,
+                                            const Pair<at::opmath_type<scalar_t>>& stats) {
+  if constexpr (kCentred) a.mean[r] = stats.a;
+  a.rstd[r] = stats.b;
+}
+
+// Short rows: groups of `group` lanes per row, blockDim.x / group rows per
+// block, striding over the rows by the grid. The loop bound is uniform over
+// the block, so groups past the last row still take part in the shuffles.
+template <typename scalar_t, bool kCentred, int VEC>
+__global__ void __launch_bounds__(kShortRowThreads)
+    forward_short_kernel(ForwardArgs<scalar_t> a, int group) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t rows_per_block = blockDim.x / group;
+  const int g = threadIdx.x % group;
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block; r0 < a.M;
+       r0 += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t r = r0 + threadIdx.x / group;
+    const bool valid = r < a.M;
+    StatsAcc<T, kCentred> acc{};
+    if (valid) acc = lane_stats<kCentred, VEC>(a, r, g, group);
+    acc = group_reduce(acc, StatsOp<kCentred>{}, group);
+    Pair<T> stats{};
+    if (g == 0) stats = row_stats(acc, a.N, a.eps);
+    stats = group_broadcast<kCentred>(stats, group);
+    if (valid) {
+      if (g == 0) store_stats<kCentred>(a, r, stats);
+      normalize_row<VEC>(a, r, stats, g, group);
+    }
+  }
+}
+
+// Long rows: a block per row, striding over the rows by the grid.
+template <typename scalar_t, bool kCentred, int VEC>
+__global__ void __launch_bounds__(kMaxLongRowThreads)
+    forward_long_kernel(ForwardArgs<scalar_t> a, int /*group*/) {
+  using T = at::opmath_type<scalar_t>;
+  for (int64_t r = blockIdx.x; r < a.M; r += gridDim.x) {
+    const auto acc = lane_stats<kCentred, VEC>(a, r, threadIdx.x, blockDim.x);
+    const Pair<T> stats = block_reduce_broadcast(acc, StatsOp<kCentred>{}, [&](const auto& total) {
+      return row_stats(total, a.N, a.eps);
+    });
+    if (threadIdx.x == 0) store_stats<kCentred>(a, r, stats);
+    normalize_row<VEC>(a, r, stats, threadIdx.x, blockDim.x);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+template <typename scalar_t>
+struct BackwardArgs {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const T* mean;  // null for RMSNorm
+  const T* rstd;
+  const T* w;  // may be null
+  scalar_t* dx;
+  int64_t M;
+  int64_t N;
+};
+
+template <bool kCentred, typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> row_mean(const BackwardArgs<scalar_t>& a,
+                                                              int64_t r) {
+  using T = at::opmath_type<scalar_t>;
+  if constexpr (kCentred) {
+    return a.mean[r];
+  } else {
+    return T(0);
+  }
+}
+
+template <bool kCentred, int VEC, typename scalar_t>
+__device__ __forceinline__ GradAcc<at::opmath_type<scalar_t>, kCentred> lane_grad_sums(
+    const BackwardArgs<scalar_t>& a, int64_t r, int64_t first, int64_t step) {
+  using T = at::opmath_type<scalar_t>;
+  const T m = row_mean<kCentred>(a, r);
+  GradAcc<T, kCentred> acc{};
+  const scalar_t* const in[2] = {a.dy + r * a.N, a.x + r * a.N};
+  visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t j, const Vec<scalar_t, VEC>(&v)[2]) {
+    const Vec<T, VEC> w = param_vec<VEC>(a.w, j * VEC, T(1));
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      add_grad(acc, static_cast<T>(v[0].v[e]) * w.v[e], static_cast<T>(v[1].v[e]) - m);
+    }
+  });
+  return acc;
+}
+
+// dx = a * (k * (x - mean) + (g + c)) over the thread's vectors of row r.
+template <bool kCentred, int VEC, typename scalar_t>
+__device__ __forceinline__ void row_dx(const BackwardArgs<scalar_t>& a, int64_t r,
+                                       const Pair<at::opmath_type<scalar_t>>& sums, int64_t first,
+                                       int64_t step) {
+  using T = at::opmath_type<scalar_t>;
+  const T m = row_mean<kCentred>(a, r);
+  const auto co = row_backward_coeffs(a.rstd[r], sums.a, sums.b, a.N, kCentred);
+  const scalar_t* const in[2] = {a.dy + r * a.N, a.x + r * a.N};
+  scalar_t* const dx = a.dx + r * a.N;
+  visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t j, const Vec<scalar_t, VEC>(&v)[2]) {
+    const Vec<T, VEC> w = param_vec<VEC>(a.w, j * VEC, T(1));
+    Vec<scalar_t, VEC> out;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const T g = static_cast<T>(v[0].v[e]) * w.v[e];
+      out.v[e] = static_cast<scalar_t>(row_backward_dx(co, g, static_cast<T>(v[1].v[e]) - m));
+    }
+    cuda::store_vec<VEC>(dx + j * VEC, out);
+  });
+}
+
+template <typename scalar_t, bool kCentred, int VEC>
+__global__ void __launch_bounds__(kShortRowThreads)
+    backward_short_kernel(BackwardArgs<scalar_t> a, int group) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t rows_per_block = blockDim.x / group;
+  const int g = threadIdx.x % group;
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block; r0 < a.M;
+       r0 += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t r = r0 + threadIdx.x / group;
+    const bool valid = r < a.M;
+    GradAcc<T, kCentred> acc{};
+    if (valid) acc = lane_grad_sums<kCentred, VEC>(a, r, g, group);
+    acc = group_reduce(acc, GradOp<kCentred>{}, group);
+    const Pair<T> sums = group_broadcast<kCentred>(grad_sums(acc), group);
+    if (valid) row_dx<kCentred, VEC>(a, r, sums, g, group);
+  }
+}
+
+template <typename scalar_t, bool kCentred, int VEC>
+__global__ void __launch_bounds__(kMaxLongRowThreads)
+    backward_long_kernel(BackwardArgs<scalar_t> a, int /*group*/) {
+  using T = at::opmath_type<scalar_t>;
+  for (int64_t r = blockIdx.x; r < a.M; r += gridDim.x) {
+    const auto acc = lane_grad_sums<kCentred, VEC>(a, r, threadIdx.x, blockDim.x);
+    const Pair<T> sums = block_reduce_broadcast(acc, GradOp<kCentred>{},
+                                                [](const auto& total) { return grad_sums(total); });
+    row_dx<kCentred, VEC>(a, r, sums, threadIdx.x, blockDim.x);
+  }
+}
+
+// -------------------------------------------------------------- column sums
+// dw[c] = sum_r dy[r, c] * (x[r, c] - mean[r]) * rstd[r], db[c] = sum_r dy[r, c].
+
+template <typename scalar_t>
+struct ColumnArgs {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const T* mean;  // null for RMSNorm
+  const T* rstd;
+  int64_t M;
+  int64_t N;
+};
+
+// A thread's sums for its VEC columns: dw, then db (LayerNorm). One struct,
+// so that both go through a single shared-memory tree.
+template <typename T, int VEC, bool kCentred>
+struct ColumnSums {
+  static constexpr int kValues = kCentred ? 2 * VEC : VEC;
+  T v[kValues];
+};
+
+struct ColumnSumsOp {
+  template <typename T, int VEC, bool kCentred>
+  __device__ __forceinline__ ColumnSums<T, VEC, kCentred> operator()(const ColumnSums<T, VEC, kCentred>& a,
+                                                                     const ColumnSums<T, VEC, kCentred>& b) const {
+    ColumnSums<T, VEC, kCentred> out;
+#pragma unroll
+    for (int i = 0; i < ColumnSums<T, VEC, kCentred>::kValues; ++i) out.v[i] = a.v[i] + b.v[i];
+    return out;
+  }
+};
+
+template <typename T, int VEC, bool kCentred>
+__device__ __forceinline__ ColumnSums<T, VEC, kCentred> zero_sums() {
+  ColumnSums<T, VEC, kCentred> s;
+#pragma unroll
+  for (int i = 0; i < ColumnSums<T, VEC, kCentred>::kValues; ++i) s.v[i] = T(0);
+  return s;
+}
+
+// Row `part` of out_dw / out_db (leading dimension N) gets the VEC sums of
+// columns c0, ...
+template <typename T, int VEC, bool kCentred>
+__device__ __forceinline__ void store_sums(const ColumnSums<T, VEC, kCentred>& s, T* out_dw, T* out_db,
+                                          int64_t offset) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    out_dw[offset + e] = s.v[e];
+    if constexpr (kCentred) out_db[offset + e] = s.v[VEC + e];
+  }
+}
+
+// Block (tile, part): thread (tx, ty) owns columns c0 .. c0 + VEC - 1, c0 =
+// (tile * 32 + tx) * VEC, and adds them over rows r0 + ty, r0 + ty + 8, ...
+// of the part in order (kUnroll rows' loads in flight); the 8 row lanes merge
+// by a fixed tree. Writes row `part` of out_dw / out_db.
+template <typename scalar_t, bool kCentred, int VEC>
+__global__ void __launch_bounds__(kColumnThreads)
+    column_partials_kernel(ColumnArgs<scalar_t> a, int64_t rows_per_part, at::opmath_type<scalar_t>* out_dw,
+                           at::opmath_type<scalar_t>* out_db) {
+  using T = at::opmath_type<scalar_t>;
+  using S = ColumnSums<T, VEC, kCentred>;
+  __shared__ S scratch[kColumnThreads];
+  const int64_t part = blockIdx.y;
+  const int64_t r0 = part * rows_per_part;
+  const int64_t r1 = std::min(a.M, r0 + rows_per_part);
+  constexpr int kUnroll = unroll_for<VEC>();
+  const int64_t tiles = (a.N + kColumnTile * VEC - 1) / (kColumnTile * VEC);
+  // The tile loop's bound is uniform over the block: every thread reaches the barriers.
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t c0 = (tile * kColumnTile + threadIdx.x) * VEC;
+    S sums = zero_sums<T, VEC, kCentred>();
+    if (c0 < a.N) {  // N % VEC == 0 on vector paths
+      // Unrolled once already (kUnroll rows); more only costs registers.
+#pragma unroll 1
+      for (int64_t r = r0 + threadIdx.y; r < r1; r += kUnroll * kColumnLanes) {
+        Vec<scalar_t, VEC> dy[kUnroll];
+        Vec<scalar_t, VEC> x[kUnroll];
+        T m[kUnroll];
+        T s[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t row = r + u * kColumnLanes;
+          if (row < r1) {
+            dy[u] = cuda::load_vec<VEC>(a.dy + row * a.N + c0);
+            x[u] = cuda::load_vec<VEC>(a.x + row * a.N + c0);
+            m[u] = kCentred ? a.mean[row] : T(0);
+            s[u] = a.rstd[row];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (r + u * kColumnLanes < r1) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const T d = static_cast<T>(dy[u].v[e]);
+              // The CPU kernel's order: (dy * (x - mean)) * rstd.
+              sums.v[e] += d * (static_cast<T>(x[u].v[e]) - m[u]) * s[u];
+              if constexpr (kCentred) sums.v[VEC + e] += d;
+            }
+          }
+        }
+      }
+    }
+    sums = cuda::column_reduce(sums, ColumnSumsOp(), scratch);
+    if (threadIdx.y == 0 && c0 < a.N) store_sums(sums, out_dw, out_db, part * a.N + c0);
+  }
+}
+
+// Thread (tx, ty) adds parts ty, ty + 8, ... of its VEC columns in order, and
+// the 8 lanes merge by a fixed tree.
+template <typename T, bool kCentred, int VEC>
+__global__ void __launch_bounds__(kColumnThreads)
+    column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, T* dw, T* db) {
+  using S = ColumnSums<T, VEC, kCentred>;
+  __shared__ S scratch[kColumnThreads];
+  const int64_t tiles = (N + kColumnTile * VEC - 1) / (kColumnTile * VEC);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t c0 = (tile * kColumnTile + threadIdx.x) * VEC;
+    S sums = zero_sums<T, VEC, kCentred>();
+    if (c0 < N) {
+      for (int64_t p = threadIdx.y; p < num_parts; p += kColumnLanes) {
+        const Vec<T, VEC> w = cuda::load_vec<VEC>(dw_parts + p * N + c0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) sums.v[e] += w.v[e];
+        if constexpr (kCentred) {
+          const Vec<T, VEC> b = cuda::load_vec<VEC>(db_parts + p * N + c0);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sums.v[VEC + e] += b.v[e];
+        }
+      }
+    }
+    sums = cuda::column_reduce(sums, ColumnSumsOp(), scratch);
+    if (threadIdx.y == 0 && c0 < N) store_sums(sums, dw, db, c0);
+  }
+}
+
+// ------------------------------------------------------------------ launches
+
+// Vector loads need rows of whole vectors starting 16-byte aligned, and
+// parameters aligned to their (opmath) vector.
+template <typename scalar_t>
+bool vectorizable(int64_t N, std::initializer_list<const void*> rows,
+                  std::initializer_list<const void*> params) {
+  constexpr int kVec = cuda::vec_size<scalar_t>();
+  if (kVec == 1 || N % kVec != 0) return false;
+  for (const void* p : rows) {
+    if (!cuda::is_aligned(p, cuda::kVecBytes)) return false;
+  }
+  for (const void* p : params) {
+    if (!cuda::is_aligned(p, kVec * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>)))) return false;
+  }
+  return true;
+}
+
+struct RowPlan {
+  bool short_rows;
+  int group;  // lanes per row (short rows)
+  dim3 grid;
+  dim3 block;
+};
+
+inline RowPlan row_plan(int64_t M, int64_t N, int64_t nvec) {
+  RowPlan plan;
+  plan.short_rows = N <= kMaxShortRow;
+  int threads;
+  int64_t blocks;
+  if (plan.short_rows) {
+    plan.group = cuda::pow2_at_least(nvec, cuda::kWarpSize);
+    threads = kShortRowThreads;
+    blocks = cuda::ceil_div(M, threads / plan.group);
+  } else {
+    plan.group = 0;
+    // About one unrolled batch of vectors per thread.
+    threads = std::max(kMinLongRowThreads, cuda::pow2_at_least(cuda::ceil_div(nvec, 4), kMaxLongRowThreads));
+    blocks = M;
+  }
+  const int64_t resident = std::max<int64_t>(1, cuda::num_sms() * (kThreadsPerSm / threads));
+  plan.grid = dim3(static_cast<unsigned>(std::min({blocks, resident, kMaxGridX})));
+  plan.block = dim3(static_cast<unsigned>(threads));
+  return plan;
+}
+
+template <class Args>
+void launch_rows(void (*short_kernel)(Args, int), void (*long_kernel)(Args, int), const Args& a, int vec) {
+  const RowPlan plan = row_plan(a.M, a.N, a.N / vec);
+  cuda::launch(plan.short_rows ? short_kernel : long_kernel, plan.grid, plan.block, a, plan.group);
+}
+
+template <typename scalar_t, bool kCentred>
+void launch_forward(const ForwardArgs<scalar_t>& a) {
+  constexpr int kVec = cuda::vec_size<scalar_t>();
+  if (vectorizable<scalar_t>(a.N, {a.x, a.y}, {a.w, a.b})) {
+    launch_rows(forward_short_kernel<scalar_t, kCentred, kVec>, forward_long_kernel<scalar_t, kCentred, kVec>, a,
+                kVec);
+  } else {
+    launch_rows(forward_short_kernel<scalar_t, kCentred, 1>, forward_long_kernel<scalar_t, kCentred, 1>, a, 1);
+  }
+}
+
+template <typename scalar_t, bool kCentred>
+void launch_backward_dx(const BackwardArgs<scalar_t>& a) {
+  constexpr int kVec = cuda::vec_size<scalar_t>();
+  if (vectorizable<scalar_t>(a.N, {a.dy, a.x, a.dx}, {a.w})) {
+    launch_rows(backward_short_kernel<scalar_t, kCentred, kVec>, backward_long_kernel<scalar_t, kCentred, kVec>,
+                a, kVec);
+  } else {
+    launch_rows(backward_short_kernel<scalar_t, kCentred, 1>, backward_long_kernel<scalar_t, kCentred, 1>, a, 1);
+  }
+}
+
+// Into dw_col (and db_col when kCentred): one launch when a single part of
+// rows fills the GPU, else partials per part merged by a second launch.
+template <typename scalar_t, bool kCentred, int VEC>
+void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t tiles = (a.N + kColumnTile * VEC - 1) / (kColumnTile * VEC);
+  const int64_t grid_x = std::min(tiles, kMaxGridX);
+  const int64_t target = 4 * cuda::num_sms();
+  const int64_t max_parts = std::min(cuda::ceil_div(a.M, kMinRowsPerPart), kMaxGridY);
+  const int64_t rows_per_part =
+      cuda::ceil_div(a.M, std::clamp<int64_t>(cuda::ceil_div(target, grid_x), 1, max_parts));
+  const int64_t parts = cuda::ceil_div(a.M, rows_per_part);
+  const dim3 block(kColumnTile, kColumnLanes);
+  T* dw = dw_col.mutable_data_ptr<T>();
+  T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
+  if (parts == 1) {
+    cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)), block, a,
+                 rows_per_part, dw, db);
+    return;
+  }
+  // Every partial is written by the first kernel.
+  Tensor dw_parts = at::empty({parts, a.N}, dw_col.options());
+  Tensor db_parts = kCentred ? at::empty({parts, a.N}, dw_col.options()) : Tensor();
+  T* dw_p = dw_parts.mutable_data_ptr<T>();
+  T* db_p = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
+  cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
+               dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts)), block, a, rows_per_part, dw_p,
+               db_p);
+  cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)), block,
+               static_cast<const T*>(dw_p), static_cast<const T*>(db_p), parts, a.N, dw, db);
+}
+
+template <typename scalar_t, bool kCentred>
+void column_sums(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) {
+  constexpr int kVec = cuda::vec_size<scalar_t>();
+  // The partial buffers are fresh allocations, aligned for any vector.
+  if (vectorizable<scalar_t>(a.N, {a.dy, a.x}, {})) {
+    column_sums_vec<scalar_t, kCentred, kVec>(a, dw_col, db_col);
+  } else {
+    column_sums_vec<scalar_t, kCentred, 1>(a, dw_col, db_col);
+  }
+}
+
+}  // namespace cuda_kernels
+
+// ------------------------------------------------------------------- backend
+
+struct CudaKernels {
+#ifdef BNEXT_EMULATE_CUDA
+  // The emulator runs the kernels on CPU tensors.
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device device) {
+      TORCH_CHECK(device.is_cpu(), "bnext emulator: expected a CPU tensor, got ", device);
+    }
+  };
+#else
+  // A CPU input can land here when a parameter is on the GPU; leaving the
+  // device alone then lets the argument checks report the mismatch.
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device device) {
+      if (device.is_cuda()) guard.emplace(device);
+    }
+    std::optional<c10::cuda::CUDAGuard> guard;
+  };
+#endif
+
+  template <bool kCentred>
+  static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const cuda_kernels::ForwardArgs<scalar_t> a{p.x.const_data_ptr<scalar_t>(),
+                                                  out.mutable_data_ptr<scalar_t>(),
+                                                  data_or_null<T>(p.w),
+                                                  kCentred ? data_or_null<T>(p.b) : nullptr,
+                                                  kCentred ? mean.mutable_data_ptr<T>() : nullptr,
+                                                  rstd.mutable_data_ptr<T>(),
+                                                  p.M,
+                                                  p.N,
+                                                  static_cast<T>(eps)};
+      cuda_kernels::launch_forward<scalar_t, kCentred>(a);
+    });
+  }
+
+  template <bool kCentred>
+  static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns, Tensor& dx,
+                       Tensor& dw_col, Tensor& db_col) {
+    // Rows of no values: dx and the column sums are empty.
+    if (p.N == 0) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const scalar_t* dy = p.dy.const_data_ptr<scalar_t>();
+      const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+      const T* mean_p = kCentred ? mean.const_data_ptr<T>() : nullptr;
+      const T* rstd_p = rstd.const_data_ptr<T>();
+      cuda_kernels::launch_backward_dx<scalar_t, kCentred>(
+          {dy, x, mean_p, rstd_p, data_or_null<T>(p.w), dx.mutable_data_ptr<scalar_t>(), p.M, p.N});
+      if (columns) cuda_kernels::column_sums<scalar_t, kCentred>({dy, x, mean_p, rstd_p, p.M, p.N}, dw_col, db_col);
+    });
+  }
+};
+
+}  // namespace layer_norm
+}  // namespace bnext
