@@ -6,6 +6,7 @@ op, with CPU tensors."""
 import functools
 import os
 
+import pytest
 import torch
 from torch.utils import cpp_extension
 
@@ -42,3 +43,14 @@ def load():
         verbose=bool(os.environ.get("BNEXT_VERBOSE_BUILD")),
     )
     return torch.ops.bnext_emu
+
+
+@pytest.fixture(params=[1, 3, 132], ids=lambda n: f"sms{n}")
+def num_sms(request):
+    """The emulated GPU's SM count, which sets the launch plans: 1 (one block
+    row, no partials), 3, and an H100's 132 (many partials)."""
+    emu = load()
+    old = emu.num_sms()
+    emu.set_num_sms(request.param)
+    yield request.param
+    emu.set_num_sms(old)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torch_bnext  # noqa: F401  (the bnext ops to compare with)
-from emulated_cuda import load
+from emulated_cuda import load, num_sms  # noqa: F401  (num_sms: a fixture)
 
 EMU = load()
 BN = torch.ops.bnext
@@ -48,13 +48,6 @@ def _input(shape, channels_last, dtype, offset=0, seed=0):
         x = x.contiguous(memory_format=fmt)
     return x
 
-
-@pytest.fixture(params=[1, 3, 132], ids=lambda n: f"sms{n}")
-def num_sms(request):
-    old = EMU.num_sms()
-    EMU.set_num_sms(request.param)
-    yield request.param
-    EMU.set_num_sms(old)
 
 
 def _reduce_dims(x):

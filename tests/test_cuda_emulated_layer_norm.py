@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_bnext  # noqa: F401  (the bnext ops to compare with)
-from emulated_cuda import load
+from emulated_cuda import load, num_sms  # noqa: F401  (num_sms: a fixture)
 
 EMU = load()
 BN = torch.ops.bnext
@@ -51,13 +51,6 @@ def _inputs(M, N, dtype, offset=0, weight=True, bias=True):
     b = _tensor((N,), dtype, 3, offset) if bias else None
     return x, dy, w, b
 
-
-@pytest.fixture(params=[1, 3, 132], ids=lambda n: f"sms{n}")
-def num_sms(request):
-    old = EMU.num_sms()
-    EMU.set_num_sms(request.param)
-    yield request.param
-    EMU.set_num_sms(old)
 
 
 # ---------------------------------------------------------------- references

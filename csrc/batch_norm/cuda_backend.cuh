@@ -35,12 +35,7 @@ struct CudaBackend {
   using Tensor = at::Tensor;
 
 #ifdef BNEXT_EMULATE_CUDA
-  // The emulator runs the kernels on CPU tensors.
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device device) {
-      TORCH_CHECK(device.is_cpu(), "bnext emulator: expected a CPU tensor, got ", device);
-    }
-  };
+  using DeviceGuard = cuda::EmulatedDeviceGuard;
 #else
   struct DeviceGuard {
     // The dispatcher picks the CUDA kernel when any argument is on CUDA; a

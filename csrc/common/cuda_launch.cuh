@@ -5,6 +5,9 @@
 // the real device and runs it on the emulator otherwise.
 #pragma once
 
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 #include <utility>
 
@@ -21,7 +24,7 @@ namespace cuda {
 
 constexpr int kWarpSize = 32;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Smallest power of two >= v, at most `cap` (a power of two).
 inline int pow2_at_least(int64_t v, int cap) {
@@ -31,6 +34,13 @@ inline int pow2_at_least(int64_t v, int cap) {
 }
 
 #ifdef BNEXT_EMULATE_CUDA
+
+// The backends' device guard: the emulator runs the kernels on CPU tensors.
+struct EmulatedDeviceGuard {
+  explicit EmulatedDeviceGuard(c10::Device device) {
+    TORCH_CHECK(device.is_cpu(), "bnext emulator: expected a CPU tensor, got ", device);
+  }
+};
 
 inline int64_t num_sms() { return emu::num_sms(); }
 

@@ -208,6 +208,20 @@ __device__ __forceinline__ Pair<T> group_broadcast(const Pair<T>& p, int group) 
   return {a, __shfl_sync(0xffffffffu, p.b, leader)};
 }
 
+// Short rows: groups of `group` lanes per row, blockDim.x / group rows per
+// block, striding over the M rows by the grid: f(r, valid, lane in group).
+// The loop bound is uniform over the block, so groups past the last row
+// (valid false) still take part in the shuffles f makes.
+template <class F>
+__device__ __forceinline__ void for_each_row_of_group(int64_t M, int group, F&& f) {
+  const int64_t rows_per_block = blockDim.x / group;
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block; r0 < M;
+       r0 += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t r = r0 + threadIdx.x / group;
+    f(r, r < M, static_cast<int>(threadIdx.x % group));
+  }
+}
+
 // Raw shared storage for n values of V: Welford has default member
 // initialisers, which __shared__ arrays do not allow.
 template <typename V, int n>
@@ -291,19 +305,12 @@ __device__ __forceinline__ void store_stats(const ForwardArgs<scalar_t>& a, int6
   a.rstd[r] = stats.b;
 }
 
-// Short rows: groups of `group` lanes per row, blockDim.x / group rows per
-// block, striding over the rows by the grid. The loop bound is uniform over
-// the block, so groups past the last row still take part in the shuffles.
+// Short rows (for_each_row_of_group): the group's statistics by shuffles.
 template <typename scalar_t, bool kCentred, int VEC>
 __global__ void __launch_bounds__(kShortRowThreads)
     forward_short_kernel(ForwardArgs<scalar_t> a, int group) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t rows_per_block = blockDim.x / group;
-  const int g = threadIdx.x % group;
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block; r0 < a.M;
-       r0 += static_cast<int64_t>(gridDim.x) * rows_per_block) {
-    const int64_t r = r0 + threadIdx.x / group;
-    const bool valid = r < a.M;
+  for_each_row_of_group(a.M, group, [&](int64_t r, bool valid, int g) {
     StatsAcc<T, kCentred> acc{};
     if (valid) acc = lane_stats<kCentred, VEC>(a, r, g, group);
     acc = group_reduce(acc, StatsOp<kCentred>{}, group);
@@ -314,7 +321,7 @@ __global__ void __launch_bounds__(kShortRowThreads)
       if (g == 0) store_stats<kCentred>(a, r, stats);
       normalize_row<VEC>(a, r, stats, g, group);
     }
-  }
+  });
 }
 
 // Long rows: a block per row, striding over the rows by the grid.
@@ -401,18 +408,13 @@ template <typename scalar_t, bool kCentred, int VEC>
 __global__ void __launch_bounds__(kShortRowThreads)
     backward_short_kernel(BackwardArgs<scalar_t> a, int group) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t rows_per_block = blockDim.x / group;
-  const int g = threadIdx.x % group;
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_block; r0 < a.M;
-       r0 += static_cast<int64_t>(gridDim.x) * rows_per_block) {
-    const int64_t r = r0 + threadIdx.x / group;
-    const bool valid = r < a.M;
+  for_each_row_of_group(a.M, group, [&](int64_t r, bool valid, int g) {
     GradAcc<T, kCentred> acc{};
     if (valid) acc = lane_grad_sums<kCentred, VEC>(a, r, g, group);
     acc = group_reduce(acc, GradOp<kCentred>{}, group);
     const Pair<T> sums = group_broadcast<kCentred>(grad_sums(acc), group);
     if (valid) row_dx<kCentred, VEC>(a, r, sums, g, group);
-  }
+  });
 }
 
 template <typename scalar_t, bool kCentred, int VEC>
@@ -495,7 +497,7 @@ __global__ void __launch_bounds__(kColumnThreads)
   const int64_t r0 = part * rows_per_part;
   const int64_t r1 = std::min(a.M, r0 + rows_per_part);
   constexpr int kUnroll = unroll_for<VEC>();
-  const int64_t tiles = (a.N + kColumnTile * VEC - 1) / (kColumnTile * VEC);
+  const int64_t tiles = cuda::ceil_div(a.N, kColumnTile * VEC);
   // The tile loop's bound is uniform over the block: every thread reaches the barriers.
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t c0 = (tile * kColumnTile + threadIdx.x) * VEC;
@@ -544,7 +546,7 @@ __global__ void __launch_bounds__(kColumnThreads)
     column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, T* dw, T* db) {
   using S = ColumnSums<T, VEC, kCentred>;
   __shared__ S scratch[kColumnThreads];
-  const int64_t tiles = (N + kColumnTile * VEC - 1) / (kColumnTile * VEC);
+  const int64_t tiles = cuda::ceil_div(N, kColumnTile * VEC);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t c0 = (tile * kColumnTile + threadIdx.x) * VEC;
     S sums = zero_sums<T, VEC, kCentred>();
@@ -644,10 +646,10 @@ void launch_backward_dx(const BackwardArgs<scalar_t>& a) {
 template <typename scalar_t, bool kCentred, int VEC>
 void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t tiles = (a.N + kColumnTile * VEC - 1) / (kColumnTile * VEC);
+  const int64_t tiles = cuda::ceil_div(a.N, kColumnTile * VEC);
   const int64_t grid_x = std::min(tiles, kMaxGridX);
   const int64_t target = 4 * cuda::num_sms();
-  const int64_t max_parts = std::min(cuda::ceil_div(a.M, kMinRowsPerPart), kMaxGridY);
+  const int64_t max_parts = std::max<int64_t>(1, std::min(cuda::ceil_div(a.M, kMinRowsPerPart), kMaxGridY));
   const int64_t rows_per_part =
       cuda::ceil_div(a.M, std::clamp<int64_t>(cuda::ceil_div(target, grid_x), 1, max_parts));
   const int64_t parts = cuda::ceil_div(a.M, rows_per_part);
@@ -688,12 +690,7 @@ void column_sums(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) 
 
 struct CudaKernels {
 #ifdef BNEXT_EMULATE_CUDA
-  // The emulator runs the kernels on CPU tensors.
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device device) {
-      TORCH_CHECK(device.is_cpu(), "bnext emulator: expected a CPU tensor, got ", device);
-    }
-  };
+  using DeviceGuard = cuda::EmulatedDeviceGuard;
 #else
   // A CPU input can land here when a parameter is on the GPU; leaving the
   // device alone then lets the argument checks report the mismatch.
@@ -725,8 +722,9 @@ struct CudaKernels {
   template <bool kCentred>
   static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns, Tensor& dx,
                        Tensor& dw_col, Tensor& db_col) {
-    // Rows of no values: dx and the column sums are empty.
-    if (p.N == 0) return;
+    // No rows (the column sums stay the zeros they come as) or rows of no
+    // values (everything is empty): nothing to launch.
+    if (p.M == 0 || p.N == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       const scalar_t* dy = p.dy.const_data_ptr<scalar_t>();
