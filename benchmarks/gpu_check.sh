@@ -84,7 +84,7 @@ else
   done
 fi
 
-step bench 100 "$PY" benchmarks/run.py --device "$DEVICE" --min-run-time 0.05 --out "$OUT/bench" \
+step bench 130 "$PY" benchmarks/run.py --device "$DEVICE" --min-run-time 0.05 --out "$OUT/bench" \
   $BENCH_SELECT "$@"
 step trace 30 "$PY" -c "
 import torch, torch_bnext as tb
