@@ -25,19 +25,27 @@ SOURCES = [
 ]
 
 
+# BNEXT_EMULATOR_ASAN=1 builds the library with AddressSanitizer: the kernels'
+# loads and stores are then checked against the bounds of every tensor (the
+# CPU's counterpart of compute-sanitizer's memcheck). The process must preload
+# the runtime: LD_PRELOAD=$(gcc -print-file-name=libasan.so).
+ASAN = os.environ.get("BNEXT_EMULATOR_ASAN") == "1"
+
+
 @functools.lru_cache(maxsize=None)
 def load():
     """Compiles (ninja recompiles what a changed source or header touches) and
     loads the library; returns torch.ops.bnext_emu."""
-    build = os.path.join(ROOT, "build", f"emulator-torch{torch.__version__}")
+    build = os.path.join(ROOT, "build", f"emulator-torch{torch.__version__}" + ("-asan" if ASAN else ""))
     os.makedirs(build, exist_ok=True)
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
     cpp_extension.load(
-        name="bnext_emu",
+        name="bnext_emu_asan" if ASAN else "bnext_emu",
         sources=[os.path.join(CSRC, s) for s in SOURCES],
         extra_include_paths=[CSRC, os.path.join(CSRC, "include")],
         # Hidden symbols: this library repeats names of torch_bnext._C's.
-        extra_cflags=["-O2", "-DBNEXT_EMULATE_CUDA", "-fvisibility=hidden"],
-        extra_ldflags=["-Wl,-Bsymbolic"],
+        extra_cflags=["-O2", "-DBNEXT_EMULATE_CUDA", "-fvisibility=hidden"] + sanitize,
+        extra_ldflags=["-Wl,-Bsymbolic"] + sanitize,
         build_directory=build,
         is_python_module=False,
         verbose=bool(os.environ.get("BNEXT_VERBOSE_BUILD")),

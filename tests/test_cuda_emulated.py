@@ -5,6 +5,10 @@ plan branch (vector and scalar loads, one or many partials, planes split into
 stripes, several planes per block) by varying shapes, alignment and the
 emulated SM count."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -212,3 +216,48 @@ def test_emulator_runs_blocks_in_order():
 def test_emulator_reports_what_a_gpu_would_hang_on_or_refuse(case, message):
     with pytest.raises(RuntimeError, match=message):
         EMU.selftest(case)
+
+
+# ------------------------------------------------ memory bounds (AddressSanitizer)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One SM count of the Batch Norm cases and the Layer Norm cases that reach every
+# launch plan without the slowest shapes: ASan makes the emulator ~5x slower.
+ASAN_SELECTION = [
+    "-k", "(sms3 or layer_norm) and not sanitizer",  # -k filters every path below
+    "tests/test_cuda_emulated.py",
+    "tests/test_cuda_emulated_layer_norm.py::test_single_row",
+    "tests/test_cuda_emulated_layer_norm.py::test_every_output_mask",
+    "tests/test_cuda_emulated_layer_norm.py::test_misaligned_inputs_take_the_scalar_path",
+    "tests/test_cuda_emulated_layer_norm.py::test_strided_rows_and_column_parts",
+    "tests/test_cuda_emulated_layer_norm.py::test_without_weight_or_bias",
+]
+
+
+def _asan_env():
+    try:
+        lib = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                             timeout=60).stdout.strip()
+    except OSError:
+        lib = ""
+    if not os.path.isabs(lib) or not os.path.exists(lib):
+        pytest.skip("no AddressSanitizer runtime (gcc's libasan.so)")
+    return dict(os.environ, BNEXT_EMULATOR_ASAN="1", LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
+
+
+def test_kernels_stay_within_their_tensors_under_address_sanitizer():
+    """The emulated kernels built with AddressSanitizer, so that every load and
+    store is checked against the bounds of its tensor (what compute-sanitizer's
+    memcheck does on a GPU): first a kernel that reads one element past its
+    tensor must be caught, then the selection must run clean."""
+    env = _asan_env()
+    probe = ("import sys; sys.path.insert(0, 'tests'); from emulated_cuda import load; "
+             "load().selftest('out_of_bounds')")
+    bad = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1200)
+    assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr, bad.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+                         + ASAN_SELECTION, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    assert "AddressSanitizer" not in run.stderr.replace("ASan doesn't fully support", "")

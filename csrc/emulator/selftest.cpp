@@ -69,6 +69,13 @@ __global__ void barrier_or_shuffle_kernel(double* out) {
   }
 }
 
+// Reads one element past the end of `out` (8 values): only an AddressSanitizer
+// build of the emulator sees it.
+__global__ void out_of_bounds_kernel(double* out) {
+  volatile double* p = out;
+  if (threadIdx.x == 0) out[0] = p[8];
+}
+
 at::Tensor selftest(const std::string& name) {
   at::Tensor out = at::zeros({8}, at::kDouble);
   double* p = out.data_ptr<double>();
@@ -84,6 +91,8 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(exited_lane_kernel, dim3(1), dim3(32), p);
   } else if (name == "barrier_or_shuffle") {
     cuda::launch(barrier_or_shuffle_kernel, dim3(1), dim3(64), p);
+  } else if (name == "out_of_bounds") {
+    cuda::launch(out_of_bounds_kernel, dim3(1), dim3(32), p);
   } else if (name == "too_many_threads") {
     cuda::launch(reductions_kernel, dim3(1), dim3(2048), p);
   } else if (name == "grid_y_too_large") {
