@@ -31,10 +31,14 @@ def main():
                 layer.eval()
                 layer(x.detach())
     # Rows for groups of 1 to 32 lanes and for a block each, vector and scalar
-    # loads, a misaligned view, and 300 rows: column sums in several parts.
+    # loads, a misaligned view, and 300 rows: column sums fused into dx (merged
+    # from several partial rows), long rows at the fused register budget
+    # (12288) and over it (16388), and float64, whose column sums (in several
+    # parts) are separate kernels.
     for n, rows, dtype in ((7, 33, torch.float32), (64, 33, torch.bfloat16), (127, 33, torch.float32),
                            (1024, 33, torch.float32), (4096, 5, torch.bfloat16), (5000, 33, torch.float32),
-                           (256, 300, torch.float32)):
+                           (256, 300, torch.float32), (12288, 5, torch.float32), (16388, 5, torch.float32),
+                           (256, 300, torch.float64)):
         x = torch.randn(rows, n, device=dev, dtype=dtype, requires_grad=True)
         for layer in (tb.LayerNorm(n), tb.RMSNorm(n)):
             layer.to(dev, dtype)(x).float().square().sum().backward()

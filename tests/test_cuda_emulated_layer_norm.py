@@ -245,21 +245,65 @@ def test_empty_rows():
     assert rdx.shape == (5, 0) and rdw.shape == (0,)
 
 
-def test_column_sums_take_one_launch_when_one_part_suffices():
+def _backward_launches(M, N, dtype, mask=(True, True), offset=0):
+    x, dy, w, b = _inputs(M, N, dtype, offset=offset)
+    mean, rstd = BN.layer_norm_fwd(x, [N], w, b, EPS)[1:]
+    before = EMU.launch_count()
+    EMU.layer_norm_bwd(dy, x, mean, rstd, w, EPS, list(mask))
+    return EMU.launch_count() - before
+
+
+def test_column_sums_launches():
+    """The dx kernel adds the column sums (fused): one launch when its grid is
+    one block, else a merge of its blocks' partial rows. float64 takes the
+    dx kernel and then the column kernels: one launch when one part of rows
+    suffices, else partials and their merge. No column sums, no column work."""
     old = EMU.num_sms()
     try:
         EMU.set_num_sms(132)
-        counts = []
-        for M in (5, 300):
-            x, dy, w, b = _inputs(M, 64, torch.float32)
-            mean, rstd = BN.layer_norm_fwd(x, [64], w, b, EPS)[1:]
-            before = EMU.launch_count()
-            EMU.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
-            counts.append(EMU.launch_count() - before)
+        counts = [_backward_launches(M, 64, dtype) for dtype in (torch.float32, torch.float64) for M in (5, 300)]
+        no_columns = [_backward_launches(300, 64, dtype, mask=(False, False)) for dtype in (torch.float32, torch.float64)]
     finally:
         EMU.set_num_sms(old)
-    # dx, then the column sums: one kernel, or partials and their merge.
-    assert counts == [2, 3]
+    assert counts == [1, 2, 2, 3]
+    assert no_columns == [1, 1]
+
+
+# One row (a grid of one block): 1 launch when the column sums are fused, 2
+# (dx, then the column kernel) when not. The register budget is 32 values of
+# dw per thread: short rows of up to 1024 values in every lane-group plan and
+# KV bound (1, a quarter, all of the budget), long rows up to 32 values and
+# 16 vectors per thread (512 threads: N <= 16384 with vectors, 8192 without),
+# vector and scalar loads; float64 never.
+FUSION_CASES = [
+    (torch.float32, 64, 0, 1),  # short, a vector per lane
+    (torch.float32, 256, 0, 1),  # short, KV 2 (a quarter of the budget)
+    (torch.float32, 1024, 0, 1),  # short, KV 8 (all of it)
+    (torch.bfloat16, 1024, 0, 1),  # short, KV 4 (8-value vectors)
+    (torch.float16, 40, 0, 1),  # short, groups of 8 lanes
+    (torch.float32, 1000, 1, 1),  # short, scalar loads, KV 32
+    (torch.float32, 5000, 0, 1),  # long, KV 4
+    (torch.float32, 12288, 0, 1),  # long, KV 8
+    (torch.bfloat16, 16384, 0, 1),  # long, KV 4 = all of the budget
+    (torch.float32, 3000, 1, 1),  # long, scalar loads, KV 16
+    (torch.bfloat16, 8192, 1, 1),  # long, scalar loads, 16 per thread
+    (torch.float32, 16388, 0, 2),  # long, 4097 vectors: over the budget
+    (torch.bfloat16, 16392, 0, 2),
+    (torch.bfloat16, 8200, 1, 2),  # scalar loads, 17 per thread: over the budget
+    (torch.float64, 64, 0, 2),  # float64: twice the registers per value
+    (torch.float64, 1024, 0, 2),
+    (torch.float64, 5000, 0, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,N,offset,launches", FUSION_CASES)
+def test_fused_and_separate_column_sums(dtype, N, offset, launches, num_sms):
+    """Which path a shape takes, and that both match the CPU and float64 over
+    rows that stride over the grid (and so several partial rows)."""
+    assert _backward_launches(1, N, dtype, offset=offset) == launches
+    x, dy, w, b = _inputs(40 if N > 1024 else 300, N, dtype, offset=offset)
+    _check_layer_norm(x, dy, w, b, masks=[(True, True), (False, True), (True, False)])
+    _check_rms_norm(x, dy, w, weight_grads=[True])
 
 
 def test_rows_of_several_dims_and_non_contiguous_input():

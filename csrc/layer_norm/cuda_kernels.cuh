@@ -15,12 +15,23 @@
 //     block's first thread and broadcast, so every lane applies the same
 //     values. Rows that are not 16-byte aligned, or whose length is not a
 //     multiple of the vector, take the same kernels with scalar loads.
-//   dweight/dbias: column sums over the rows. Block (tile, part) adds 32
-//     vectors of columns over its part of the rows with coalesced loads, 8
-//     row lanes each summing a strided subset in order, merged by a fixed
-//     shared-memory tree; a second kernel merges the parts the same way (none
-//     when one part suffices). No atomics: the partition depends on the shape and the SM
-//     count only, so results are bitwise reproducible on one GPU model.
+//   dweight/dbias: column sums over the rows, fused into the dx kernels: a
+//     thread visits the same column vectors of every row it takes (lane g of
+//     a group vectors g, g + G, ...; thread t of a long row's block t, t +
+//     blockDim, ...), so it adds their terms in registers while it has dy and
+//     x loaded for dx, and the second read of both by separate column
+//     kernels goes away (LayerNorm forward + backward: 5 tensor passes, not
+//     7). At the end a block merges its row groups' sums in a fixed order and
+//     writes one partial row; a merge kernel adds the gridDim.x rows (none
+//     with one block). The registers bound a thread's columns (kernels
+//     templated on KV, its most vectors): float64 and rows over the budget
+//     (kFusedColumnValues) keep the separate column kernels, where block
+//     (tile, part) adds 32 vectors of columns over its part of the rows with
+//     coalesced loads, 8 row lanes each summing a strided subset in order,
+//     merged by a fixed shared-memory tree, then a second kernel merges the
+//     parts the same way (none when one part suffices). No atomics: the
+//     partition depends on the shape and the SM count only, so results are
+//     bitwise reproducible on one GPU model.
 // The arithmetic is the CPU kernels' (bnext/layer_norm_math.h).
 #pragma once
 
@@ -341,108 +352,6 @@ __global__ void __launch_bounds__(kMaxLongRowThreads)
 
 // ------------------------------------------------------------------ backward
 
-template <typename scalar_t>
-struct BackwardArgs {
-  using T = at::opmath_type<scalar_t>;
-  const scalar_t* dy;
-  const scalar_t* x;
-  const T* mean;  // null for RMSNorm
-  const T* rstd;
-  const T* w;  // may be null
-  scalar_t* dx;
-  int64_t M;
-  int64_t N;
-};
-
-template <bool kCentred, typename scalar_t>
-__device__ __forceinline__ at::opmath_type<scalar_t> row_mean(const BackwardArgs<scalar_t>& a,
-                                                              int64_t r) {
-  using T = at::opmath_type<scalar_t>;
-  if constexpr (kCentred) {
-    return a.mean[r];
-  } else {
-    return T(0);
-  }
-}
-
-template <bool kCentred, int VEC, typename scalar_t>
-__device__ __forceinline__ GradAcc<at::opmath_type<scalar_t>, kCentred> lane_grad_sums(
-    const BackwardArgs<scalar_t>& a, int64_t r, int64_t first, int64_t step) {
-  using T = at::opmath_type<scalar_t>;
-  const T m = row_mean<kCentred>(a, r);
-  GradAcc<T, kCentred> acc{};
-  const scalar_t* const in[2] = {a.dy + r * a.N, a.x + r * a.N};
-  visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t j, const Vec<scalar_t, VEC>(&v)[2]) {
-    const Vec<T, VEC> w = param_vec<VEC>(a.w, j * VEC, T(1));
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      add_grad(acc, static_cast<T>(v[0].v[e]) * w.v[e], static_cast<T>(v[1].v[e]) - m);
-    }
-  });
-  return acc;
-}
-
-// dx = a * (k * (x - mean) + (g + c)) over the thread's vectors of row r.
-template <bool kCentred, int VEC, typename scalar_t>
-__device__ __forceinline__ void row_dx(const BackwardArgs<scalar_t>& a, int64_t r,
-                                       const Pair<at::opmath_type<scalar_t>>& sums, int64_t first,
-                                       int64_t step) {
-  using T = at::opmath_type<scalar_t>;
-  const T m = row_mean<kCentred>(a, r);
-  const auto co = row_backward_coeffs(a.rstd[r], sums.a, sums.b, a.N, kCentred);
-  const scalar_t* const in[2] = {a.dy + r * a.N, a.x + r * a.N};
-  scalar_t* const dx = a.dx + r * a.N;
-  visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t j, const Vec<scalar_t, VEC>(&v)[2]) {
-    const Vec<T, VEC> w = param_vec<VEC>(a.w, j * VEC, T(1));
-    Vec<scalar_t, VEC> out;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const T g = static_cast<T>(v[0].v[e]) * w.v[e];
-      out.v[e] = static_cast<scalar_t>(row_backward_dx(co, g, static_cast<T>(v[1].v[e]) - m));
-    }
-    cuda::store_vec<VEC>(dx + j * VEC, out);
-  });
-}
-
-template <typename scalar_t, bool kCentred, int VEC>
-__global__ void __launch_bounds__(kShortRowThreads)
-    backward_short_kernel(BackwardArgs<scalar_t> a, int group) {
-  using T = at::opmath_type<scalar_t>;
-  for_each_row_of_group(a.M, group, [&](int64_t r, bool valid, int g) {
-    GradAcc<T, kCentred> acc{};
-    if (valid) acc = lane_grad_sums<kCentred, VEC>(a, r, g, group);
-    acc = group_reduce(acc, GradOp<kCentred>{}, group);
-    const Pair<T> sums = group_broadcast<kCentred>(grad_sums(acc), group);
-    if (valid) row_dx<kCentred, VEC>(a, r, sums, g, group);
-  });
-}
-
-template <typename scalar_t, bool kCentred, int VEC>
-__global__ void __launch_bounds__(kMaxLongRowThreads)
-    backward_long_kernel(BackwardArgs<scalar_t> a, int /*group*/) {
-  using T = at::opmath_type<scalar_t>;
-  for (int64_t r = blockIdx.x; r < a.M; r += gridDim.x) {
-    const auto acc = lane_grad_sums<kCentred, VEC>(a, r, threadIdx.x, blockDim.x);
-    const Pair<T> sums = block_reduce_broadcast(acc, GradOp<kCentred>{},
-                                                [](const auto& total) { return grad_sums(total); });
-    row_dx<kCentred, VEC>(a, r, sums, threadIdx.x, blockDim.x);
-  }
-}
-
-// -------------------------------------------------------------- column sums
-// dw[c] = sum_r dy[r, c] * (x[r, c] - mean[r]) * rstd[r], db[c] = sum_r dy[r, c].
-
-template <typename scalar_t>
-struct ColumnArgs {
-  using T = at::opmath_type<scalar_t>;
-  const scalar_t* dy;
-  const scalar_t* x;
-  const T* mean;  // null for RMSNorm
-  const T* rstd;
-  int64_t M;
-  int64_t N;
-};
-
 // A thread's sums for its VEC columns: dw, then db (LayerNorm). One struct,
 // so that both go through a single shared-memory tree.
 template <typename T, int VEC, bool kCentred>
@@ -481,6 +390,228 @@ __device__ __forceinline__ void store_sums(const ColumnSums<T, VEC, kCentred>& s
     if constexpr (kCentred) out_db[offset + e] = s.v[VEC + e];
   }
 }
+
+
+template <typename scalar_t>
+struct BackwardArgs {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const T* mean;  // null for RMSNorm
+  const T* rstd;
+  const T* w;  // may be null
+  scalar_t* dx;
+  int64_t M;
+  int64_t N;
+  // Fused column sums (the kernels' KV > 0): row blockIdx.x of these
+  // [gridDim.x, N] buffers gets the block's dweight (and dbias) sums.
+  T* dw_parts = nullptr;
+  T* db_parts = nullptr;
+};
+
+template <bool kCentred, typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> row_mean(const BackwardArgs<scalar_t>& a,
+                                                              int64_t r) {
+  using T = at::opmath_type<scalar_t>;
+  if constexpr (kCentred) {
+    return a.mean[r];
+  } else {
+    return T(0);
+  }
+}
+
+template <bool kCentred, int VEC, typename scalar_t>
+__device__ __forceinline__ GradAcc<at::opmath_type<scalar_t>, kCentred> lane_grad_sums(
+    const BackwardArgs<scalar_t>& a, int64_t r, int64_t first, int64_t step) {
+  using T = at::opmath_type<scalar_t>;
+  const T m = row_mean<kCentred>(a, r);
+  GradAcc<T, kCentred> acc{};
+  const scalar_t* const in[2] = {a.dy + r * a.N, a.x + r * a.N};
+  visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t j, const Vec<scalar_t, VEC>(&v)[2]) {
+    const Vec<T, VEC> w = param_vec<VEC>(a.w, j * VEC, T(1));
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      add_grad(acc, static_cast<T>(v[0].v[e]) * w.v[e], static_cast<T>(v[1].v[e]) - m);
+    }
+  });
+  return acc;
+}
+
+// A thread's column sums over the rows it visits, one ColumnSums per vector
+// it takes (KV at most; none when KV == 0, the unfused kernels).
+template <typename T, int VEC, bool kCentred, int KV>
+struct LaneColumns {
+  ColumnSums<T, VEC, kCentred> v[KV > 0 ? KV : 1];
+};
+
+// As visit_vectors for a thread that takes at most KV vectors of the row,
+// with the loop unrolled completely: f's index k (j = first + k * step) is
+// then a compile-time constant, so the LaneColumns it indexes stay in
+// registers rather than local memory.
+template <int VEC, int KV, int kInputs, typename scalar_t, class F>
+__device__ __forceinline__ void visit_lane_vectors(const scalar_t* const (&in)[kInputs], int64_t nvec,
+                                                   int64_t first, int64_t step, F&& f) {
+  constexpr int kUnroll = std::min(unroll_for<VEC>(), KV);
+#pragma unroll
+  for (int k0 = 0; k0 < KV; k0 += kUnroll) {
+    Vec<scalar_t, VEC> buf[kUnroll][kInputs];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = first + (k0 + u) * step;
+      if (k0 + u < KV && j < nvec) {
+#pragma unroll
+        for (int i = 0; i < kInputs; ++i) buf[u][i] = cuda::load_vec<VEC>(in[i] + j * VEC);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = first + (k0 + u) * step;
+      if (k0 + u < KV && j < nvec) f(k0 + u, j, buf[u]);
+    }
+  }
+}
+
+// dx = a * (k * (x - mean) + (g + c)) over the thread's vectors of row r;
+// with KV > 0 also the row's terms of the thread's column sums, from the same
+// loaded dy and x.
+template <bool kCentred, int VEC, int KV, typename scalar_t>
+__device__ __forceinline__ void row_dx(const BackwardArgs<scalar_t>& a, int64_t r,
+                                       const Pair<at::opmath_type<scalar_t>>& sums, int64_t first, int64_t step,
+                                       LaneColumns<at::opmath_type<scalar_t>, VEC, kCentred, KV>& cols) {
+  using T = at::opmath_type<scalar_t>;
+  const T m = row_mean<kCentred>(a, r);
+  const T rstd = a.rstd[r];
+  const auto co = row_backward_coeffs(rstd, sums.a, sums.b, a.N, kCentred);
+  const scalar_t* const in[2] = {a.dy + r * a.N, a.x + r * a.N};
+  scalar_t* const dx = a.dx + r * a.N;
+  const auto dx_vec = [&](int64_t j, const Vec<scalar_t, VEC>(&v)[2], auto&& column_terms) {
+    const Vec<T, VEC> w = param_vec<VEC>(a.w, j * VEC, T(1));
+    Vec<scalar_t, VEC> out;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const T d = static_cast<T>(v[0].v[e]);
+      const T xmu = static_cast<T>(v[1].v[e]) - m;
+      out.v[e] = static_cast<scalar_t>(row_backward_dx(co, d * w.v[e], xmu));
+      column_terms(e, d, xmu);
+    }
+    cuda::store_vec<VEC>(dx + j * VEC, out);
+  };
+  if constexpr (KV == 0) {
+    visit_vectors<VEC>(in, a.N / VEC, first, step, [&](int64_t j, const Vec<scalar_t, VEC>(&v)[2]) {
+      dx_vec(j, v, [](int, T, T) {});
+    });
+  } else {
+    visit_lane_vectors<VEC, KV>(in, a.N / VEC, first, step,
+                                [&](int k, int64_t j, const Vec<scalar_t, VEC>(&v)[2]) {
+                                  ColumnSums<T, VEC, kCentred>& s = cols.v[k];
+                                  dx_vec(j, v, [&](int e, T d, T xmu) {
+                                    // The CPU kernel's order: (dy * (x - mean)) * rstd.
+                                    s.v[e] += d * xmu * rstd;
+                                    if constexpr (kCentred) s.v[VEC + e] += d;
+                                  });
+                                });
+  }
+}
+
+template <typename T, int VEC, bool kCentred, int KV>
+__device__ __forceinline__ void zero_columns(LaneColumns<T, VEC, kCentred, KV>& cols) {
+#pragma unroll
+  for (int k = 0; k < KV; ++k) cols.v[k] = zero_sums<T, VEC, kCentred>();
+}
+
+// Short rows: lane g of every row group of the block holds the sums of the
+// same columns (vectors g, g + G, ...). They merge in a fixed order: a
+// shuffle tree over the row groups of a warp (none when G = 32, the only
+// case with KV > 1), then the warps in order, through shared memory one
+// vector k at a time to keep it small. Lane g of warp 0 writes row
+// blockIdx.x of the partials.
+template <typename T, int VEC, bool kCentred, int KV>
+__device__ __forceinline__ void store_group_columns(const LaneColumns<T, VEC, kCentred, KV>& cols, T* dw_row,
+                                                    T* db_row, int64_t nvec, int group) {
+  using S = ColumnSums<T, VEC, kCentred>;
+  constexpr int kWarps = kShortRowThreads / cuda::kWarpSize;
+  __shared__ S scratch[kWarps * cuda::kWarpSize];
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int warp = threadIdx.x / cuda::kWarpSize;
+#pragma unroll
+  for (int k = 0; k < KV; ++k) {
+    S s = cols.v[k];
+    for (int offset = cuda::kWarpSize / 2; offset >= group; offset >>= 1) {
+#pragma unroll
+      for (int i = 0; i < S::kValues; ++i) s.v[i] += cuda::shfl_down(s.v[i], offset);
+    }
+    scratch[warp * cuda::kWarpSize + lane] = s;
+    __syncthreads();
+    if (warp == 0 && lane < group) {
+      for (int w = 1; w < kWarps; ++w) s = ColumnSumsOp()(s, scratch[w * cuda::kWarpSize + lane]);
+      const int64_t j = lane + static_cast<int64_t>(k) * group;
+      if (j < nvec) store_sums(s, dw_row, db_row, j * VEC);
+    }
+    __syncthreads();
+  }
+}
+
+// KV: the most vectors of a row a thread takes, for the fused column sums
+// (the LaneColumns it keeps in registers), or 0 without them.
+template <typename scalar_t, bool kCentred, int VEC, int KV>
+__global__ void __launch_bounds__(kShortRowThreads)
+    backward_short_kernel(BackwardArgs<scalar_t> a, int group) {
+  using T = at::opmath_type<scalar_t>;
+  LaneColumns<T, VEC, kCentred, KV> cols;
+  zero_columns(cols);
+  for_each_row_of_group(a.M, group, [&](int64_t r, bool valid, int g) {
+    GradAcc<T, kCentred> acc{};
+    if (valid) acc = lane_grad_sums<kCentred, VEC>(a, r, g, group);
+    acc = group_reduce(acc, GradOp<kCentred>{}, group);
+    const Pair<T> sums = group_broadcast<kCentred>(grad_sums(acc), group);
+    if (valid) row_dx<kCentred, VEC, KV>(a, r, sums, g, group, cols);
+  });
+  if constexpr (KV > 0) {
+    store_group_columns(cols, a.dw_parts + blockIdx.x * a.N, kCentred ? a.db_parts + blockIdx.x * a.N : nullptr,
+                        a.N / VEC, group);
+  }
+}
+
+// Long rows: thread t takes vectors t, t + blockDim.x, ... of every row, so
+// its column sums are the block's already.
+template <typename scalar_t, bool kCentred, int VEC, int KV>
+__global__ void __launch_bounds__(kMaxLongRowThreads)
+    backward_long_kernel(BackwardArgs<scalar_t> a, int /*group*/) {
+  using T = at::opmath_type<scalar_t>;
+  LaneColumns<T, VEC, kCentred, KV> cols;
+  zero_columns(cols);
+  for (int64_t r = blockIdx.x; r < a.M; r += gridDim.x) {
+    const auto acc = lane_grad_sums<kCentred, VEC>(a, r, threadIdx.x, blockDim.x);
+    const Pair<T> sums = block_reduce_broadcast(acc, GradOp<kCentred>{},
+                                                [](const auto& total) { return grad_sums(total); });
+    row_dx<kCentred, VEC, KV>(a, r, sums, threadIdx.x, blockDim.x, cols);
+  }
+  if constexpr (KV > 0) {
+    const int64_t nvec = a.N / VEC;
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (j < nvec) {
+        store_sums(cols.v[k], a.dw_parts + blockIdx.x * a.N, kCentred ? a.db_parts + blockIdx.x * a.N : nullptr,
+                   j * VEC);
+      }
+    }
+  }
+}
+
+// -------------------------------------------------------------- column sums
+// dw[c] = sum_r dy[r, c] * (x[r, c] - mean[r]) * rstd[r], db[c] = sum_r dy[r, c].
+
+template <typename scalar_t>
+struct ColumnArgs {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const T* mean;  // null for RMSNorm
+  const T* rstd;
+  int64_t M;
+  int64_t N;
+};
 
 // Block (tile, part): thread (tx, ty) owns columns c0 .. c0 + VEC - 1, c0 =
 // (tile * 32 + tx) * VEC, and adds them over rows r0 + ty, r0 + ty + 8, ...
@@ -630,17 +761,6 @@ void launch_forward(const ForwardArgs<scalar_t>& a) {
   }
 }
 
-template <typename scalar_t, bool kCentred>
-void launch_backward_dx(const BackwardArgs<scalar_t>& a) {
-  constexpr int kVec = cuda::vec_size<scalar_t>();
-  if (vectorizable<scalar_t>(a.N, {a.dy, a.x, a.dx}, {a.w})) {
-    launch_rows(backward_short_kernel<scalar_t, kCentred, kVec>, backward_long_kernel<scalar_t, kCentred, kVec>,
-                a, kVec);
-  } else {
-    launch_rows(backward_short_kernel<scalar_t, kCentred, 1>, backward_long_kernel<scalar_t, kCentred, 1>, a, 1);
-  }
-}
-
 // Into dw_col (and db_col when kCentred): one launch when a single part of
 // rows fills the GPU, else partials per part merged by a second launch.
 template <typename scalar_t, bool kCentred, int VEC>
@@ -681,6 +801,113 @@ void column_sums(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) 
     column_sums_vec<scalar_t, kCentred, kVec>(a, dw_col, db_col);
   } else {
     column_sums_vec<scalar_t, kCentred, 1>(a, dw_col, db_col);
+  }
+}
+
+// ------------------------------------------------------- fused column sums
+// The dx kernels add each thread's dweight / dbias terms while they have dy
+// and x loaded (KV > 0), which saves the column kernels' second read of both:
+// LayerNorm forward + backward then move 5 tensors instead of 7. The sums
+// live in registers, so a thread may own at most this many values of dw (and
+// as many of db): 32 floats each, 64 registers. float64 (twice the
+// registers per value) and rows too long for the budget take the separate
+// column kernels.
+constexpr int kFusedColumnValues = 32;
+
+// The gridDim.x partial rows merged into dw_col / db_col; with one block the
+// kernel writes them directly, in a single launch.
+template <typename scalar_t, bool kCentred, int VEC, int KV>
+void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& plan, BackwardArgs<scalar_t> a,
+                  Tensor& dw_col, Tensor& db_col) {
+  using T = at::opmath_type<scalar_t>;
+  T* dw = dw_col.mutable_data_ptr<T>();
+  T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
+  const int64_t parts = plan.grid.x;
+  if (parts == 1) {
+    a.dw_parts = dw;
+    a.db_parts = db;
+    cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
+    return;
+  }
+  // Every partial is written by the dx kernel (blocks without rows write zeros).
+  Tensor dw_parts = at::empty({parts, a.N}, dw_col.options());
+  Tensor db_parts = kCentred ? at::empty({parts, a.N}, dw_col.options()) : Tensor();
+  a.dw_parts = dw_parts.mutable_data_ptr<T>();
+  a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
+  cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
+  const int64_t grid_x = std::min(cuda::ceil_div(a.N, kColumnTile * VEC), kMaxGridX);
+  cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)),
+               dim3(kColumnTile, kColumnLanes), static_cast<const T*>(a.dw_parts),
+               static_cast<const T*>(a.db_parts), parts, a.N, dw, db);
+}
+
+// dx with the fused column sums, if the thread's share of a row fits the
+// budget; false (nothing launched) otherwise. A few bounds KV per kernel, so
+// that short rows of a vector per lane (the common small N) do not pay the
+// registers of the longest ones: short rows 1, a quarter and all of the
+// budget's vectors; long rows 4 (the planner gives a thread about 4 vectors
+// up to 512 threads) and all of the budget, at most 16 vectors.
+template <typename scalar_t, bool kCentred, int VEC>
+bool launch_backward_fused(const RowPlan& plan, const BackwardArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) {
+  if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    return false;
+  } else {
+    constexpr int kMaxKV = kFusedColumnValues / VEC;
+    constexpr int kQuarterKV = std::max(1, kMaxKV / 4);
+    constexpr int kLongKV = std::min(4, kMaxKV);
+    // The long kernels have 128 registers (512 threads): 32 scalar loads
+    // spilled there.
+    constexpr int kLongMaxKV = std::min(16, kMaxKV);
+    const int64_t nvec = a.N / VEC;
+    if (plan.short_rows) {
+      const int64_t kv = cuda::ceil_div(nvec, plan.group);
+      if (kv <= 1) {
+        launch_fused<scalar_t, kCentred, VEC, 1>(backward_short_kernel<scalar_t, kCentred, VEC, 1>, plan, a, dw_col,
+                                                 db_col);
+      } else if (kv <= kQuarterKV) {
+        launch_fused<scalar_t, kCentred, VEC, kQuarterKV>(backward_short_kernel<scalar_t, kCentred, VEC, kQuarterKV>,
+                                                          plan, a, dw_col, db_col);
+      } else if (kv <= kMaxKV) {
+        launch_fused<scalar_t, kCentred, VEC, kMaxKV>(backward_short_kernel<scalar_t, kCentred, VEC, kMaxKV>, plan,
+                                                      a, dw_col, db_col);
+      } else {
+        return false;
+      }
+    } else {
+      const int64_t kv = cuda::ceil_div(nvec, plan.block.x);
+      if (kv <= kLongKV) {
+        launch_fused<scalar_t, kCentred, VEC, kLongKV>(backward_long_kernel<scalar_t, kCentred, VEC, kLongKV>, plan, a,
+                                                       dw_col, db_col);
+      } else if (kv <= kLongMaxKV) {
+        launch_fused<scalar_t, kCentred, VEC, kLongMaxKV>(backward_long_kernel<scalar_t, kCentred, VEC, kLongMaxKV>,
+                                                          plan, a, dw_col, db_col);
+      } else {
+        return false;
+      }
+    }
+    return true;
+  }
+}
+
+// dx, and with `columns` dw_col (and db_col): fused where it fits, else the
+// dx kernels alone and then the column kernels.
+template <typename scalar_t, bool kCentred, int VEC>
+void launch_backward_vec(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_col, Tensor& db_col) {
+  const RowPlan plan = row_plan(a.M, a.N, a.N / VEC);
+  if (columns && launch_backward_fused<scalar_t, kCentred, VEC>(plan, a, dw_col, db_col)) return;
+  cuda::launch(plan.short_rows ? backward_short_kernel<scalar_t, kCentred, VEC, 0>
+                               : backward_long_kernel<scalar_t, kCentred, VEC, 0>,
+               plan.grid, plan.block, a, plan.group);
+  if (columns) column_sums<scalar_t, kCentred>({a.dy, a.x, a.mean, a.rstd, a.M, a.N}, dw_col, db_col);
+}
+
+template <typename scalar_t, bool kCentred>
+void launch_backward(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_col, Tensor& db_col) {
+  constexpr int kVec = cuda::vec_size<scalar_t>();
+  if (vectorizable<scalar_t>(a.N, {a.dy, a.x, a.dx}, {a.w})) {
+    launch_backward_vec<scalar_t, kCentred, kVec>(a, columns, dw_col, db_col);
+  } else {
+    launch_backward_vec<scalar_t, kCentred, 1>(a, columns, dw_col, db_col);
   }
 }
 
@@ -731,9 +958,9 @@ struct CudaKernels {
       const scalar_t* x = p.x.const_data_ptr<scalar_t>();
       const T* mean_p = kCentred ? mean.const_data_ptr<T>() : nullptr;
       const T* rstd_p = rstd.const_data_ptr<T>();
-      cuda_kernels::launch_backward_dx<scalar_t, kCentred>(
-          {dy, x, mean_p, rstd_p, data_or_null<T>(p.w), dx.mutable_data_ptr<scalar_t>(), p.M, p.N});
-      if (columns) cuda_kernels::column_sums<scalar_t, kCentred>({dy, x, mean_p, rstd_p, p.M, p.N}, dw_col, db_col);
+      cuda_kernels::launch_backward<scalar_t, kCentred>(
+          {dy, x, mean_p, rstd_p, data_or_null<T>(p.w), dx.mutable_data_ptr<scalar_t>(), p.M, p.N}, columns,
+          dw_col, db_col);
     });
   }
 };
