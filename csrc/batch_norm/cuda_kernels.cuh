@@ -115,13 +115,6 @@ bool inputs_aligned(const R& r) {
   return true;
 }
 
-// Raw shared storage for n values of V: Welford has default member
-// initialisers, which __shared__ arrays do not allow.
-template <typename V, int n>
-struct SharedSlots {
-  static constexpr int kBytes = n * static_cast<int>(sizeof(V));
-};
-
 // ------------------------------------------------------- channels-first reduce
 // Block (c, p): channel c, partial p = y * Z + z. Threads come in groups of
 // `tpp` per plane; group `slot` visits planes y * ppb + slot, stepping by
@@ -133,7 +126,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   using scalar_t = typename R::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
-  __shared__ __align__(16) unsigned char raw[SharedSlots<V, cuda::kWarpSize>::kBytes];
+  __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, cuda::kWarpSize>::kBytes];
   const int64_t c = blockIdx.x;
   const int64_t y = blockIdx.y / Z;
   const int64_t z = blockIdx.y % Z;
@@ -189,7 +182,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   using scalar_t = typename R::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
-  __shared__ __align__(16) unsigned char raw[SharedSlots<V, kReduceThreads>::kBytes];
+  __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, kReduceThreads>::kBytes];
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < C;  // C % VEC == 0 on vector paths
   V v[VEC] = {};

@@ -55,6 +55,13 @@ struct WelfordOp {
   }
 };
 
+// Raw shared storage for n values of V: Welford has default member
+// initialisers, which __shared__ arrays do not allow.
+template <typename V, int n>
+struct SharedSlots {
+  static constexpr int kBytes = n * static_cast<int>(sizeof(V));
+};
+
 // The combined value of the 32 lanes ends up in lane 0.
 template <typename T, class Op>
 __device__ __forceinline__ T warp_reduce(T v, Op op) {

@@ -233,13 +233,6 @@ __device__ __forceinline__ void for_each_row_of_group(int64_t M, int group, F&& 
   }
 }
 
-// Raw shared storage for n values of V: Welford has default member
-// initialisers, which __shared__ arrays do not allow.
-template <typename V, int n>
-struct SharedSlots {
-  static constexpr int kBytes = n * static_cast<int>(sizeof(V));
-};
-
 // Reduces over the block, forms the row's pair `finish(total)` in thread 0
 // and broadcasts it through shared memory. Every thread reads the pair
 // before it can reach the next call's first barrier, after which thread 0
@@ -247,7 +240,7 @@ struct SharedSlots {
 template <typename V, class Op, class F>
 __device__ __forceinline__ auto block_reduce_broadcast(V v, Op op, F&& finish) {
   using P = decltype(finish(v));
-  __shared__ __align__(16) unsigned char raw[SharedSlots<V, cuda::kWarpSize>::kBytes];
+  __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, cuda::kWarpSize>::kBytes];
   __shared__ __align__(16) unsigned char shared_pair[sizeof(P)];
   v = cuda::block_reduce(v, op, reinterpret_cast<V*>(raw), V{});
   P* out = reinterpret_cast<P*>(shared_pair);
