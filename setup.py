@@ -10,7 +10,6 @@ Environment:
   MAX_JOBS                  parallel compile jobs (ninja)
 """
 
-import glob
 import os
 import shutil
 import site
@@ -19,6 +18,11 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The list of sources lives once, in tools/csrc_sources.py (the tests' emulator
+# build reads it too); PEP 517 builds do not put the project on sys.path.
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import csrc_sources  # noqa: E402
+
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
@@ -151,19 +155,16 @@ class Build(BuildExtension):
             write_build_info(os.path.join(self.build_lib, "torch_bnext"))
 
 
-def sources(pattern):
-    # csrc/emulator is the tests' CPU emulator of the CUDA kernels
-    # (tests/emulated_cuda.py builds it), not part of the extension.
-    found = glob.glob(os.path.join("csrc", "**", pattern), recursive=True)
-    return sorted(p for p in found if not p.startswith(os.path.join("csrc", "emulator", "")))
-
-
 def headers():
     # setuptools rebuilds only when a source or one of `depends` is newer than
     # the library: a header-only change must count too, and so must a new
     # torch (its version.py is rewritten by every install).
-    return sources("*.h") + sources("*.cuh") + [
+    return [os.path.join("csrc", h) for h in csrc_sources.headers()] + [
         os.path.join(os.path.dirname(torch.__file__), "version.py")]
+
+
+def extension_sources(cuda):
+    return [os.path.join("csrc", s) for s in csrc_sources.extension_sources(cuda)]
 
 
 def extension():
@@ -173,7 +174,7 @@ def extension():
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"] + cpu_capability_flags()
     link_flags = ["-fopenmp"]
     if not WITH_CUDA:
-        return CppExtension("torch_bnext._C", sources("*.cpp"), include_dirs=include_dirs,
+        return CppExtension("torch_bnext._C", extension_sources(cuda=False), include_dirs=include_dirs,
                             depends=headers(),
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
                             py_limited_api=False)
@@ -183,7 +184,7 @@ def extension():
     nvcc_flags = ["-O3", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         "torch_bnext._C",
-        sources("*.cpp") + sources("*.cu"),
+        extension_sources(cuda=True),
         depends=headers(),
         include_dirs=include_dirs + cuda_wheel_include_dirs(),
         define_macros=[("BNEXT_WITH_CUDA", "1")],

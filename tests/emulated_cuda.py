@@ -5,6 +5,7 @@ op, with CPU tensors."""
 
 import functools
 import os
+import sys
 
 import pytest
 import torch
@@ -12,24 +13,30 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-
-# The CUDA kernels' host-side helpers that live in .cpp files of the main build.
-SOURCES = [
-    "emulator/module.cpp",
-    "emulator/cuda_emulator.cpp",
-    "emulator/selftest.cpp",
-    "common/checks.cpp",
-    "common/layout.cpp",
-    "layer_norm/prepare.cpp",
-    "layer_norm/reference.cpp",
-]
-
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import csrc_sources  # noqa: E402  (the extension's source list, shared with setup.py)
 
 # BNEXT_EMULATOR_ASAN=1 builds the library with AddressSanitizer: the kernels'
 # loads and stores are then checked against the bounds of every tensor (the
 # CPU's counterpart of compute-sanitizer's memcheck). The process must preload
 # the runtime: LD_PRELOAD=$(gcc -print-file-name=libasan.so).
 ASAN = os.environ.get("BNEXT_EMULATOR_ASAN") == "1"
+
+
+def unit_sources(build):
+    """The emulator's sources, each through a one-line unit named after its
+    path: cpp_extension names objects by file name alone, and several op
+    families have a reference.cpp."""
+    units = []
+    for rel in csrc_sources.emulator_sources():
+        unit = os.path.join(build, "units", rel.replace(os.sep, "__"))
+        text = f'#include "{os.path.join(CSRC, rel)}"\n'
+        os.makedirs(os.path.dirname(unit), exist_ok=True)
+        if not os.path.exists(unit) or open(unit).read() != text:  # keep ninja's timestamps
+            with open(unit, "w") as f:
+                f.write(text)
+        units.append(unit)
+    return units
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +48,7 @@ def load():
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
     cpp_extension.load(
         name="bnext_emu_asan" if ASAN else "bnext_emu",
-        sources=[os.path.join(CSRC, s) for s in SOURCES],
+        sources=unit_sources(build),
         extra_include_paths=[CSRC, os.path.join(CSRC, "include")],
         # Hidden symbols: this library repeats names of torch_bnext._C's.
         extra_cflags=["-O2", "-DBNEXT_EMULATE_CUDA", "-fvisibility=hidden"] + sanitize,

@@ -2,7 +2,7 @@
 C++ and CUDA kernels, registered as PyTorch operators (torch.ops.bnext.*)."""
 
 from . import _extension  # noqa: F401  (loads the kernels first)
-from . import ops  # noqa: F401  (fake kernels and autograd)
+from . import ops  # noqa: F401  (fake kernels; autograd is registered in C++)
 from . import functional
 from ._extension import HAS_CUDA_KERNELS
 from .convert import convert_model, revert_model

@@ -69,7 +69,7 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   }
 };
 
-Grads backward_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+Grads batch_norm_backward_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
                         const Tensor& var, const OptTensor& weight, double eps, bool training) {
   check_reverse_mode_only("bnext::batch_norm_backward", {&grad_out, &input, &mean, &var}, {&weight});
   const auto g = BackwardFunction::apply(grad_out, input, mean, var, weight, eps, training);
@@ -131,7 +131,7 @@ struct InferFunction : public torch::autograd::Function<InferFunction> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input, const OptTensor& weight,
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input, const OptTensor& weight,
                                                   const OptTensor& bias, double eps) {
   if (use_reference({&input}, {&weight, &bias})) {
     const Tensor& w = value_or_undefined(weight);
@@ -144,7 +144,7 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input, const Opt
   return {out[0], out[1], out[2]};
 }
 
-Tensor infer_autograd(const Tensor& input, const Tensor& mean, const Tensor& var,
+Tensor batch_norm_infer_autograd(const Tensor& input, const Tensor& mean, const Tensor& var,
                       const OptTensor& weight, const OptTensor& bias, double eps) {
   if (use_reference({&input, &mean, &var}, {&weight, &bias})) {
     const Tensor& w = value_or_undefined(weight);
@@ -159,7 +159,7 @@ Tensor infer_autograd(const Tensor& input, const Tensor& mean, const Tensor& var
 // Differentiated through their reference composites (ATen's derivatives), and
 // run on our kernels when nothing is differentiated.
 
-std::tuple<Tensor, Tensor> stats_autograd(const Tensor& input) {
+std::tuple<Tensor, Tensor> batch_norm_stats_autograd(const Tensor& input) {
   if (use_reference({&input}) || records_graph({&input})) {
     check_stats_args(input);
     return reference::stats(input);
@@ -168,7 +168,7 @@ std::tuple<Tensor, Tensor> stats_autograd(const Tensor& input) {
   return call_below_autograd(stats, input);
 }
 
-Tensor elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& scale,
+Tensor batch_norm_elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& scale,
                       const Tensor& shift) {
   if (use_reference({&input, &mean, &scale, &shift}) ||
       records_graph({&input, &mean, &scale, &shift})) {
@@ -181,7 +181,7 @@ Tensor elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& sca
   return call_below_autograd(elemt, input, mean, scale, shift);
 }
 
-std::tuple<Tensor, Tensor> backward_reduce_autograd(const Tensor& grad_out, const Tensor& input,
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_autograd(const Tensor& grad_out, const Tensor& input,
                                                     const Tensor& mean) {
   if (use_reference({&grad_out, &input, &mean}) || records_graph({&grad_out, &input, &mean})) {
     check_backward_reduce_args(grad_out, input, mean);
@@ -193,7 +193,7 @@ std::tuple<Tensor, Tensor> backward_reduce_autograd(const Tensor& grad_out, cons
   return call_below_autograd(reduce, grad_out, input, mean);
 }
 
-Tensor backward_elemt_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+Tensor batch_norm_backward_elemt_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
                                const Tensor& a, const Tensor& k, const Tensor& c) {
   if (use_reference({&grad_out, &input, &mean, &a, &k, &c}) ||
       records_graph({&grad_out, &input, &mean, &a, &k, &c})) {
@@ -208,7 +208,7 @@ Tensor backward_elemt_autograd(const Tensor& grad_out, const Tensor& input, cons
 
 // The running-statistics update has no derivative (torch's has none either):
 // it refuses inputs that require grad rather than recording nothing.
-void update_stats_autograd(const Tensor& running_mean, const Tensor& running_var,
+void batch_norm_update_stats_autograd(const Tensor& running_mean, const Tensor& running_var,
                            const OptTensor& num_batches_tracked, const Tensor& mean,
                            const Tensor& var, std::optional<double> momentum, int64_t count) {
   check_not_differentiated("bnext::batch_norm_update_stats",
@@ -225,7 +225,7 @@ void update_stats_autograd(const Tensor& running_mean, const Tensor& running_var
   if (present(num_batches_tracked)) torch::autograd::increment_version(*num_batches_tracked);
 }
 
-void update_stats_tensor_autograd(const Tensor& running_mean, const Tensor& running_var,
+void batch_norm_update_stats_global_autograd(const Tensor& running_mean, const Tensor& running_var,
                                   const OptTensor& num_batches_tracked, const Tensor& mean,
                                   const Tensor& var, std::optional<double> momentum,
                                   const Tensor& count) {
@@ -244,15 +244,15 @@ void update_stats_tensor_autograd(const Tensor& running_mean, const Tensor& runn
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
-  m.impl("batch_norm_train", &train_autograd);
-  m.impl("batch_norm_infer", &infer_autograd);
-  m.impl("batch_norm_backward", &backward_autograd);
-  m.impl("batch_norm_stats", &stats_autograd);
-  m.impl("batch_norm_elemt", &elemt_autograd);
-  m.impl("batch_norm_backward_reduce", &backward_reduce_autograd);
-  m.impl("batch_norm_backward_elemt", &backward_elemt_autograd);
-  m.impl("batch_norm_update_stats", &update_stats_autograd);
-  m.impl("batch_norm_update_stats_global", &update_stats_tensor_autograd);
+  m.impl("batch_norm_train", &batch_norm_train_autograd);
+  m.impl("batch_norm_infer", &batch_norm_infer_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
+  m.impl("batch_norm_stats", &batch_norm_stats_autograd);
+  m.impl("batch_norm_elemt", &batch_norm_elemt_autograd);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_autograd);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_autograd);
+  m.impl("batch_norm_update_stats", &batch_norm_update_stats_autograd);
+  m.impl("batch_norm_update_stats_global", &batch_norm_update_stats_global_autograd);
 }
 
 }  // namespace batch_norm

@@ -142,7 +142,7 @@ std::tuple<Tensor, Tensor, Tensor> reduce_elemt(const Tensor& dy, const Tensor& 
 }
 
 template <class K>
-std::tuple<Tensor, Tensor, Tensor> train(const Tensor& input, const OptTensor& weight,
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const OptTensor& weight,
                                          const OptTensor& bias, double eps) {
   check_args("bnext::batch_norm_train", input, value_or_undefined(weight),
              value_or_undefined(bias), Tensor(), Tensor());
@@ -164,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor> train(const Tensor& input, const OptTensor& w
 }
 
 template <class K>
-Tensor infer(const Tensor& input, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+Tensor batch_norm_infer(const Tensor& input, const Tensor& mean, const Tensor& var, const OptTensor& weight,
              const OptTensor& bias, double eps) {
   const Tensor& w = value_or_undefined(weight);
   const Tensor& b = value_or_undefined(bias);
@@ -297,7 +297,7 @@ void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor&
 }
 
 template <class K>
-void update_stats(const Tensor& running_mean, const Tensor& running_var,
+void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var,
                   const OptTensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
                   std::optional<double> momentum, int64_t count) {
   update_stats_impl<K>("bnext::batch_norm_update_stats", running_mean, running_var,
@@ -307,7 +307,7 @@ void update_stats(const Tensor& running_mean, const Tensor& running_var,
 // The count as a tensor on the device: the global batch size of a
 // distributed step, known only after a collective.
 template <class K>
-void update_stats_tensor(const Tensor& running_mean, const Tensor& running_var,
+void batch_norm_update_stats_global(const Tensor& running_mean, const Tensor& running_var,
                          const OptTensor& num_batches_tracked, const Tensor& mean,
                          const Tensor& var, std::optional<double> momentum, const Tensor& count) {
   update_stats_impl<K>("bnext::batch_norm_update_stats_global", running_mean, running_var,
@@ -318,14 +318,14 @@ void update_stats_tensor(const Tensor& running_mean, const Tensor& running_var,
 // The split ops receive tensors straight from Python: check and canonicalise.
 
 template <class K>
-std::tuple<Tensor, Tensor> stats_op(const Tensor& input) {
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
   check_stats_args(input);
   const typename K::DeviceGuard guard(input.device());
   return K::stats(canonical(input));
 }
 
 template <class K>
-Tensor elemt_op(const Tensor& input, const Tensor& mean, const Tensor& scale,
+Tensor batch_norm_elemt(const Tensor& input, const Tensor& mean, const Tensor& scale,
                 const Tensor& shift) {
   check_elemt_args(input, mean, scale, shift);
   const typename K::DeviceGuard guard(input.device());
@@ -335,7 +335,7 @@ Tensor elemt_op(const Tensor& input, const Tensor& mean, const Tensor& scale,
 }
 
 template <class K>
-std::tuple<Tensor, Tensor> backward_reduce_op(const Tensor& grad_out, const Tensor& input,
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, const Tensor& input,
                                               const Tensor& mean) {
   check_backward_reduce_args(grad_out, input, mean);
   const typename K::DeviceGuard guard(input.device());
@@ -345,7 +345,7 @@ std::tuple<Tensor, Tensor> backward_reduce_op(const Tensor& grad_out, const Tens
 }
 
 template <class K>
-Tensor backward_elemt_op(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
                          const Tensor& a, const Tensor& k, const Tensor& c) {
   check_backward_elemt_args(grad_out, input, mean, a, k, c);
   const typename K::DeviceGuard guard(input.device());
@@ -356,7 +356,7 @@ Tensor backward_elemt_op(const Tensor& grad_out, const Tensor& input, const Tens
 }
 
 template <class K>
-std::tuple<Tensor, Tensor, Tensor> backward_op(const Tensor& grad_out, const Tensor& input,
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input,
                                                const Tensor& mean, const Tensor& var,
                                                const OptTensor& weight, double eps,
                                                bool training) {
@@ -366,15 +366,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_op(const Tensor& grad_out, const Ten
 
 template <class K>
 void register_kernels(torch::Library& m) {
-  m.impl("batch_norm_stats", &stats_op<K>);
-  m.impl("batch_norm_elemt", &elemt_op<K>);
-  m.impl("batch_norm_backward_reduce", &backward_reduce_op<K>);
-  m.impl("batch_norm_backward_elemt", &backward_elemt_op<K>);
-  m.impl("batch_norm_train", &train<K>);
-  m.impl("batch_norm_infer", &infer<K>);
-  m.impl("batch_norm_backward", &backward_op<K>);
-  m.impl("batch_norm_update_stats", &update_stats<K>);
-  m.impl("batch_norm_update_stats_global", &update_stats_tensor<K>);
+  m.impl("batch_norm_stats", &batch_norm_stats<K>);
+  m.impl("batch_norm_elemt", &batch_norm_elemt<K>);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce<K>);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt<K>);
+  m.impl("batch_norm_train", &batch_norm_train<K>);
+  m.impl("batch_norm_infer", &batch_norm_infer<K>);
+  m.impl("batch_norm_backward", &batch_norm_backward<K>);
+  m.impl("batch_norm_update_stats", &batch_norm_update_stats<K>);
+  m.impl("batch_norm_update_stats_global", &batch_norm_update_stats_global<K>);
 }
 
 }  // namespace batch_norm

@@ -12,10 +12,6 @@
 
 #include "common/cuda_launch.cuh"
 
-#ifndef BNEXT_EMULATE_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 namespace bnext {
 namespace batch_norm {
 
@@ -34,22 +30,7 @@ __global__ void for_each_channel_kernel(int64_t C, F f) {
 struct CudaBackend {
   using Tensor = at::Tensor;
 
-#ifdef BNEXT_EMULATE_CUDA
-  using DeviceGuard = cuda::EmulatedDeviceGuard;
-#else
-  struct DeviceGuard {
-    // The dispatcher picks the CUDA kernel when any argument is on CUDA; a
-    // CPU input would otherwise reach the kernels as a host pointer.
-    explicit DeviceGuard(at::Device device) : guard_(checked(device)) {}
-
-   private:
-    static at::Device checked(at::Device device) {
-      TORCH_CHECK(device.is_cuda(), "bnext: expected the input on a CUDA device, got ", device);
-      return device;
-    }
-    c10::cuda::CUDAGuard guard_;
-  };
-#endif
+  using DeviceGuard = cuda::DeviceGuard;
 
   static std::tuple<Tensor, Tensor> stats(const Tensor& x);
   static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift);

@@ -1,6 +1,8 @@
-// Registers the Batch Norm CUDA kernels (cuda_kernels.cuh) for CUDA tensors.
+// Registers the Batch Norm operators (composite.h) over the CUDA backend
+// (cuda_kernels.cuh) for CUDA tensors.
 #include <torch/library.h>
 
+#include "batch_norm/composite.h"
 #include "batch_norm/cuda_kernels.cuh"
 
 namespace bnext {

@@ -22,18 +22,6 @@ std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const Tensor& weight,
                                          const Tensor& bias, double eps,
                                          const Tensor& r = Tensor(), const Tensor& d = Tensor());
 
-// Batch Renorm's (r, d) for batch statistics and running statistics (all
-// (C,) vectors), as bnext::renorm_correction computes them; not differentiable.
-std::tuple<Tensor, Tensor> renorm_correction(const Tensor& mean, const Tensor& var,
-                                             const Tensor& running_mean,
-                                             const Tensor& running_var, double eps, double r_max,
-                                             double d_max);
-// The same with r_max and d_max as 0-dim tensors (a schedule's values).
-std::tuple<Tensor, Tensor> renorm_correction(const Tensor& mean, const Tensor& var,
-                                             const Tensor& running_mean,
-                                             const Tensor& running_var, double eps,
-                                             const Tensor& r_max, const Tensor& d_max);
-
 // y with given (constant) statistics.
 Tensor infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,
              const Tensor& bias, double eps);

@@ -1,5 +1,5 @@
 // Batch Norm operator schemas. Kernels: cpu_kernels.cpp, cuda_kernels.cu;
-// fake kernels and autograd: torch_bnext/ops/batch_norm.py.
+// autograd: autograd.cpp; fake kernels: torch_bnext/ops/batch_norm.py.
 //
 // Per-channel outputs (mean, var, sums) are float32, or float64 for float64
 // input. `var` is always the biased batch variance.
@@ -24,7 +24,7 @@ inline void define_schemas(torch::Library& m) {
       "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor a, "
       "Tensor k, Tensor c) -> Tensor");
 
-  // Whole passes, differentiable through torch_bnext.ops.
+  // Whole passes, differentiable (autograd.cpp).
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor out, Tensor mean, Tensor var)");

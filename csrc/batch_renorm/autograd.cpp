@@ -11,6 +11,7 @@
 #include "batch_norm/checks.h"
 #include "batch_norm/reference.h"
 #include "batch_renorm/checks.h"
+#include "batch_renorm/reference.h"
 #include "common/autograd_util.h"
 
 namespace bnext {
@@ -18,7 +19,7 @@ namespace batch_renorm {
 namespace {
 
 using namespace bnext::autograd_util;
-namespace reference = batch_norm::reference;
+namespace bn_reference = batch_norm::reference;
 using Grads = std::tuple<Tensor, Tensor, Tensor>;
 
 using BackwardSig = Grads(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -56,7 +57,7 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const Tensor d = saved[4];
     const double eps = ctx->saved_data["eps"].toDouble();
     const ReferenceForward forward = [=](const variable_list& in) {
-      return std::get<0>(reference::train(in[0], in[1], in[2], eps, r, d));
+      return std::get<0>(bn_reference::train(in[0], in[1], in[2], eps, r, d));
     };
     const auto h = norm_backward_of_backward(
         forward, saved[0], x, saved[2], {x.size(1)}, opmath_dtype(x.scalar_type()), gg,
@@ -66,7 +67,7 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   }
 };
 
-Grads backward_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+Grads batch_renorm_backward_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
                         const Tensor& var, const OptTensor& weight, const Tensor& r,
                         const Tensor& d, double eps) {
   check_reverse_mode_only("bnext::batch_renorm_backward", {&grad_out, &input, &mean, &var, &r, &d},
@@ -154,13 +155,13 @@ TrainResult train_autograd_impl(const char* op, const Tensor& input, const Tenso
     const Tensor& w = value_or_undefined(weight);
     const Tensor& b = value_or_undefined(bias);
     batch_norm::check_args(op, input, w, b, running_mean, running_var);
-    auto [mean, var] = reference::stats(input);
+    auto [mean, var] = bn_reference::stats(input);
     auto [r, d] = limits.tensors()
-                      ? reference::renorm_correction(mean, var, running_mean, running_var, eps,
+                      ? reference::correction(mean, var, running_mean, running_var, eps,
                                                      limits.r_max_t, limits.d_max_t)
-                      : reference::renorm_correction(mean, var, running_mean, running_var, eps,
+                      : reference::correction(mean, var, running_mean, running_var, eps,
                                                      limits.r_max, limits.d_max);
-    const Tensor out = std::get<0>(reference::train(input, w, b, eps, r, d));
+    const Tensor out = std::get<0>(bn_reference::train(input, w, b, eps, r, d));
     return {out, mean.detach(), var.detach(), r, d};
   }
   auto out = TrainFunction::apply(input, running_mean, running_var, weight, bias, eps,
@@ -169,14 +170,14 @@ TrainResult train_autograd_impl(const char* op, const Tensor& input, const Tenso
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
-TrainResult train_autograd(const Tensor& input, const Tensor& running_mean,
+TrainResult batch_renorm_train_autograd(const Tensor& input, const Tensor& running_mean,
                            const Tensor& running_var, const OptTensor& weight,
                            const OptTensor& bias, double eps, double r_max, double d_max) {
   return train_autograd_impl("bnext::batch_renorm_train", input, running_mean, running_var,
                              weight, bias, eps, {r_max, d_max, Tensor(), Tensor()});
 }
 
-TrainResult train_tensor_autograd(const Tensor& input, const Tensor& running_mean,
+TrainResult batch_renorm_train_scheduled_autograd(const Tensor& input, const Tensor& running_mean,
                                   const Tensor& running_var, const OptTensor& weight,
                                   const OptTensor& bias, double eps, const Tensor& r_max,
                                   const Tensor& d_max) {
@@ -187,9 +188,9 @@ TrainResult train_tensor_autograd(const Tensor& input, const Tensor& running_mea
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
-  m.impl("batch_renorm_train", &train_autograd);
-  m.impl("batch_renorm_train_scheduled", &train_tensor_autograd);
-  m.impl("batch_renorm_backward", &backward_autograd);
+  m.impl("batch_renorm_train", &batch_renorm_train_autograd);
+  m.impl("batch_renorm_train_scheduled", &batch_renorm_train_scheduled_autograd);
+  m.impl("batch_renorm_backward", &batch_renorm_backward_autograd);
 }
 
 }  // namespace batch_renorm

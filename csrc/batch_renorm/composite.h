@@ -4,7 +4,7 @@
 // so the forward is Batch Norm's stats_normalize<K> with those coefficients
 // and the backward is Batch Norm's backward<K>, which already takes r and d.
 //
-// Compiled by both the host compiler (cpu.cpp) and nvcc (cuda.cu): keep it
+// Compiled by both the host compiler (cpu_kernels.cpp) and nvcc (cuda_kernels.cu): keep it
 // free of host-only code in anything that runs per channel.
 #pragma once
 
@@ -119,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
 }
 
 template <class K>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_renorm_train(
     const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
     const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max) {
   return train_with_limits<K>("bnext::batch_renorm_train", input, running_mean, running_var,
@@ -127,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train(
 }
 
 template <class K>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_tensor_limits(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_renorm_train_scheduled(
     const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
     const OptTensor& weight, const OptTensor& bias, double eps, const Tensor& r_max,
     const Tensor& d_max) {
@@ -136,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_tensor_limits(
 }
 
 template <class K>
-std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& input,
+std::tuple<Tensor, Tensor, Tensor> batch_renorm_backward(const Tensor& grad_out, const Tensor& input,
                                             const Tensor& mean, const Tensor& var,
                                             const OptTensor& weight, const Tensor& r,
                                             const Tensor& d, double eps) {
@@ -147,10 +147,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
 }
 
 template <class K>
-void register_renorm_kernels(torch::Library& m) {
-  m.impl("batch_renorm_train", &train<K>);
-  m.impl("batch_renorm_train_scheduled", &train_tensor_limits<K>);
-  m.impl("batch_renorm_backward", &backward<K>);
+void register_kernels(torch::Library& m) {
+  m.impl("batch_renorm_train", &batch_renorm_train<K>);
+  m.impl("batch_renorm_train_scheduled", &batch_renorm_train_scheduled<K>);
+  m.impl("batch_renorm_backward", &batch_renorm_backward<K>);
 }
 
 }  // namespace batch_renorm

@@ -1,5 +1,6 @@
 // Batch Renorm operator schemas. Kernels: composite.h, instantiated per device
-// (cpu.cpp, cuda.cu); fake kernels and autograd: torch_bnext/ops/batch_renorm.py.
+// (cpu_kernels.cpp, cuda_kernels.cu); autograd: autograd.cpp; fake kernels:
+// torch_bnext/ops/batch_renorm.py.
 //
 // Eval and the running-buffer update are Batch Norm's own operators
 // (batch_norm_infer, batch_norm_update_stats): Batch Renorm differs from Batch

@@ -1,8 +1,10 @@
 // The CUDA platform the kernels are written against: the real one under nvcc,
 // or the CPU emulator (emulator/cuda_emulator.h) when the same kernels are
 // compiled with BNEXT_EMULATE_CUDA for the tests of a machine without a GPU.
-// Kernels are launched only through launch(), which checks every launch on
-// the real device and runs it on the emulator otherwise.
+// This header is the emulator's only seam into product code: kernels are
+// launched only through launch(), which checks every launch on the real
+// device and runs it on the emulator otherwise, and the backends make the
+// input's device current only through DeviceGuard.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -16,6 +18,7 @@
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -33,13 +36,20 @@ inline int pow2_at_least(int64_t v, int cap) {
   return p;
 }
 
+// The dispatcher picks a CUDA kernel when any argument is on CUDA, so the
+// input itself may be elsewhere: its data pointer would then reach a kernel as
+// a host address. Every CUDA backend refuses that here, and makes the input's
+// device current (kernels launch on its current stream). The emulator runs the kernels on CPU
+// tensors, so there the input must be on the CPU.
+inline void check_kernel_device(c10::Device device, c10::DeviceType expected) {
+  TORCH_CHECK(device.type() == expected, "bnext: expected the input on a ",
+              c10::DeviceTypeName(expected), " device like the other arguments, got ", device);
+}
+
 #ifdef BNEXT_EMULATE_CUDA
 
-// The backends' device guard: the emulator runs the kernels on CPU tensors.
-struct EmulatedDeviceGuard {
-  explicit EmulatedDeviceGuard(c10::Device device) {
-    TORCH_CHECK(device.is_cpu(), "bnext emulator: expected a CPU tensor, got ", device);
-  }
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device device) { check_kernel_device(device, c10::DeviceType::CPU); }
 };
 
 inline int64_t num_sms() { return emu::num_sms(); }
@@ -50,6 +60,17 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
 }
 
 #else
+
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device device) : guard_(checked(device)) {}
+
+ private:
+  static c10::Device checked(c10::Device device) {
+    check_kernel_device(device, c10::DeviceType::CUDA);
+    return device;
+  }
+  c10::cuda::CUDAGuard guard_;
+};
 
 inline int64_t num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

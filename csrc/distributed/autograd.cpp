@@ -1,5 +1,5 @@
 // The distributed steps have no derivative of their own: the distributed
-// autograd function (torch_bnext/distributed.py) calls them in its forward
+// autograd function (torch_bnext/functional/sync_batch_norm.py) calls them in its forward
 // and backward. Called directly with inputs that require grad, they raise
 // rather than return outputs that silently have no gradient.
 #include <ATen/ATen.h>
@@ -16,7 +16,7 @@ namespace {
 
 using namespace bnext::autograd_util;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gather_stats_autograd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_gather_stats_autograd(
     const Tensor& means, const Tensor& vars, const Tensor& counts, at::ScalarType dtype,
     const OptTensor& weight, const OptTensor& bias, double eps, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& r_max, const OptTensor& d_max) {
@@ -33,7 +33,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gather_stats_
                              running_var, r_max, d_max);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward_coeffs_autograd(
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_coeffs_autograd(
     const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& var, const OptTensor& weight,
     const OptTensor& r, const OptTensor& d, double eps, const Tensor& count) {
   const char* name = "bnext::batch_norm_backward_coeffs";
@@ -51,8 +51,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_coeffs_autograd(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
-  m.impl("batch_norm_gather_stats", &gather_stats_autograd);
-  m.impl("batch_norm_backward_coeffs", &backward_coeffs_autograd);
+  m.impl("batch_norm_gather_stats", &batch_norm_gather_stats_autograd);
+  m.impl("batch_norm_backward_coeffs", &batch_norm_backward_coeffs_autograd);
 }
 
 }  // namespace distributed

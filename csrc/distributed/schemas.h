@@ -1,5 +1,5 @@
 // Schemas of the per-channel steps that a distributed Batch Norm / Batch
-// Renorm runs between its collectives (torch_bnext/distributed.py):
+// Renorm runs between its collectives (torch_bnext/functional/sync_batch_norm.py):
 //
 //   forward:  batch_norm_stats -> all-gather (mean, var, count) of every rank
 //             -> batch_norm_gather_stats -> batch_norm_elemt
@@ -9,7 +9,8 @@
 //
 // Kernels: composite.h over the Batch Norm backends; fake kernels:
 // torch_bnext/ops/distributed.py. Neither op is differentiable (the
-// distributed autograd function calls them in its forward and backward).
+// distributed autograd function calls them in its forward and backward;
+// autograd.cpp makes them raise when differentiated).
 //
 // Defined in a header so that the CPU emulator's test library (emulator/module.cpp)
 // declares the same schemas under its own namespace.

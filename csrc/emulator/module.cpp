@@ -1,6 +1,6 @@
 // The test library `bnext_emu`: every bnext operator (the same schemas), with
 // the CUDA kernels compiled for the CPU emulator (cuda_emulator.h) as its
-// kernels for CPU tensors. tests/test_cuda_emulated.py compares it with the
+// kernels for CPU tensors. tests/test_cuda_emulated_*.py compare it with the
 // CPU kernels, so the CUDA kernels' indexing, launch plans and arithmetic are
 // tested on machines without a GPU. Built on demand by tests/emulated_cuda.py,
 // never part of torch_bnext._C.
@@ -17,6 +17,7 @@
 #include "distributed/composite.h"
 #include "distributed/schemas.h"
 #include "emulator/cuda_emulator.h"
+#include "layer_norm/composite.h"
 #include "layer_norm/cuda_kernels.cuh"
 #include "layer_norm/schemas.h"
 
@@ -45,7 +46,7 @@ TORCH_LIBRARY(bnext_emu, m) {
 
 TORCH_LIBRARY_IMPL(bnext_emu, CPU, m) {
   bnext::batch_norm::register_kernels<bnext::batch_norm::CudaBackend>(m);
-  bnext::batch_renorm::register_renorm_kernels<bnext::batch_norm::CudaBackend>(m);
-  bnext::distributed::register_distributed_kernels<bnext::batch_norm::CudaBackend>(m);
-  bnext::layer_norm::register_kernels<bnext::layer_norm::CudaKernels>(m);
+  bnext::batch_renorm::register_kernels<bnext::batch_norm::CudaBackend>(m);
+  bnext::distributed::register_kernels<bnext::batch_norm::CudaBackend>(m);
+  bnext::layer_norm::register_kernels<bnext::layer_norm::CudaBackend>(m);
 }

@@ -13,7 +13,7 @@
 
 #include "common/autograd_util.h"
 #include "common/checks.h"
-#include "layer_norm/prepare.h"
+#include "layer_norm/checks.h"
 #include "layer_norm/reference.h"
 
 namespace bnext {
@@ -43,7 +43,7 @@ int64_t normalized_dims(const Tensor& input, const Tensor& stat) { return input.
 
 // ------------------------------------------------ backward passes, differentiable
 
-struct LayerNormBwdFunction : public torch::autograd::Function<LayerNormBwdFunction> {
+struct LayerNormBackwardFunction : public torch::autograd::Function<LayerNormBackwardFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& input,
                                const Tensor& mean, const Tensor& rstd, const OptTensor& weight,
                                double eps, std::array<bool, 2> output_mask) {
@@ -81,7 +81,7 @@ struct LayerNormBwdFunction : public torch::autograd::Function<LayerNormBwdFunct
   }
 };
 
-struct RmsNormBwdFunction : public torch::autograd::Function<RmsNormBwdFunction> {
+struct RmsNormBackwardFunction : public torch::autograd::Function<RmsNormBackwardFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& input,
                                const Tensor& rstd, const OptTensor& weight, double eps,
                                bool weight_grad) {
@@ -118,7 +118,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_autograd(
     const OptTensor& weight, double eps, std::array<bool, 2> output_mask) {
   check_reverse_mode_only("bnext::layer_norm_bwd", {&grad_out, &input, &mean, &rstd}, {&weight});
   const auto g =
-      LayerNormBwdFunction::apply(grad_out, input, mean, rstd, weight, eps, output_mask);
+      LayerNormBackwardFunction::apply(grad_out, input, mean, rstd, weight, eps, output_mask);
   return {g[0], g[1], g[2]};
 }
 
@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd_autograd(const Tensor& grad_out, const T
                                                  const Tensor& rstd, const OptTensor& weight,
                                                  double eps, bool weight_grad) {
   check_reverse_mode_only("bnext::rms_norm_bwd", {&grad_out, &input, &rstd}, {&weight});
-  const auto g = RmsNormBwdFunction::apply(grad_out, input, rstd, weight, eps, weight_grad);
+  const auto g = RmsNormBackwardFunction::apply(grad_out, input, rstd, weight, eps, weight_grad);
   return {g[0], g[1]};
 }
 
@@ -169,7 +169,7 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   }
 };
 
-struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                at::IntArrayRef normalized_shape, const OptTensor& weight,
                                double eps) {
@@ -196,7 +196,7 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& input,
                                                        at::IntArrayRef normalized_shape,
                                                        const OptTensor& weight,
                                                        const OptTensor& bias, double eps) {
@@ -212,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& input,
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
                                              const OptTensor& weight, double eps) {
   // Complex input is not a performance case: torch's formula, composite.
   if (input.is_complex() || use_reference({&input}, {&weight})) {
@@ -223,15 +223,15 @@ std::tuple<Tensor, Tensor> rms_norm_autograd(const Tensor& input, at::IntArrayRe
         reference::rms_norm(input, static_cast<int64_t>(normalized_shape.size()), w, eps);
     return {out, rstd.detach()};
   }
-  auto out = RMSNormFunction::apply(input, normalized_shape, weight, eps);
+  auto out = RmsNormFunction::apply(input, normalized_shape, weight, eps);
   return {out[0], out[1]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
-  m.impl("layer_norm_fwd", &layer_norm_autograd);
-  m.impl("rms_norm_fwd", &rms_norm_autograd);
+  m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
   m.impl("layer_norm_bwd", &layer_norm_bwd_autograd);
   m.impl("rms_norm_bwd", &rms_norm_bwd_autograd);
 }

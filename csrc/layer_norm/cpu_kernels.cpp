@@ -18,8 +18,8 @@
 #include "common/cpu_cache.h"
 #include "common/cpu_reduce.h"
 #include "common/cpu_vec.h"
-#include "layer_norm/operators.h"
-#include "layer_norm/prepare.h"
+#include "layer_norm/composite.h"
+#include "layer_norm/cpu_backend.h"
 
 namespace bnext {
 namespace layer_norm {
@@ -339,32 +339,26 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
 
 // ------------------------------------------------------------------- backend
 
-struct CpuKernels {
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
-  };
+template <bool kCentred>
+void CpuBackend::forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd",
+                                  [&] { forward_rows<scalar_t, kCentred>(p, eps, out, mean, rstd); });
+}
 
-  template <bool kCentred>
-  static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd",
-                                    [&] { forward_rows<scalar_t, kCentred>(p, eps, out, mean, rstd); });
-  }
-
-  template <bool kCentred>
-  static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
-                       Tensor& dx, Tensor& dw_col, Tensor& db_col) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd", [&] {
-      if (columns) {
-        backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
-      } else {
-        backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
-      }
-    });
-  }
-};
+template <bool kCentred>
+void CpuBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
+                          Tensor& dx, Tensor& dw_col, Tensor& db_col) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd", [&] {
+    if (columns) {
+      backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
+    } else {
+      backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
+    }
+  });
+}
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  register_kernels<CpuKernels>(m);
+  register_kernels<CpuBackend>(m);
 }
 
 }  // namespace layer_norm

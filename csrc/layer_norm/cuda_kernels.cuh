@@ -1,5 +1,5 @@
-// LayerNorm / RMSNorm CUDA kernels and the CudaKernels backend that launches
-// them (the contract is in operators.h): the GPU counterpart of
+// LayerNorm / RMSNorm CUDA kernels, their launch plans and the methods of
+// CudaBackend (cuda_backend.cuh) that run them: the GPU counterpart of
 // cpu_kernels.cpp. Included by exactly one translation unit of a binary:
 // cuda_kernels.cu (nvcc), or the CPU emulator's module (emulator/module.cpp),
 // which runs these same kernels in the tests.
@@ -43,7 +43,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <optional>
 #include <type_traits>
 
 #include "bnext/layer_norm_math.h"
@@ -52,12 +51,8 @@
 #include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
 #include "common/cuda_vec.cuh"
-#include "layer_norm/operators.h"
-#include "layer_norm/prepare.h"
-
-#ifndef BNEXT_EMULATE_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#endif
+#include "layer_norm/checks.h"
+#include "layer_norm/cuda_backend.cuh"
 
 namespace bnext {
 namespace layer_norm {
@@ -908,22 +903,8 @@ void launch_backward(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_c
 
 // ------------------------------------------------------------------- backend
 
-struct CudaKernels {
-#ifdef BNEXT_EMULATE_CUDA
-  using DeviceGuard = cuda::EmulatedDeviceGuard;
-#else
-  // A CPU input can land here when a parameter is on the GPU; leaving the
-  // device alone then lets the argument checks report the mismatch.
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device device) {
-      if (device.is_cuda()) guard.emplace(device);
-    }
-    std::optional<c10::cuda::CUDAGuard> guard;
-  };
-#endif
-
-  template <bool kCentred>
-  static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
+template <bool kCentred>
+void CudaBackend::forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       const cuda_kernels::ForwardArgs<scalar_t> a{p.x.const_data_ptr<scalar_t>(),
@@ -939,9 +920,9 @@ struct CudaKernels {
     });
   }
 
-  template <bool kCentred>
-  static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns, Tensor& dx,
-                       Tensor& dw_col, Tensor& db_col) {
+template <bool kCentred>
+void CudaBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns, Tensor& dx,
+                           Tensor& dw_col, Tensor& db_col) {
     // No rows (the column sums stay the zeros they come as) or rows of no
     // values (everything is empty): nothing to launch.
     if (p.M == 0 || p.N == 0) return;
@@ -956,7 +937,6 @@ struct CudaKernels {
           dw_col, db_col);
     });
   }
-};
 
 }  // namespace layer_norm
 }  // namespace bnext

@@ -1,5 +1,6 @@
 // LayerNorm and RMSNorm operator schemas. Kernels: cpu_kernels.cpp,
-// cuda_kernels.cu; fake kernels and autograd: torch_bnext/ops/layer_norm.py.
+// cuda_kernels.cu; autograd: autograd.cpp; fake kernels:
+// torch_bnext/ops/layer_norm.py.
 //
 // The input is M rows of N = prod(normalized_shape) values. Row statistics
 // (mean, rstd) have the input's leading (batch) shape and the opmath dtype

@@ -1,15 +1,43 @@
-#include "layer_norm/prepare.h"
+// Argument checks of the LayerNorm / RMSNorm operators, shared by the kernels
+// (composite.h) and the reference paths of autograd (autograd.cpp), and the
+// checked (rows, row length) view of the input that the backends work on.
+// Messages follow torch's native layer_norm so that errors read the same
+// whichever implementation raised them.
+#pragma once
 
-#include <ATen/ops/empty.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
 
 #include "common/checks.h"
 
 namespace bnext {
 namespace layer_norm {
-namespace {
 
-void check_param_shape(const char* op, const char* name, const Tensor& param,
+using at::Tensor;
+
+// The input seen as M rows of N contiguous values, N = prod(normalized_shape).
+struct RowProblem {
+  Tensor x;                          // contiguous input
+  Tensor dy;                         // contiguous grad_out (backward only)
+  Tensor w;                          // contiguous opmath weight, or undefined
+  Tensor b;                          // contiguous opmath bias, or undefined
+  int64_t M = 0;
+  int64_t N = 0;
+  std::vector<int64_t> stat_shape;   // leading (batch) dims: shape of mean/rstd
+  std::vector<int64_t> param_shape;  // normalized_shape
+};
+
+// Which parameter dtypes an op accepts: LayerNorm the input's (or float32
+// for half/bfloat16 input), as torch's; RMSNorm any floating dtype, as
+// torch's (the output keeps the input's dtype).
+enum class ParamDtype { kLikeInput, kAnyFloat };
+
+namespace detail {
+
+inline void check_param_shape(const char* op, const char* name, const Tensor& param,
                        const Tensor& input, at::IntArrayRef normalized_shape, ParamDtype rule) {
   if (!param.defined()) return;
   TORCH_CHECK(param.sizes() == normalized_shape, "Expected ", name,
@@ -29,7 +57,7 @@ void check_param_shape(const char* op, const char* name, const Tensor& param,
 // torch checks a parameter's dtype against the input's before the input's
 // own dtype: an integer input with a float weight is a RuntimeError (mixed
 // dtypes), without a weight a NotImplementedError.
-void check_param_dtype_first(const char* op, const Tensor& input, const Tensor& weight,
+inline void check_param_dtype_first(const char* op, const Tensor& input, const Tensor& weight,
                              const Tensor& bias, ParamDtype rule) {
   if (rule == ParamDtype::kAnyFloat) return;
   for (const Tensor* t : {&weight, &bias}) {
@@ -40,11 +68,11 @@ void check_param_dtype_first(const char* op, const Tensor& input, const Tensor& 
   }
 }
 
-Tensor opmath_contiguous(const Tensor& t, at::ScalarType opmath) {
+inline Tensor opmath_contiguous(const Tensor& t, at::ScalarType opmath) {
   return t.defined() ? t.to(opmath).contiguous() : t;
 }
 
-void fill_view(RowProblem& p, const Tensor& input, int64_t axis) {
+inline void fill_view(RowProblem& p, const Tensor& input, int64_t axis) {
   const auto sizes = input.sizes();
   p.stat_shape.assign(sizes.begin(), sizes.begin() + axis);
   p.param_shape.assign(sizes.begin() + axis, sizes.end());
@@ -54,40 +82,44 @@ void fill_view(RowProblem& p, const Tensor& input, int64_t axis) {
   for (int64_t d : p.param_shape) p.N *= d;
 }
 
-}  // namespace
+}  // namespace detail
 
-void check_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
+// Every argument check of the forward ops, also used by their reference
+// paths (autograd.cpp).
+inline void check_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
                    const Tensor& weight, const Tensor& bias, ParamDtype rule) {
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(nd >= 1,
               "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
               "least one element, but got normalized_shape = ",
               normalized_shape);
-  check_param_dtype_first(op, input, weight, bias, rule);
+  detail::check_param_dtype_first(op, input, weight, bias, rule);
   // RMSNorm takes complex input too (through its composite path).
   if (!(rule == ParamDtype::kAnyFloat && input.is_complex())) check_input(op, input, 0);
   const auto sizes = input.sizes();
   TORCH_CHECK(input.dim() >= nd && sizes.slice(input.dim() - nd) == normalized_shape,
               "Given normalized_shape=", normalized_shape, ", expected input with shape [*, ",
               c10::Join(", ", normalized_shape), "], but got input of size", sizes);
-  check_param_shape(op, "weight", weight, input, normalized_shape, rule);
-  check_param_shape(op, "bias", bias, input, normalized_shape, rule);
+  detail::check_param_shape(op, "weight", weight, input, normalized_shape, rule);
+  detail::check_param_shape(op, "bias", bias, input, normalized_shape, rule);
 }
 
-RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
+inline RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
                            const Tensor& weight, const Tensor& bias, ParamDtype rule) {
   check_forward(op, input, normalized_shape, weight, bias, rule);
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   RowProblem p;
   const auto opmath = opmath_dtype(input.scalar_type());
   p.x = input.contiguous();
-  p.w = opmath_contiguous(weight, opmath);
-  p.b = opmath_contiguous(bias, opmath);
-  fill_view(p, input, input.dim() - nd);
+  p.w = detail::opmath_contiguous(weight, opmath);
+  p.b = detail::opmath_contiguous(bias, opmath);
+  detail::fill_view(p, input, input.dim() - nd);
   return p;
 }
 
-RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
+// `stat` (mean or rstd) carries the batch dims, so the normalized dims are
+// input's dims past stat.dim().
+inline RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
                             const Tensor& stat, const Tensor& weight, ParamDtype rule) {
   check_input(op, input, 0);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
@@ -102,21 +134,16 @@ RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor
               " and dtype ", opmath, " on ", input.device(), ", got ", stat.sizes(), ", ",
               stat.scalar_type(), ", ", stat.device());
   RowProblem p;
-  fill_view(p, input, stat.dim());
-  check_param_shape(op, "weight", weight, input, p.param_shape, rule);
+  detail::fill_view(p, input, stat.dim());
+  detail::check_param_shape(op, "weight", weight, input, p.param_shape, rule);
   p.x = input.contiguous();
   p.dy = grad_out.contiguous();
-  p.w = opmath_contiguous(weight, opmath);
+  p.w = detail::opmath_contiguous(weight, opmath);
   return p;
 }
 
-Tensor finish_param_grad(const Tensor& column_sum, bool requested, const RowProblem& p,
-                         at::ScalarType dtype) {
-  if (!requested) return at::empty({0}, p.x.options().dtype(dtype));
-  return column_sum.view(p.param_shape).to(dtype);
-}
-
-at::ScalarType param_grad_dtype(const Tensor& weight, const Tensor& input) {
+// The dtype of parameter gradients: the weight's, or the input's without one.
+inline at::ScalarType param_grad_dtype(const Tensor& weight, const Tensor& input) {
   return weight.defined() ? weight.scalar_type() : input.scalar_type();
 }
 

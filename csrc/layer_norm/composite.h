@@ -1,6 +1,6 @@
 // The LayerNorm / RMSNorm operators, written once over a backend `K` that
 // supplies the row kernels; cpu_kernels.cpp and cuda_kernels.cu register them
-// with their own backend. K must provide:
+// with their own backend (cpu_backend.h, cuda_backend.cuh). K must provide:
 //   struct DeviceGuard { explicit DeviceGuard(at::Device); }  makes the device current
 //   template <bool kCentred> void forward(p, eps, out, mean, rstd)
 //       rows of p.x normalised into out; mean (kCentred only) and rstd filled
@@ -22,7 +22,7 @@
 #include <tuple>
 
 #include "common/checks.h"
-#include "layer_norm/prepare.h"
+#include "layer_norm/checks.h"
 #include "layer_norm/reference.h"
 
 namespace bnext {
@@ -38,6 +38,15 @@ inline Tensor in_input_layout(const Tensor& out, const Tensor& input) {
   if (like.strides() == out.strides()) return out;
   return like.copy_(out);
 }
+
+// A requested parameter gradient of `param_shape`, in `dtype`, from an opmath
+// column sum; not requested gives an empty (0,) tensor, as the fake kernels do.
+inline Tensor finish_param_grad(const Tensor& column_sum, bool requested, const RowProblem& p,
+                         at::ScalarType dtype) {
+  if (!requested) return at::empty({0}, p.x.options().dtype(dtype));
+  return column_sum.view(p.param_shape).to(dtype);
+}
+
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,

@@ -1,4 +1,5 @@
-// The distributed Batch Norm steps on CPU (composite.h over the CPU backend).
+// Registers the distributed Batch Norm steps (composite.h) for CPU tensors. They have no
+// kernels of their own: they run on Batch Norm's CPU backend.
 #include <torch/library.h>
 
 #include "batch_norm/cpu_backend.h"
@@ -8,7 +9,7 @@ namespace bnext {
 namespace distributed {
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  register_distributed_kernels<batch_norm::CpuBackend>(m);
+  register_kernels<batch_norm::CpuBackend>(m);
 }
 
 }  // namespace distributed

@@ -1,4 +1,5 @@
-// Batch Renorm on CPU: the composite operators over Batch Norm's CPU backend.
+// Registers the Batch Renorm operators (composite.h) for CPU tensors. They have no
+// kernels of their own: they run on Batch Norm's CPU backend.
 #include <torch/library.h>
 
 #include "batch_norm/cpu_backend.h"
@@ -8,7 +9,7 @@ namespace bnext {
 namespace batch_renorm {
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  register_renorm_kernels<batch_norm::CpuBackend>(m);
+  register_kernels<batch_norm::CpuBackend>(m);
 }
 
 }  // namespace batch_renorm

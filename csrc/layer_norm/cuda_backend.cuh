@@ -1,0 +1,27 @@
+// The CUDA implementation of the LayerNorm / RMSNorm row kernels (see
+// composite.h for the contract); the kernels, their launch plans and these
+// methods are in cuda_kernels.cuh. CUDA-only: include it from .cu files (or
+// the emulator's module), never from the CPU build.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/cuda_launch.cuh"
+#include "layer_norm/checks.h"
+
+namespace bnext {
+namespace layer_norm {
+
+struct CudaBackend {
+  using DeviceGuard = cuda::DeviceGuard;
+
+  template <bool kCentred>
+  static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd);
+
+  template <bool kCentred>
+  static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
+                       Tensor& dx, Tensor& dw_col, Tensor& db_col);
+};
+
+}  // namespace layer_norm
+}  // namespace bnext
