@@ -1,5 +1,6 @@
-# make test   build (incrementally) and run the test suite
-# make bench  build (incrementally) and run the benchmark against PyTorch native / cuDNN
+# make test       build (incrementally) and run the test suite (what CI runs)
+# make test-fast  the same without the tests marked slow (pytest -m "not slow"), for iteration
+# make bench      build (incrementally) and run the benchmark against PyTorch native / cuDNN
 #
 # The extension compiles CUDA kernels when a GPU is visible, or with BNEXT_CUDA=1
 # (CI sets it so they compile on every submission); see setup.py.
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 BENCH_ARGS ?=
 
-.PHONY: build test bench clean
+.PHONY: build test test-fast bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,11 @@ build: $(VENV)/.deps
 
 test: build
 	$(PY) -m pytest tests -q
+
+# The tests marked slow (an AddressSanitizer build, spawned ranks, long training
+# runs) take more than half of the suite's time; `make test` still runs them.
+test-fast: build
+	$(PY) -m pytest tests -q -m "not slow"
 
 bench: build
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

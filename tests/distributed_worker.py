@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import torch_bnext as tb
+from torch_bnext.testing import rel_err
 
 # Every rank builds the same global batch from the same seed and takes its
 # slice: the test process rebuilds it to compute the whole-batch reference.
@@ -158,15 +159,12 @@ def scenario_half(rank, world):
         grad_weight = sync.weight.grad.clone()
         dist.all_reduce(grad_weight)
 
-        def rel(a, b):
-            return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
         name = str(dtype).replace("torch.", "")
         errors[name] = {
-            "out": rel(ys, yl[start:stop]) if stop > start else 0.0,
-            "grad_input": rel(xs.grad, xl.grad[start:stop]) if stop > start else 0.0,
-            "grad_weight": rel(grad_weight, local.weight.grad),
-            "running_var": rel(sync.running_var, local.running_var),
+            "out": rel_err(ys, yl[start:stop]) if stop > start else 0.0,
+            "grad_input": rel_err(xs.grad, xl.grad[start:stop]) if stop > start else 0.0,
+            "grad_weight": rel_err(grad_weight, local.weight.grad),
+            "running_var": rel_err(sync.running_var, local.running_var),
             "layout_kept": stop == start or ys.is_contiguous(memory_format=torch.channels_last),
             "dtype_kept": ys.dtype == dtype,
         }

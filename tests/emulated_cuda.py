@@ -1,13 +1,13 @@
 """Builds and loads `bnext_emu`: the CUDA kernels compiled for the CPU emulator
 (csrc/emulator/), registered as CPU kernels of operators with the bnext
 schemas. Tests call torch.ops.bnext_emu.<op> where they would call the CUDA
-op, with CPU tensors."""
+op, with CPU tensors; they get it from the `emu` fixture (conftest.py), and
+the SM count it emulates from `num_sms`."""
 
 import functools
 import os
 import sys
 
-import pytest
 import torch
 from torch.utils import cpp_extension
 
@@ -58,14 +58,3 @@ def load():
         verbose=bool(os.environ.get("BNEXT_VERBOSE_BUILD")),
     )
     return torch.ops.bnext_emu
-
-
-@pytest.fixture(params=[1, 3, 132], ids=lambda n: f"sms{n}")
-def num_sms(request):
-    """The emulated GPU's SM count, which sets the launch plans: 1 (one block
-    row, no partials), 3, and an H100's 132 (many partials)."""
-    emu = load()
-    old = emu.num_sms()
-    emu.set_num_sms(request.param)
-    yield request.param
-    emu.set_num_sms(old)

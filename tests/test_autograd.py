@@ -14,8 +14,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torch_bnext
 from torch_bnext.functional import batch_norm, batch_renorm, layer_norm, rms_norm
-
-from conftest import DEVICES, assert_close_rel, to_format
+from torch_bnext.testing import assert_close_rel, to_format
 
 ops = torch.ops.bnext
 D = torch.float64
@@ -64,7 +63,8 @@ def cases(device):
           rand(2, 3, device=device))),
         ("layer_norm_no_affine", lambda x: layer_norm(x, [5]), lambda x: F.layer_norm(x, [5]),
          (rand(3, 5, device=device),)),
-        ("rms_norm", lambda x, w: rms_norm(x, [6], w, 1e-5), lambda x, w: F.rms_norm(x, [6], w, 1e-5),
+        ("rms_norm", lambda x, w: rms_norm(x, [6], w, 1e-5),
+         lambda x, w: F.rms_norm(x, [6], w, 1e-5),
          (rand(4, 6, device=device), positive(6, device))),
         ("rms_norm_no_weight", lambda x: rms_norm(x, [2, 3], None, 1e-5),
          lambda x: F.rms_norm(x, [2, 3], None, 1e-5), (rand(3, 2, 3, device=device),)),
@@ -119,7 +119,8 @@ def _composite(name):
 
     def ln(x, w=None, b=None, n=1):
         dims = list(range(x.dim() - n, x.dim()))
-        y = (x - x.mean(dims, keepdim=True)) / (x.var(dims, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        var = x.var(dims, unbiased=False, keepdim=True)
+        y = (x - x.mean(dims, keepdim=True)) / (var + 1e-5).sqrt()
         return y * (w if w is not None else 1) + (b if b is not None else 0)
 
     def rms(x, w=None, n=1):
@@ -213,14 +214,17 @@ def test_vmap_over_the_functional_ops():
     per_sample = [
         (lambda t, w, b: batch_norm(t, None, None, w, b, training=True),
          lambda t, w, b: F.batch_norm(t, None, None, w, b, training=True)),
-        (lambda t, w, b: batch_norm(t, rm, rv, w, b), lambda t, w, b: F.batch_norm(t, rm, rv, w, b)),
+        (lambda t, w, b: batch_norm(t, rm, rv, w, b),
+         lambda t, w, b: F.batch_norm(t, rm, rv, w, b)),
     ]
     for ours, theirs in per_sample:
         assert_close_rel(torch.func.vmap(ours, in_dims=(0, 0, 1))(x, ws, bs),
                          torch.func.vmap(theirs, in_dims=(0, 0, 1))(x, ws, bs), D, "vmap params")
     wl, bl = torch.rand(4, 6, dtype=D) + 0.5, torch.randn(6, 4, dtype=D)
-    assert_close_rel(torch.func.vmap(lambda t, w, b: layer_norm(t, [6], w, b), in_dims=(1, 0, 1))(x, wl, bl),
-                     torch.func.vmap(lambda t, w, b: F.layer_norm(t, [6], w, b), in_dims=(1, 0, 1))(x, wl, bl),
+    assert_close_rel(torch.func.vmap(lambda t, w, b: layer_norm(t, [6], w, b),
+                                     in_dims=(1, 0, 1))(x, wl, bl),
+                     torch.func.vmap(lambda t, w, b: F.layer_norm(t, [6], w, b),
+                                     in_dims=(1, 0, 1))(x, wl, bl),
                      D, "vmap layer_norm params")
     assert_close_rel(torch.func.vmap(lambda t, w: rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),
                      torch.func.vmap(lambda t, w: F.rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),

@@ -8,8 +8,14 @@ from torch import nn
 
 import torch_bnext
 from torch_bnext import functional as BF
-
-from conftest import assert_close_rel, formats_for, param_dtype_for, random_input, rel_err, to_format
+from torch_bnext.testing import (
+    assert_close_rel,
+    formats_for,
+    param_dtype_for,
+    random_input,
+    rel_err,
+    to_format,
+)
 
 ops = torch.ops.bnext
 
@@ -36,7 +42,8 @@ PARITY_CASES = [
 
 @pytest.mark.parametrize("dim,shape,fmt,dtype", PARITY_CASES)
 @pytest.mark.parametrize(
-    "momentum,affine,track", [(0.1, True, True), (0.3, False, True), (None, True, True), (0.1, True, False)]
+    "momentum,affine,track",
+    [(0.1, True, True), (0.3, False, True), (None, True, True), (0.1, True, False)],
 )
 def test_module_parity_with_torch(dim, shape, fmt, dtype, momentum, affine, track, device):
     """Several training steps then eval, against torch.nn.BatchNorm*d run in
@@ -88,8 +95,9 @@ def test_module_parity_with_torch(dim, shape, fmt, dtype, momentum, affine, trac
 def test_functional_matches_torch_functional(dtype, device):
     torch.manual_seed(0)
     x = random_input((6, 5, 4, 3), dtype, "contiguous", device)
-    w, b = torch.rand(5, dtype=dtype, device=device) + 0.5, torch.randn(5, dtype=dtype, device=device)
-    rm, rv = torch.randn(5, dtype=dtype, device=device), torch.rand(5, dtype=dtype, device=device) + 0.5
+    opts = dict(dtype=dtype, device=device)
+    w, b = torch.rand(5, **opts) + 0.5, torch.randn(5, **opts)
+    rm, rv = torch.randn(5, **opts), torch.rand(5, **opts) + 0.5
     rm_ref, rv_ref = rm.clone(), rv.clone()
     for training in (True, False):
         y = BF.batch_norm(x, rm, rv, w, b, training, 0.2, 1e-3)
@@ -108,7 +116,8 @@ def test_large_row_count_channels_last_and_2d():
               random_input((1100, 5, 8, 8), torch.float32, "channels_last")):
         rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
         y = BF.batch_norm(x, rm, rv, training=True)
-        rm_ref, rv_ref = torch.zeros(x.shape[1], dtype=torch.float64), torch.ones(x.shape[1], dtype=torch.float64)
+        rm_ref = torch.zeros(x.shape[1], dtype=torch.float64)
+        rv_ref = torch.ones(x.shape[1], dtype=torch.float64)
         y_ref = F.batch_norm(x.double(), rm_ref, rv_ref, training=True)
         assert_close_rel(y, y_ref, torch.float32, "output")
         assert_close_rel(rv, rv_ref, torch.float32, "running_var")
@@ -152,7 +161,8 @@ def test_results_do_not_depend_on_thread_count(fmt, shape):
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             out, mean, var = ops.batch_norm_train(x, w, b, 1e-5)
-            results.append((out, mean, var) + tuple(ops.batch_norm_backward(g, x, mean, var, w, 1e-5, True)))
+            grads = ops.batch_norm_backward(g, x, mean, var, w, 1e-5, True)
+            results.append((out, mean, var) + tuple(grads))
     finally:
         torch.set_num_threads(old)
     for one, *others in zip(*results):
@@ -214,7 +224,8 @@ def _op_samples(dtype, fmt, device):
         (ops.batch_norm_backward, (g, x, mean, var, w, 1e-5, True)),
         (ops.batch_norm_backward, (g, x, mean, var, None, 1e-5, False)),
         (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), steps.clone(), mean, var, 0.1, 120)),
-        (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), steps.clone(), mean, var, None, 120)),
+        (ops.batch_norm_update_stats,
+         (rm.clone(), rv.clone(), steps.clone(), mean, var, None, 120)),
     ]
 
 
@@ -387,8 +398,10 @@ def _snapshot(bn):
         (lambda: torch.randn(4, 3, 5), ValueError, "expected 4D input"),
         (lambda: torch.randn(1, 3, 1, 1), ValueError, "Expected more than 1 value per channel"),
         (lambda: torch.randn(4, 5, 2, 2), RuntimeError, "weight should contain 5 elements not 3"),
-        (lambda: torch.ones(4, 3, 2, 2, dtype=torch.long), NotImplementedError, "not implemented for 'Long'"),
-        (lambda: torch.randn(4, 3, 2, 2, dtype=torch.float64), RuntimeError, "expected weight of dtype"),
+        (lambda: torch.ones(4, 3, 2, 2, dtype=torch.long), NotImplementedError,
+         "not implemented for 'Long'"),
+        (lambda: torch.randn(4, 3, 2, 2, dtype=torch.float64), RuntimeError,
+         "expected weight of dtype"),
     ],
 )
 def test_module_errors_leave_statistics_untouched(make_input, exc, pattern):
@@ -403,10 +416,13 @@ def test_module_errors_leave_statistics_untouched(make_input, exc, pattern):
 @pytest.mark.parametrize(
     "kwargs,exc,pattern",
     [
-        (dict(running_mean=torch.zeros(4)), RuntimeError, "running_mean should contain 3 elements not 4"),
-        (dict(running_var=torch.ones(2)), RuntimeError, "running_var should contain 3 elements not 2"),
+        (dict(running_mean=torch.zeros(4)), RuntimeError,
+         "running_mean should contain 3 elements not 4"),
+        (dict(running_var=torch.ones(2)), RuntimeError,
+         "running_var should contain 3 elements not 2"),
         (dict(bias=torch.zeros(4)), RuntimeError, "bias should contain 3 elements not 4"),
-        (dict(running_mean=torch.zeros(3, device="meta")), RuntimeError, "expected running_mean on device cpu"),
+        (dict(running_mean=torch.zeros(3, device="meta")), RuntimeError,
+         "expected running_mean on device cpu"),
         (dict(weight=torch.ones(3, device="meta")), RuntimeError, "expected weight on device cpu"),
     ],
 )
@@ -417,7 +433,8 @@ def test_functional_errors(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         BF.batch_norm(torch.randn(4, 3, 2, 2), training=True, **args)
     if args["running_mean"].device.type == "cpu" and args["running_var"].device.type == "cpu":
-        assert torch.equal(before[0], args["running_mean"]) and torch.equal(before[1], args["running_var"])
+        assert torch.equal(before[0], args["running_mean"])
+        assert torch.equal(before[1], args["running_var"])
 
 
 def test_error_matches_torch_exception_types():
@@ -425,7 +442,8 @@ def test_error_matches_torch_exception_types():
     cases = [
         lambda f, m: f(torch.randn(4, 3, 2), torch.zeros(4), torch.ones(4), training=True),
         lambda f, m: f(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True),
-        lambda f, m: f(torch.ones(4, 3, dtype=torch.int32), torch.zeros(3), torch.ones(3), training=True),
+        lambda f, m: f(torch.ones(4, 3, dtype=torch.int32), torch.zeros(3), torch.ones(3),
+                       training=True),
         lambda f, m: m(3)(torch.randn(4, 3)),
     ]
     for case in cases:
@@ -513,11 +531,13 @@ def test_wide_rows_match_float64(shape, fmt, dtype):
     assert_close_rel(ours.running_var, ref.running_var, dtype, "running_var")
 
 
-@pytest.mark.parametrize("shape,fmt", [((500, 200), "contiguous"), ((40, 200, 3, 3), "channels_last"),
-                                       # planes under a cache line: virtual channels
-                                       ((400, 60, 3), "contiguous"), ((64, 200, 2, 2), "contiguous"),
-                                       # rows under a cache line: groups of rows
-                                       ((5000, 3), "contiguous")])
+@pytest.mark.parametrize("shape,fmt", [
+    ((500, 200), "contiguous"), ((40, 200, 3, 3), "channels_last"),
+    # planes under a cache line: virtual channels
+    ((400, 60, 3), "contiguous"), ((64, 200, 2, 2), "contiguous"),
+    # rows under a cache line: groups of rows
+    ((5000, 3), "contiguous"),
+])
 def test_wide_row_statistics_are_accurate_for_large_mean(shape, fmt):
     torch.manual_seed(0)
     x = random_input(shape, torch.float32, fmt, mean=1e4, std=1.0)

@@ -10,15 +10,12 @@ from torch import nn
 
 import torch_bnext
 from torch_bnext import functional as BF
-
-from conftest import (
-    REL_TOL,
+from torch_bnext.testing import (
     assert_close_rel,
     formats_for,
     param_dtype_for,
     random_input as _random_input,
     rel_err,
-    to_format,
 )
 
 random_input = functools.partial(_random_input, device="cuda")
@@ -191,9 +188,11 @@ def test_split_ops_match_reference(shape, fmt, dtype):
 
     C = shape[1]
     m = torch.randn(C, dtype=opm, device="cuda")
-    scale, shift = torch.randn(C, dtype=opm, device="cuda"), torch.randn(C, dtype=opm, device="cuda")
+    scale = torch.randn(C, dtype=opm, device="cuda")
+    shift = torch.randn(C, dtype=opm, device="cuda")
     y = ops.batch_norm_elemt(x, m, scale, shift)
-    y_ref = (x64 - m.double().cpu().view(cs)) * scale.double().cpu().view(cs) + shift.double().cpu().view(cs)
+    m64, scale64, shift64 = (t.double().cpu().view(cs) for t in (m, scale, shift))
+    y_ref = (x64 - m64) * scale64 + shift64
     assert y.dtype == dtype
     assert_close_rel(y, y_ref, dtype, "elemt", 2)
 
@@ -270,15 +269,17 @@ def test_reductions_are_deterministic(shape, fmt):
     torch.manual_seed(5)
     x = random_input(shape, torch.float32, fmt)
     dy = random_input(shape, torch.float32, fmt)
-    first = ops.batch_norm_stats(x) + ops.batch_norm_backward_reduce(dy, x, x.new_zeros(shape[1]))
+    zeros = x.new_zeros(shape[1])
+    first = ops.batch_norm_stats(x) + ops.batch_norm_backward_reduce(dy, x, zeros)
     for _ in range(3):
-        again = ops.batch_norm_stats(x) + ops.batch_norm_backward_reduce(dy, x, x.new_zeros(shape[1]))
+        again = ops.batch_norm_stats(x) + ops.batch_norm_backward_reduce(dy, x, zeros)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_matches_cpu_kernels():
     torch.manual_seed(6)
-    for shape, fmt in (((6, 5, 4, 3), "contiguous"), ((6, 5, 4, 3), "channels_last"), ((9, 65), "contiguous")):
+    for shape, fmt in (((6, 5, 4, 3), "contiguous"), ((6, 5, 4, 3), "channels_last"),
+                       ((9, 65), "contiguous")):
         x = random_input(shape, torch.float64, fmt)
         for a, b in zip(ops.batch_norm_train(x, None, None, 1e-5),
                         ops.batch_norm_train(x.cpu(), None, None, 1e-5)):

@@ -3,7 +3,6 @@ equations, against Batch Norm where the two must agree, and through opcheck,
 gradcheck and torch.compile."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ from torch import nn
 
 import torch_bnext as tb
 from torch_bnext.functional import batch_renorm
-
-from conftest import REL_TOL, assert_close_rel, rel_err, to_format
+from torch_bnext.testing import REL_TOL, assert_close_rel, rel_err, to_format
 
 _ops = torch.ops.bnext
 
@@ -428,6 +426,7 @@ def _train_eval_gap(norm, batch_size, seed, steps=300):
     return (losses[0] - losses[1]).abs().item()
 
 
+@pytest.mark.slow  # 6 training runs of 300 steps: 15-130 s each case on a 2-core CPU
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_small_batch_train_eval_gap_smaller_than_batch_norm(batch_size):
     # One training run is chaotic (a last-bit change in a kernel can flip its

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import cases  # noqa: E402
 import reliability as rel  # noqa: E402
@@ -66,8 +67,8 @@ def test_explicit_options_override_the_subset():
 
 
 def test_child_arguments_drop_what_the_parent_handles():
-    argv = ["--ops", "batchnorm", "--processes", "3", "--json", "a.json", "--out=dir", "--png", "p.png",
-            "--full", "--no-out", "--rounds", "2"]
+    argv = ["--ops", "batchnorm", "--processes", "3", "--json", "a.json", "--out=dir", "--png",
+            "p.png", "--full", "--no-out", "--rounds", "2"]
     assert child_arguments(argv) == ["--ops", "batchnorm", "--full", "--rounds", "2", "--no-out"]
 
 
@@ -162,7 +163,8 @@ def test_table_marks_unreliable_ratio():
     good = row()
     bad = row(op="rmsnorm", shape=[64, 1024], speedup=214.0, reliable=False, flags=["load", "tick"])
     text = report.table([good, bad], "note")
-    good_line, bad_line = [line for line in text.splitlines() if line.startswith(("batchnorm", "rmsnorm"))]
+    good_line, bad_line = [line for line in text.splitlines()
+                           if line.startswith(("batchnorm", "rmsnorm"))]
     assert "4.00x " in good_line and "4.00x?" not in good_line and good_line.endswith("yes")
     assert "214.00x?" in bad_line and bad_line.endswith("no: load,tick")
 
@@ -178,7 +180,8 @@ def test_files_carry_the_verdict(tmp_path):
     assert got[1]["flags"] == "spread;tick"
     assert got[0]["shape"] == "32x64x56x56"
     report.write_json(tmp_path / "r.json", results, {"device": "cpu"})
-    assert [r["reliable"] for r in json.loads((tmp_path / "r.json").read_text())["results"]] == [True, False, True]
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["reliable"] for r in results] == [True, False, True]
     report.write_markdown(tmp_path / "r.md", results, "note", footer)
     md = (tmp_path / "r.md").read_text()
     assert "| reliable |" in md and "4.00x? | " in md and "| no: spread,tick |" in md
@@ -187,19 +190,22 @@ def test_files_carry_the_verdict(tmp_path):
 
 
 def test_summary_explains_counts_and_load():
-    results = [row(), row(reliable=False, flags=["spread"]), row(reliable=False, flags=["spread", "load"])]
-    busy = {"load1_start": 1.3, "others_cpus_start": 0.8, "cpus": 2, "threads": 2, "others_cpus_run": 0.9}
+    results = [row(), row(reliable=False, flags=["spread"]),
+               row(reliable=False, flags=["spread", "load"])]
+    busy = {"load1_start": 1.3, "others_cpus_start": 0.8, "cpus": 2, "threads": 2,
+            "others_cpus_run": 0.9}
     lines = rel.summary(results, busy)
     assert lines[0].startswith("WARNING: 2 of 3 rows are unreliable")
     assert lines[1].split()[:2] == ["2", "spread:"] and lines[2].split()[:2] == ["1", "load:"]
     assert "0.80 CPUs at the start" in lines[-1] and "0.90 CPUs on average" in lines[-1]
     assert "load average 1.30" in lines[-1]
-    quiet = {"load1_start": 0.1, "others_cpus_start": 0.0, "cpus": 2, "threads": 2, "others_cpus_run": 0.05}
+    quiet = {"load1_start": 0.1, "others_cpus_start": 0.0, "cpus": 2, "threads": 2,
+             "others_cpus_run": 0.05}
     assert rel.summary([row()], quiet) == []
     # The load average lags a job that just ended: measured CPU use decides where there is one.
     assert rel.load_warning(dict(quiet, load1_start=1.5)) is None
-    assert "load average was 1.50" in rel.load_warning(dict(quiet, load1_start=1.5, others_cpus_start=None,
-                                                             others_cpus_run=None))
+    no_meter = dict(quiet, load1_start=1.5, others_cpus_start=None, others_cpus_run=None)
+    assert "load average was 1.50" in rel.load_warning(no_meter)
     # 1 thread on 2 CPUs leaves one free: another process on the other CPU does not compete.
     assert rel.load_warning(dict(busy, threads=1)) is None
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from torch_bnext import check
+from torch_bnext import check, testing
 
 
 def test_quick_self_check_passes_on_this_machine(capsys):
@@ -15,7 +15,7 @@ def test_quick_self_check_passes_on_this_machine(capsys):
 
 def test_a_wrong_result_fails_the_check(monkeypatch, capsys):
     # With zero tolerance even float32 rounding is a failure: the exit status must say so.
-    monkeypatch.setattr(check, "TOL", {dtype: 0.0 for dtype in check.TOL})
+    monkeypatch.setattr(testing, "REL_TOL", {dtype: 0.0 for dtype in testing.REL_TOL})
     assert check.main(["--device", "cpu", "--quick"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "relative error" in out and "FAILED" in out

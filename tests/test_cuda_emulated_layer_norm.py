@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import torch_bnext  # noqa: F401  (the bnext ops to compare with)
-from emulated_cuda import load, num_sms  # noqa: F401  (num_sms: a fixture)
+import torch_bnext  # noqa: F401  (registers the bnext ops compared with)
+from torch_bnext.testing import REL_TOL
 
-EMU = load()
 BN = torch.ops.bnext
 EPS = 1e-5
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# bfloat16 tighter than REL_TOL's: these shapes keep within 1e-2.
+TOL = {**REL_TOL, torch.bfloat16: 1e-2}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Groups of 1, 4, 8 and 32 lanes (vector and scalar), a block per row.
 ROW_LENGTHS = [1, 3, 32, 33, 64, 1000, 1024, 1025, 4096, 5000]
@@ -106,20 +106,21 @@ def _check(name, got, cpu, ref, ref_key, tol, scale_key=None):
     assert got.dtype == cpu.dtype and got.shape == cpu.shape, name
     scale = ref[scale_key] if scale_key else None
     assert _err(got, cpu, scale) <= tol, (name, "vs cpu", _err(got, cpu, scale))
-    assert _err(got, ref[ref_key], scale) <= tol, (name, "vs float64", _err(got, ref[ref_key], scale))
+    err = _err(got, ref[ref_key], scale)
+    assert err <= tol, (name, "vs float64", err)
 
 
-def _check_layer_norm(x, dy, w, b, masks=LN_MASKS):
+def _check_layer_norm(emu, x, dy, w, b, masks=LN_MASKS):
     tol = TOL[x.dtype]
     ref = _layer_norm_ref(x, dy, w, b)
-    got = EMU.layer_norm_fwd(x, [x.shape[-1]], w, b, EPS)
+    got = emu.layer_norm_fwd(x, [x.shape[-1]], w, b, EPS)
     cpu = BN.layer_norm_fwd(x, [x.shape[-1]], w, b, EPS)
     for name, g, c in zip(("out", "mean", "rstd"), got, cpu):
         _check(name, g, c, ref, name, tol)
     for mask in masks:
         if w is None and mask[0]:
             continue
-        grads = EMU.layer_norm_bwd(dy, x, cpu[1], cpu[2], w, EPS, list(mask))
+        grads = emu.layer_norm_bwd(dy, x, cpu[1], cpu[2], w, EPS, list(mask))
         cpu_grads = BN.layer_norm_bwd(dy, x, cpu[1], cpu[2], w, EPS, list(mask))
         _check("dx", grads[0], cpu_grads[0], ref, "dx", tol, "dx_scale")
         for name, wanted, g, c in zip(("dw", "db"), mask, grads[1:], cpu_grads[1:]):
@@ -129,17 +130,17 @@ def _check_layer_norm(x, dy, w, b, masks=LN_MASKS):
                 assert g.shape == c.shape == (0,)
 
 
-def _check_rms_norm(x, dy, w, weight_grads=(True, False)):
+def _check_rms_norm(emu, x, dy, w, weight_grads=(True, False)):
     tol = TOL[x.dtype]
     ref = _rms_norm_ref(x, dy, w)
-    got = EMU.rms_norm_fwd(x, [x.shape[-1]], w, EPS)
+    got = emu.rms_norm_fwd(x, [x.shape[-1]], w, EPS)
     cpu = BN.rms_norm_fwd(x, [x.shape[-1]], w, EPS)
     for name, g, c in zip(("out", "rstd"), got, cpu):
         _check(name, g, c, ref, name, tol)
     for weight_grad in weight_grads:
         if w is None and weight_grad:
             continue
-        grads = EMU.rms_norm_bwd(dy, x, cpu[1], w, EPS, weight_grad)
+        grads = emu.rms_norm_bwd(dy, x, cpu[1], w, EPS, weight_grad)
         cpu_grads = BN.rms_norm_bwd(dy, x, cpu[1], w, EPS, weight_grad)
         _check("dx", grads[0], cpu_grads[0], ref, "dx", tol, "dx_scale")
         if weight_grad:
@@ -153,118 +154,120 @@ def _check_rms_norm(x, dy, w, weight_grads=(True, False)):
 
 @pytest.mark.parametrize("N", ROW_LENGTHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_match_cpu_and_float64(dtype, N):
+def test_match_cpu_and_float64(dtype, N, emu):
     x, dy, w, b = _inputs(5, N, dtype)
-    _check_layer_norm(x, dy, w, b, masks=[(True, True)])
-    _check_rms_norm(x, dy, w, weight_grads=[True])
+    _check_layer_norm(emu, x, dy, w, b, masks=[(True, True)])
+    _check_rms_norm(emu, x, dy, w, weight_grads=[True])
 
 
 @pytest.mark.parametrize("N", ROW_LENGTHS)
-def test_single_row(N):
+def test_single_row(N, emu):
     x, dy, w, b = _inputs(1, N, torch.float32)
-    _check_layer_norm(x, dy, w, b, masks=[(True, True)])
-    _check_rms_norm(x, dy, w, weight_grads=[True])
+    _check_layer_norm(emu, x, dy, w, b, masks=[(True, True)])
+    _check_rms_norm(emu, x, dy, w, weight_grads=[True])
 
 
 @pytest.mark.parametrize("N", [33, 1000, 5000])
-def test_every_output_mask(N):
+def test_every_output_mask(N, emu):
     x, dy, w, b = _inputs(5, N, torch.float32)
-    _check_layer_norm(x, dy, w, b)
-    _check_rms_norm(x, dy, w)
+    _check_layer_norm(emu, x, dy, w, b)
+    _check_rms_norm(emu, x, dy, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N", [32, 1024, 5000])
-def test_without_weight_or_bias(N, dtype):
+def test_without_weight_or_bias(N, dtype, emu):
     for weight, bias in [(False, False), (True, False), (False, True)]:
         x, dy, w, b = _inputs(5, N, dtype, weight=weight, bias=bias)
-        _check_layer_norm(x, dy, w, b)
+        _check_layer_norm(emu, x, dy, w, b)
         if not bias:
-            _check_rms_norm(x, dy, w)
+            _check_rms_norm(emu, x, dy, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [64, 1000, 4096])
-def test_misaligned_inputs_take_the_scalar_path(N, dtype):
+def test_misaligned_inputs_take_the_scalar_path(N, dtype, emu):
     """Storage offset 1: rows (and the parameters) start off a 16-byte boundary."""
     x, dy, w, b = _inputs(5, N, dtype, offset=1)
-    _check_layer_norm(x, dy, w, b, masks=[(True, True)])
-    _check_rms_norm(x, dy, w, weight_grads=[True])
+    _check_layer_norm(emu, x, dy, w, b, masks=[(True, True)])
+    _check_rms_norm(emu, x, dy, w, weight_grads=[True])
 
 
 @pytest.mark.parametrize("M,N", [(300, 3), (300, 64), (160, 1024), (40, 4096)])
-def test_strided_rows_and_column_parts(M, N, num_sms):
+def test_strided_rows_and_column_parts(M, N, emu, num_sms):
     """Rows beyond one pass of the capped grid, and column sums merged from
     parts; the results do not depend on the run (no atomics)."""
     x, dy, w, b = _inputs(M, N, torch.float32)
-    _check_layer_norm(x, dy, w, b, masks=[(True, True)])
-    _check_rms_norm(x, dy, w, weight_grads=[True])
+    _check_layer_norm(emu, x, dy, w, b, masks=[(True, True)])
+    _check_rms_norm(emu, x, dy, w, weight_grads=[True])
     mean, rstd = BN.layer_norm_fwd(x, [N], w, b, EPS)[1:]
-    first = EMU.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
-    second = EMU.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
+    first = emu.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
+    second = emu.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("N", [1, 3])
-def test_more_rows_than_a_grid_dimension(N):
+def test_more_rows_than_a_grid_dimension(N, emu):
     """70000 rows (> 65535): the row loops and the column parts stride."""
     x, dy, w, b = _inputs(70000, N, torch.float32)
-    _check_layer_norm(x, dy, w, b, masks=[(True, True)])
-    _check_rms_norm(x, dy, w, weight_grads=[True])
+    _check_layer_norm(emu, x, dy, w, b, masks=[(True, True)])
+    _check_rms_norm(emu, x, dy, w, weight_grads=[True])
 
 
 @pytest.mark.parametrize("shape", [(0, 7), (0, 1024), (2, 0, 64)])
-def test_no_rows(shape):
+def test_no_rows(shape, emu):
     x = torch.randn(shape)
     w, b = torch.ones(shape[-1]), torch.zeros(shape[-1])
-    out, mean, rstd = EMU.layer_norm_fwd(x, [shape[-1]], w, b, EPS)
+    out, mean, rstd = emu.layer_norm_fwd(x, [shape[-1]], w, b, EPS)
     assert out.shape == x.shape and mean.shape == rstd.shape == shape[:-1]
-    dx, dw, db = EMU.layer_norm_bwd(x, x, mean, rstd, w, EPS, [True, True])
+    dx, dw, db = emu.layer_norm_bwd(x, x, mean, rstd, w, EPS, [True, True])
     assert dx.shape == x.shape
     assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
-    rout, rrstd = EMU.rms_norm_fwd(x, [shape[-1]], w, EPS)
+    rout, rrstd = emu.rms_norm_fwd(x, [shape[-1]], w, EPS)
     assert rout.shape == x.shape and rrstd.shape == shape[:-1]
-    rdx, rdw = EMU.rms_norm_bwd(x, x, rrstd, w, EPS, True)
+    rdx, rdw = emu.rms_norm_bwd(x, x, rrstd, w, EPS, True)
     assert rdx.shape == x.shape and torch.equal(rdw, torch.zeros_like(w))
 
 
-def test_empty_rows():
+def test_empty_rows(emu):
     """Rows of no values: mean 0 (an empty Welford set), rstd 1 / sqrt(eps) as
     the CPU kernels give, empty gradients."""
     x = torch.randn(5, 0)
     w, b = torch.ones(0), torch.zeros(0)
-    out, mean, rstd = EMU.layer_norm_fwd(x, [0], w, b, EPS)
+    out, mean, rstd = emu.layer_norm_fwd(x, [0], w, b, EPS)
     assert out.shape == (5, 0) and torch.equal(mean, torch.zeros(5))
     assert torch.equal(rstd, BN.layer_norm_fwd(x, [0], w, b, EPS)[2])
-    dx, dw, db = EMU.layer_norm_bwd(x, x, mean, rstd, w, EPS, [True, True])
+    dx, dw, db = emu.layer_norm_bwd(x, x, mean, rstd, w, EPS, [True, True])
     assert dx.shape == (5, 0) and dw.shape == db.shape == (0,)
-    rout, rrstd = EMU.rms_norm_fwd(x, [0], w, EPS)
+    rout, rrstd = emu.rms_norm_fwd(x, [0], w, EPS)
     assert torch.equal(rrstd, BN.rms_norm_fwd(x, [0], w, EPS)[1])
-    rdx, rdw = EMU.rms_norm_bwd(x, x, rrstd, w, EPS, True)
+    rdx, rdw = emu.rms_norm_bwd(x, x, rrstd, w, EPS, True)
     assert rdx.shape == (5, 0) and rdw.shape == (0,)
 
 
-def _backward_launches(M, N, dtype, mask=(True, True), offset=0):
+def _backward_launches(emu, M, N, dtype, mask=(True, True), offset=0):
     x, dy, w, b = _inputs(M, N, dtype, offset=offset)
     mean, rstd = BN.layer_norm_fwd(x, [N], w, b, EPS)[1:]
-    before = EMU.launch_count()
-    EMU.layer_norm_bwd(dy, x, mean, rstd, w, EPS, list(mask))
-    return EMU.launch_count() - before
+    before = emu.launch_count()
+    emu.layer_norm_bwd(dy, x, mean, rstd, w, EPS, list(mask))
+    return emu.launch_count() - before
 
 
-def test_column_sums_launches():
+def test_column_sums_launches(emu):
     """The dx kernel adds the column sums (fused): one launch when its grid is
     one block, else a merge of its blocks' partial rows. float64 takes the
     dx kernel and then the column kernels: one launch when one part of rows
     suffices, else partials and their merge. No column sums, no column work."""
-    old = EMU.num_sms()
+    old = emu.num_sms()
     try:
-        EMU.set_num_sms(132)
-        counts = [_backward_launches(M, 64, dtype) for dtype in (torch.float32, torch.float64) for M in (5, 300)]
-        no_columns = [_backward_launches(300, 64, dtype, mask=(False, False)) for dtype in (torch.float32, torch.float64)]
+        emu.set_num_sms(132)
+        dtypes = (torch.float32, torch.float64)
+        counts = [_backward_launches(emu, M, 64, dtype) for dtype in dtypes for M in (5, 300)]
+        no_columns = [_backward_launches(emu, 300, 64, dtype, mask=(False, False))
+                      for dtype in dtypes]
     finally:
-        EMU.set_num_sms(old)
+        emu.set_num_sms(old)
     assert counts == [1, 2, 2, 3]
     assert no_columns == [1, 1]
 
@@ -297,25 +300,25 @@ FUSION_CASES = [
 
 
 @pytest.mark.parametrize("dtype,N,offset,launches", FUSION_CASES)
-def test_fused_and_separate_column_sums(dtype, N, offset, launches, num_sms):
+def test_fused_and_separate_column_sums(dtype, N, offset, launches, emu, num_sms):
     """Which path a shape takes, and that both match the CPU and float64 over
     rows that stride over the grid (and so several partial rows)."""
-    assert _backward_launches(1, N, dtype, offset=offset) == launches
+    assert _backward_launches(emu, 1, N, dtype, offset=offset) == launches
     x, dy, w, b = _inputs(40 if N > 1024 else 300, N, dtype, offset=offset)
-    _check_layer_norm(x, dy, w, b, masks=[(True, True), (False, True), (True, False)])
-    _check_rms_norm(x, dy, w, weight_grads=[True])
+    _check_layer_norm(emu, x, dy, w, b, masks=[(True, True), (False, True), (True, False)])
+    _check_rms_norm(emu, x, dy, w, weight_grads=[True])
 
 
-def test_rows_of_several_dims_and_non_contiguous_input():
+def test_rows_of_several_dims_and_non_contiguous_input(emu):
     x = _tensor((6, 4, 3, 10), torch.float32, 0, mean=3.0, std=2.0).transpose(0, 1)
     dy = _tensor((4, 6, 3, 10), torch.float32, 1)
     w = _tensor((3, 10), torch.float32, 2, mean=1.0, std=0.5)
     b = _tensor((3, 10), torch.float32, 3)
-    got = EMU.layer_norm_fwd(x, [3, 10], w, b, EPS)
+    got = emu.layer_norm_fwd(x, [3, 10], w, b, EPS)
     want = BN.layer_norm_fwd(x, [3, 10], w, b, EPS)
     for g, t in zip(got, want):
         assert g.shape == t.shape and _err(g, t) <= 1e-5
-    grads = EMU.layer_norm_bwd(dy, x, want[1], want[2], w, EPS, [True, True])
+    grads = emu.layer_norm_bwd(dy, x, want[1], want[2], w, EPS, [True, True])
     wgrads = BN.layer_norm_bwd(dy, x, want[1], want[2], w, EPS, [True, True])
     for g, t in zip(grads, wgrads):
         assert g.shape == t.shape and _err(g, t) <= 1e-5

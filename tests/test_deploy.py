@@ -369,6 +369,24 @@ def test_legacy_exporter_needs_opset_17(ort):
                           opset_version=16)
 
 
+def test_only_register_legacy_symbolics_touches_the_legacy_registry(ort):
+    # The TorchScript exporter's registry is global: onnx_translations() for
+    # the dynamo exporter must leave it alone.
+    from torch.onnx._internal.torchscript_exporter.registration import registry
+
+    names = [f"bnext::{op}" for op in ("batch_norm_infer", "batch_norm_train", "layer_norm_fwd",
+                                       "rms_norm_fwd", "batch_renorm_train",
+                                       "batch_norm_update_stats")]
+    for name in names:
+        for opset in (1, 17):
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
+    B.onnx_translations(18)
+    B.onnx_translations(23)
+    assert not any(registry.is_registered_op(n, opset) for n in names for opset in (16, 17, 20))
+    B.onnx.register_legacy_symbolics()
+    assert all(registry.is_registered_op(n, opset) for n in names for opset in (16, 17, 20))
+
+
 # --- revert_model ------------------------------------------------------------
 
 def _torch_model(dtype=torch.float64):
@@ -522,8 +540,10 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_aoti_package_runs_our_kernels(tmp_path, record_property):
-    # Small model: the C++ compile of the package dominates (about 12 s on 2 cores).
+    # Small model: the C++ compile of the package dominates (about 12 s on 2 cores; the whole
+    # test about 35 s).
     torch.manual_seed(0)
     model = _randomise_affine(nn.Sequential(trained(B.BatchNorm2d(4), 4, 4, 3, 3), B.LayerNorm(3),
                                             B.RMSNorm(3)))

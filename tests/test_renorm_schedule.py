@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 import torch_bnext as tb
-
-from conftest import DEVICES, to_format
+from torch_bnext.testing import to_format
 
 _ops = torch.ops.bnext
 
@@ -53,7 +52,6 @@ def test_schedules_and_models_pickle():
         assert torch.equal(other(x), want)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_tensor_limits_equal_float_limits(device):
     torch.manual_seed(0)
     for dtype, fmt in ((torch.float32, "contiguous"), (torch.bfloat16, "channels_last"),
@@ -111,7 +109,8 @@ def test_opcheck_tensor_overload():
         b = torch.randn(4).requires_grad_()
         rm, rv = torch.randn(4) * 0.2, torch.rand(4) + 0.5
         limits = (torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
-        torch.library.opcheck(_ops.batch_renorm_train_scheduled.default, (x, rm, rv, w, b, 1e-5, *limits))
+        torch.library.opcheck(_ops.batch_renorm_train_scheduled.default,
+                              (x, rm, rv, w, b, 1e-5, *limits))
         torch.library.opcheck(_ops.batch_renorm_train_scheduled.default,
                               (x.detach(), rm, rv, None, None, 1e-5, *limits))
 
@@ -138,7 +137,6 @@ def _recipe_model(r_max, d_max, device):
     return tb.convert_model(model, norm="batchrenorm", r_max=r_max, d_max=d_max).to(device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_readme_recipe_compiles_fullgraph_through_the_ramp(device):
     """The README's recipe with a short warm-up: compiled once, no recompilation
     and no graph break before, during and after the ramp, and equal to eager

@@ -1,7 +1,8 @@
 """Outputs too large for the last-level cache are written with streaming
-(non-temporal) stores (Batch Norm's elementwise passes, LayerNorm/RMSNorm). They must not change a single bit: a child process
-with BNEXT_STREAM_MIN_BYTES=0 streams every output, small ones included, and
-its results are compared with this process's cached stores."""
+(non-temporal) stores (Batch Norm's elementwise passes, LayerNorm/RMSNorm).
+They must not change a single bit: a child process with BNEXT_STREAM_MIN_BYTES=0
+streams every output, small ones included, and its results are compared with
+this process's cached stores."""
 
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import torch_bnext
-from conftest import assert_close_rel
+from torch_bnext.testing import assert_close_rel
 
 # Odd plane sizes start most planes unaligned (the streamed part begins after
 # a scalar head); channels_last rows stream only when a row is a whole number
@@ -68,8 +69,8 @@ def compute_all():
 def test_streaming_stores_change_no_bit(tmp_path):
     out = tmp_path / "streamed.pt"
     env = dict(os.environ, BNEXT_STREAM_MIN_BYTES="0")
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_streaming_stores as t; "
-            "torch.save(t.compute_all(), sys.argv[1])")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); "
+            "import test_streaming_stores as t; torch.save(t.compute_all(), sys.argv[1])")
     subprocess.run([sys.executable, "-c", code, str(out), os.path.dirname(__file__)], env=env,
                    check=True)
     streamed = torch.load(out)

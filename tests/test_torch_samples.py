@@ -21,8 +21,6 @@ from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  #
 import torch_bnext
 from torch_bnext import functional as ours_F
 
-from conftest import DEVICES
-
 OUR_MODULES = {
     "nn.BatchNorm1d": torch_bnext.BatchNorm1d,
     "nn.BatchNorm2d": torch_bnext.BatchNorm2d,

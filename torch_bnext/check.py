@@ -9,7 +9,8 @@ layouts and dtypes; gradcheck and gradgradcheck in float64;
 torch.library.opcheck of every operator; and, where memory allows (not with
 --quick), a Batch Norm over more than 2**31 elements. Prints one row per check
 and exits non-zero if any failed. Errors are relative: ||ours - ref|| / ||ref||,
-the reference being torch.nn in float64.
+the reference being torch.nn in float64, held to the bounds of the test suite
+(torch_bnext.testing.REL_TOL).
 """
 
 import argparse
@@ -25,37 +26,25 @@ import torch
 from torch import nn
 
 import torch_bnext as tb
+from torch_bnext import testing
 
 _ops = torch.ops.bnext
-
-# Relative error bounds by dtype (fp32 accumulation for half/bf16, as apex's tests).
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 class CheckFailed(AssertionError):
     pass
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    denom = want.norm().item()
-    return (got - want).norm().item() / (denom if denom > 0 else 1.0)
-
-
 def expect_close(what: str, got, want, dtype) -> float:
-    err = rel_err(got, want)
-    if not err <= TOL[dtype]:  # NaN fails too
-        raise CheckFailed(f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}")
-    return err
+    try:
+        return testing.assert_close_rel(got, want, dtype, what)
+    except AssertionError as exc:
+        raise CheckFailed(str(exc)) from None
 
 
 def _input(shape, dtype, device, channels_last, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(device, dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
-                         else torch.channels_last_3d)
-    return x
+    fmt = "channels_last" if channels_last else "contiguous"
+    return testing.random_input(shape, dtype, fmt, device, seed=seed)
 
 
 def _pair_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, dtype) -> float:
@@ -92,8 +81,8 @@ def _modules(kind: str, shape, device, dtype) -> Tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     c = shape[1] if kind != "layernorm" and kind != "rmsnorm" else shape[-1]
     if kind == "batchnorm":
-        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
-        ref = cls(c)
+        ref = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d,
+               5: nn.BatchNorm3d}[len(shape)](c)
     elif kind == "layernorm":
         ref = nn.LayerNorm(c)
     else:
@@ -102,8 +91,7 @@ def _modules(kind: str, shape, device, dtype) -> Tuple[nn.Module, nn.Module]:
         for p in ref.parameters():
             p.uniform_(0.5, 1.5)
     ours = tb.convert_model(nn.Sequential(copy.deepcopy(ref)), layernorm=True)[0]
-    # Parameters in float32 for half inputs, as under autocast; else the input's dtype.
-    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    param_dtype = testing.param_dtype_for(dtype)
     if kind != "batchnorm" and dtype in (torch.float16, torch.bfloat16):
         param_dtype = dtype  # torch's LayerNorm/RMSNorm want parameters of the input's dtype
     return ours.to(device, param_dtype), ref.to(device, torch.float64)
@@ -136,7 +124,8 @@ def parity_checks(device: str, quick: bool) -> List[Tuple[str, Callable[[], str]
             for shape in row_shapes:
                 def run(shape=shape, kind=kind, dtype=dtype):
                     ours, ref = _modules(kind, shape, device, dtype)
-                    return f"max rel err {_pair_step(ours, ref, _input(shape, dtype, device, False, 3), dtype):.1e}"
+                    x = _input(shape, dtype, device, False, 3)
+                    return f"max rel err {_pair_step(ours, ref, x, dtype):.1e}"
                 checks.append((f"{'LayerNorm' if kind == 'layernorm' else 'RMSNorm'} "
                                f"{tuple(shape)} {name}", run))
 
@@ -164,8 +153,8 @@ def _renorm_check(device, dtype) -> str:
             + d.view(view))
     err = expect_close("output", y, want, dtype)
     n = xd.numel() // 5
-    err = max(err, expect_close("running_var", layer.running_var, 0.5 * rv + 0.5 * var * n / (n - 1),
-                                dtype))
+    want_rv = 0.5 * rv + 0.5 * var * n / (n - 1)
+    err = max(err, expect_close("running_var", layer.running_var, want_rv, dtype))
     return f"max rel err {err:.1e}"
 
 
@@ -182,7 +171,8 @@ def gradcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
                 b = torch.randn(3, generator=gen, dtype=torch.float64).to(device)
                 rm, rv = torch.zeros(3, **d), torch.ones(3, **d)
                 if kind == "batchnorm":
-                    fn = lambda x, w, b: tb.functional.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
+                    fn = lambda x, w, b: tb.functional.batch_norm(  # noqa: E731
+                        x, None, None, w, b, training=True)
                 else:
                     fn = lambda x, w, b: tb.functional.batch_renorm(  # noqa: E731
                         x, rm.clone(), rv.clone(), w, b, training=True, r_max=1.0, d_max=0.0)
@@ -221,7 +211,8 @@ def opcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
             (_ops.batch_norm_elemt.default, (x, mean, v(), v())),
             (_ops.batch_norm_backward_reduce.default, (torch.randn_like(x), x, mean)),
             (_ops.batch_norm_backward_elemt.default, (torch.randn_like(x), x, mean, v(), v(), v())),
-            (_ops.batch_norm_backward.default, (torch.randn_like(x), x, mean, var, v(), 1e-5, True)),
+            (_ops.batch_norm_backward.default,
+             (torch.randn_like(x), x, mean, var, v(), 1e-5, True)),
             (_ops.batch_renorm_train.default, (x, v(), v(), v(), v(), 1e-5, 1.5, 0.5)),
             (_ops.layer_norm_fwd.default, (lx, [8], lw, lw, 1e-5)),
             (_ops.rms_norm_fwd.default, (lx, [8], lw, 1e-5)),
@@ -275,7 +266,7 @@ def main(argv=None) -> int:
                    help="default: cpu, and cuda when a GPU is visible")
     p.add_argument("--quick", action="store_true", help="a smaller grid, no 2**31 case")
     args = p.parse_args(argv)
-    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    devices = args.device or testing.DEVICES
     if "cuda" in devices and not (torch.cuda.is_available() and tb.HAS_CUDA_KERNELS):
         print("cuda: no GPU visible or torch_bnext built without CUDA kernels", file=sys.stderr)
         return 2
@@ -283,7 +274,8 @@ def main(argv=None) -> int:
           f"{', quick' if args.quick else ''}")
     failures, start = 0, time.perf_counter()
     for device in devices:
-        checks = parity_checks(device, args.quick) + gradcheck_checks(device) + opcheck_checks(device)
+        checks = (parity_checks(device, args.quick) + gradcheck_checks(device)
+                  + opcheck_checks(device))
         if not args.quick:
             checks.append(large_check(device))
         for name, run in checks:
