@@ -1,6 +1,7 @@
 # make test       build (incrementally) and run the test suite (what CI runs)
 # make test-fast  the same without the tests marked slow (pytest -m "not slow"), for iteration
 # make bench      build (incrementally) and run the benchmark against PyTorch native / cuDNN
+# make lint       ruff over the Python, clang-format over csrc/ (CI runs it); make format fixes
 #
 # The extension compiles CUDA kernels when a GPU is visible, or with BNEXT_CUDA=1
 # (CI sets it so they compile on every submission); see setup.py.
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 BENCH_ARGS ?=
 
-.PHONY: build test test-fast bench clean
+.PHONY: build test test-fast bench lint format clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,18 @@ test-fast: build
 
 bench: build
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+CXX_SOURCES = find csrc \( -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' \)
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(CXX_SOURCES) | xargs $(VENV)/bin/clang-format --dry-run -Werror
+
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(CXX_SOURCES) | xargs $(VENV)/bin/clang-format -i
 
 clean:
 	rm -rf build torch_bnext/*.so torch_bnext/_build_info.py *.egg-info $(VENV)/.editable

@@ -15,7 +15,7 @@ import shutil
 import site
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The list of sources lives once, in tools/csrc_sources.py (the tests' emulator
@@ -58,8 +58,11 @@ def want_cuda():
         import torch
 
         if torch.version.cuda is None or not torch.cuda.is_available():
-            print("torch_bnext: no GPU visible, building the CPU kernels only "
-                  "(BNEXT_CUDA=1 compiles the CUDA kernels too)", file=sys.stderr)
+            print(
+                "torch_bnext: no GPU visible, building the CPU kernels only "
+                "(BNEXT_CUDA=1 compiles the CUDA kernels too)",
+                file=sys.stderr,
+            )
             return False
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
@@ -81,7 +84,7 @@ def cpu_capability_flags():
     compiler flags must match them."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(next(l for l in f if l.startswith("flags")).split())
+            flags = set(next(line for line in f if line.startswith("flags")).split())
     except (OSError, StopIteration):
         flags = set()
     wanted = os.environ.get("BNEXT_CPU_CAPABILITY")
@@ -95,8 +98,16 @@ def cpu_capability_flags():
     # bfloat16 rounding in one instruction where the building CPU has it.
     bf16 = ["-mavx512bf16"] if wanted == "avx512" and "avx512_bf16" in flags else []
     return {
-        "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"] + bf16,
+        "avx512": [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+            "-DCPU_CAPABILITY=AVX512",
+            "-DCPU_CAPABILITY_AVX512",
+        ]
+        + bf16,
         "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
         "default": ["-DCPU_CAPABILITY=DEFAULT"],
     }[wanted]
@@ -143,7 +154,8 @@ class Build(BuildExtension):
     def finalize_options(self):
         super().finalize_options()
         tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-" + (
-            "cuda" if WITH_CUDA else "cpu")
+            "cuda" if WITH_CUDA else "cpu"
+        )
         self.build_temp = os.path.join(ROOT, "build", f"temp-{tag}")
 
     def build_extensions(self):
@@ -160,7 +172,8 @@ def headers():
     # the library: a header-only change must count too, and so must a new
     # torch (its version.py is rewritten by every install).
     return [os.path.join("csrc", h) for h in csrc_sources.headers()] + [
-        os.path.join(os.path.dirname(torch.__file__), "version.py")]
+        os.path.join(os.path.dirname(torch.__file__), "version.py")
+    ]
 
 
 def extension_sources(cuda):
@@ -174,10 +187,15 @@ def extension():
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"] + cpu_capability_flags()
     link_flags = ["-fopenmp"]
     if not WITH_CUDA:
-        return CppExtension("torch_bnext._C", extension_sources(cuda=False), include_dirs=include_dirs,
-                            depends=headers(),
-                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
-                            py_limited_api=False)
+        return CppExtension(
+            "torch_bnext._C",
+            extension_sources(cuda=False),
+            include_dirs=include_dirs,
+            depends=headers(),
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+            py_limited_api=False,
+        )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # Without a visible GPU, torch would build for every architecture it knows.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
@@ -193,13 +211,9 @@ def extension():
     )
 
 
+# The package's metadata (name, version, dependencies) is pyproject.toml's
+# [project] table; this file adds only the extension.
 setup(
-    name="torch_bnext",
-    version="0.1.0",
-    description="Batch Norm, Batch Renorm, LayerNorm and RMSNorm with C++/CUDA kernels for PyTorch",
-    packages=find_packages(include=["torch_bnext", "torch_bnext.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
 )

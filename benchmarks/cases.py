@@ -17,8 +17,14 @@ FLOOR_PASSES = {"train fwd": 2, "train fwd+bwd": 5, "eval fwd": 2}
 # transformer LayerNorm / RMSNorm shapes.
 BN_SHAPES = {
     "cpu": [(32, 64, 56, 56), (32, 256, 14, 14), (32, 512, 28, 28), (8, 512, 7, 7), (64, 1024)],
-    "cuda": [(128, 64, 112, 112), (128, 256, 56, 56), (128, 1024, 14, 14), (128, 2048, 7, 7),
-             (8, 512, 7, 7), (64, 1024)],
+    "cuda": [
+        (128, 64, 112, 112),
+        (128, 256, 56, 56),
+        (128, 1024, 14, 14),
+        (128, 2048, 7, 7),
+        (8, 512, 7, 7),
+        (64, 1024),
+    ],
 }
 LN_SHAPES = {
     "cpu": [(8192, 1024), (2048, 4096), (64, 1024)],
@@ -83,6 +89,7 @@ class Case:
         def aten():
             with torch.backends.cudnn.flags(enabled=False):
                 return run()
+
         return aten
 
     def build(self, x):
@@ -90,22 +97,31 @@ class Case:
         `copy` copies a tensor of x's size into a preallocated one: the
         bandwidth ceiling at this size, caches included."""
         if self.op in ("batchnorm", "batchrenorm"):
-            ours, native = _batch_norm_modules(self.shape, self.dtype, self.device, self.op == "batchrenorm")
+            ours, native = _batch_norm_modules(
+                self.shape, self.dtype, self.device, self.op == "batchrenorm"
+            )
         else:
             ours, native = _norm_modules(self.op, self.shape, self.dtype, self.device)
         floor = FLOOR_PASSES[self.pass_] * x.numel() * x.element_size()
         dst = torch.empty_like(x)
         copy = lambda: dst.copy_(x)  # noqa: E731
-        return (_runner(ours, x, self.pass_), _runner(native, x, self.pass_), copy,
-                type(native).__name__, floor)
+        return (
+            _runner(ours, x, self.pass_),
+            _runner(native, x, self.pass_),
+            copy,
+            type(native).__name__,
+            floor,
+        )
 
 
 def _runner(module: nn.Module, x: torch.Tensor, pass_: str) -> Callable[[], object]:
     module.train(pass_ != "eval fwd")
     if pass_ != "train fwd+bwd":
+
         def forward():
             with torch.no_grad():
                 return module(x)
+
         return forward
     xg = x.detach().requires_grad_()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -114,6 +130,7 @@ def _runner(module: nn.Module, x: torch.Tensor, pass_: str) -> Callable[[], obje
     def forward_backward():
         y = module(xg)
         return torch.autograd.grad(y, [xg] + params, grad_out)
+
     return forward_backward
 
 
@@ -143,7 +160,9 @@ def _norm_modules(op, shape, dtype, device):
 
     hidden = shape[-1]
     if op == "layernorm":
-        return torch_bnext.LayerNorm(hidden).to(device, dtype), nn.LayerNorm(hidden).to(device, dtype)
+        return torch_bnext.LayerNorm(hidden).to(device, dtype), nn.LayerNorm(hidden).to(
+            device, dtype
+        )
     return torch_bnext.RMSNorm(hidden).to(device, dtype), nn.RMSNorm(hidden).to(device, dtype)
 
 
@@ -174,7 +193,9 @@ def build_cases(ops, device, dtypes, shapes: Optional[list] = None, passes=None,
     for op in ops:
         is_bn = op in ("batchnorm", "batchrenorm")
         for shape in shapes or default_shapes(op, device, full):
-            layouts = ["contiguous", "channels_last"] if is_bn and len(shape) == 4 else ["contiguous"]
+            layouts = (
+                ["contiguous", "channels_last"] if is_bn and len(shape) == 4 else ["contiguous"]
+            )
             for layout in layouts:
                 for dtype in dtypes:
                     for pass_ in passes:

@@ -8,8 +8,8 @@ SyncBatchNorm is timed as well).
 
 Each rank times train fwd+bwd over a fixed number of calls (the same on every
 rank, so that the collectives match) with torch.utils.benchmark (CPU) or CUDA
-events, alternating the layers over several rounds; rank 0 prints the per-shape medians (ms) and the overhead of
-synchronising, sync / local.
+events, alternating the layers over several rounds; rank 0 prints the per-shape
+medians (ms) and the overhead of synchronising, sync / local.
 """
 
 import argparse
@@ -27,8 +27,9 @@ SHAPES = ["16x64x28x28", "16x256x14x14", "64x512", "8x32x8x8"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
@@ -45,8 +46,9 @@ def time_it(fn, device, calls):
     if device == "cpu":
         import torch.utils.benchmark as benchmark
 
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                                num_threads=torch.get_num_threads())
+        timer = benchmark.Timer(
+            stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+        )
         return timer.timeit(calls).median
     fn()
     torch.cuda.synchronize()
@@ -65,6 +67,7 @@ def train_step(layer, x, grad):
     def step():
         x.grad = None
         layer(x).backward(grad)
+
     return step
 
 
@@ -75,8 +78,13 @@ def rank_main(rank, args, port):
     backend = "nccl" if args.device == "cuda" else "gloo"
     if args.device == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=args.world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     rows = []
     for spec in args.shapes:
@@ -85,8 +93,10 @@ def rank_main(rank, args, port):
         torch.manual_seed(rank)
         x = torch.randn(shape, device=device).requires_grad_()
         grad = torch.randn(shape, device=device)
-        layers = {"local": tb.BatchNorm1d(channels) if len(shape) < 4 else tb.BatchNorm2d(channels),
-                  "sync": tb.SyncBatchNorm(channels)}
+        layers = {
+            "local": tb.BatchNorm1d(channels) if len(shape) < 4 else tb.BatchNorm2d(channels),
+            "sync": tb.SyncBatchNorm(channels),
+        }
         if args.device == "cuda":
             layers["torch sync"] = torch.nn.SyncBatchNorm(channels)
         times = {name: [] for name in layers}
@@ -94,15 +104,15 @@ def rank_main(rank, args, port):
             for name, layer in layers.items():
                 layer.to(device).train()
                 dist.barrier()
-                times[name].append(time_it(train_step(layer, x, grad), args.device,
-                                           args.calls))
+                times[name].append(time_it(train_step(layer, x, grad), args.device, args.calls))
         # The floor of synchronising: the step's two collectives alone, at its sizes.
         table = torch.zeros(args.world, 2 * channels + 1, dtype=torch.float64, device=device)
         sums = torch.zeros(2 * channels, device=device)
 
-        def collectives():
+        def collectives(table=table, sums=sums):
             dist.all_reduce(table)
             dist.all_reduce(sums)
+
         times["2 all-reduces"] = []
         for _ in range(args.rounds):
             dist.barrier()
@@ -110,12 +120,19 @@ def rank_main(rank, args, port):
         rows.append((spec, {k: statistics.median(v) * 1e3 for k, v in times.items()}))
     if rank == 0:
         names = list(rows[0][1])
-        print(f"{args.world} ranks, {backend}, {args.device}, {args.threads} thread(s) per rank; "
-              "train fwd+bwd per rank, median ms")
-        print(f"{'shape (per rank)':<18}" + "".join(f"{n:>15}" for n in names) + f"{'sync/local':>12}")
+        print(
+            f"{args.world} ranks, {backend}, {args.device}, {args.threads} thread(s) per rank; "
+            "train fwd+bwd per rank, median ms"
+        )
+        print(
+            f"{'shape (per rank)':<18}" + "".join(f"{n:>15}" for n in names) + f"{'sync/local':>12}"
+        )
         for spec, t in rows:
-            print(f"{spec:<18}" + "".join(f"{t[n]:>15.3f}" for n in names)
-                  + f"{t['sync'] / t['local']:>12.2f}")
+            print(
+                f"{spec:<18}"
+                + "".join(f"{t[n]:>15.3f}" for n in names)
+                + f"{t['sync'] / t['local']:>12.2f}"
+            )
     dist.destroy_process_group()
 
 

@@ -48,14 +48,16 @@ FLOOR_FACTOR = 1 / 1.5
 
 FLAG_TEXT = {
     "spread": f"ours or native moved by more than {SPREAD_MAX:.0%} of the median between rounds "
-              f"(or within one: IQR > {SPREAD_MAX:.0%} of the median)",
-    "tick": "times sit on multiples of the scheduler tick: the process was descheduled (CPU contention)",
-    "short": f"calls under {SHORT_CALL_S['cpu'] * 1e6:.0f} us (CPU) / {SHORT_CALL_S['cuda'] * 1e6:.0f} us "
-             f"(CUDA) with fewer than {SHORT_MIN_CALLS} calls timed or timed one by one: "
-             "timer/launch overhead",
+    f"(or within one: IQR > {SPREAD_MAX:.0%} of the median)",
+    "tick": "times sit on multiples of the scheduler tick: the process was descheduled "
+    "(CPU contention)",
+    "short": f"calls under {SHORT_CALL_S['cpu'] * 1e6:.0f} us (CPU) / "
+    f"{SHORT_CALL_S['cuda'] * 1e6:.0f} us (CUDA) with fewer than {SHORT_MIN_CALLS} calls "
+    "timed or timed one by one: timer/launch overhead",
     "few": f"fewer than {MIN_BLOCKS} timed blocks: too few samples to judge the spread",
     "load": f"other processes used more than {LOAD_MARGIN} CPUs beyond those this run leaves free",
-    "floor": f"ours faster than the copy-bandwidth floor / {1 / FLOOR_FACTOR:.1f}: copy or kernel disturbed",
+    "floor": f"ours faster than the copy-bandwidth floor / {1 / FLOOR_FACTOR:.1f}: "
+    "copy or kernel disturbed",
     "processes": f"the reliable processes' medians differ by more than {SPREAD_MAX:.0%}",
     "majority": "most processes measured this row unreliably",
 }
@@ -121,9 +123,12 @@ def impl_flags(rounds, device="cpu", tick=None):
     if tick_snapped(pooled, tick):
         flags.add("tick")
     calls = sum(len(r["times"]) * r["number_per_run"] for r in rounds)
-    one_call_blocks = all(r["number_per_run"] == 1 for r in rounds)  # CUDA events: each call on its own
+    one_call_blocks = all(
+        r["number_per_run"] == 1 for r in rounds
+    )  # CUDA events: each call on its own
     if statistics.median(pooled) < SHORT_CALL_S.get(device, SHORT_CALL_S["cpu"]) and (
-            calls < SHORT_MIN_CALLS or one_call_blocks):
+        calls < SHORT_MIN_CALLS or one_call_blocks
+    ):
         flags.add("short")
     if len(pooled) < MIN_BLOCKS:
         flags.add("few")
@@ -146,8 +151,16 @@ def impl_stats(rounds):
     }
 
 
-def row_flags(ours_rounds, native_rounds, device="cpu", others_cpus=None, free_cpus=0.0,
-              ours_ms=None, floor_ms=None, tick=None):
+def row_flags(
+    ours_rounds,
+    native_rounds,
+    device="cpu",
+    others_cpus=None,
+    free_cpus=0.0,
+    ours_ms=None,
+    floor_ms=None,
+    tick=None,
+):
     """Sorted flags of one row (empty: reliable)."""
     flags = impl_flags(ours_rounds, device, tick) | impl_flags(native_rounds, device, tick)
     if others_cpus is not None and others_cpus > free_cpus + LOAD_MARGIN:
@@ -173,8 +186,14 @@ def merge_rows(rows, numeric_keys):
         flags.add("majority")
         for r in rows:
             flags.update(r.get("flags", []))
-    if len(use) >= 2 and max(rel_spread([r.get("ours_ms") for r in use]),
-                             rel_spread([r.get("native_ms") for r in use])) > SPREAD_MAX:
+    if (
+        len(use) >= 2
+        and max(
+            rel_spread([r.get("ours_ms") for r in use]),
+            rel_spread([r.get("native_ms") for r in use]),
+        )
+        > SPREAD_MAX
+    ):
         flags.add("processes")
     merged["flags"] = sorted(flags)
     merged["reliable"] = not flags
@@ -269,8 +288,12 @@ def load_state(threads, sample_s=0.5):
         load1 = None
     meter = CpuMeter().start()
     time.sleep(sample_s)
-    return {"load1_start": load1, "others_cpus_start": meter.stop(), "cpus": available_cpus(),
-            "threads": threads}
+    return {
+        "load1_start": load1,
+        "others_cpus_start": meter.stop(),
+        "cpus": available_cpus(),
+        "threads": threads,
+    }
 
 
 def load_warning(load):
@@ -286,16 +309,25 @@ def load_warning(load):
         parts.append(f"other processes used {start:.2f} CPUs at the start")
     if run is not None and run > free + LOAD_MARGIN:
         parts.append(f"{run:.2f} CPUs on average during the run")
-    if start is None and run is None and load.get("load1_start") is not None \
-            and load["load1_start"] > free + 0.5:
+    if (
+        start is None
+        and run is None
+        and load.get("load1_start") is not None
+        and load["load1_start"] > free + 0.5
+    ):
         parts.append(f"the 1-minute load average was {load['load1_start']:.2f} at the start")
     if not parts:
         return None
-    avg = (f" (load average {load['load1_start']:.2f} at the start)"
-           if load.get("load1_start") is not None and start is not None else "")
-    return (f"WARNING: the machine was busy: {' and '.join(parts)}{avg}, with {cpus} CPUs available "
-            f"and {threads} threads timed ({free} left free). Timings compete for the CPUs; rerun "
-            "when `uptime` shows a load near 0, or use fewer --threads.")
+    avg = (
+        f" (load average {load['load1_start']:.2f} at the start)"
+        if load.get("load1_start") is not None and start is not None
+        else ""
+    )
+    return (
+        f"WARNING: the machine was busy: {' and '.join(parts)}{avg}, with {cpus} CPUs available "
+        f"and {threads} threads timed ({free} left free). Timings compete for the CPUs; rerun "
+        "when `uptime` shows a load near 0, or use fewer --threads."
+    )
 
 
 def summary(results, load=None):
@@ -303,19 +335,26 @@ def summary(results, load=None):
     lines = []
     bad = [r for r in results if not r.get("reliable", True)]
     if bad:
-        lines.append(f"WARNING: {len(bad)} of {len(results)} rows are unreliable (marked '?' after the "
-                     "speedup; reliable = false in the JSON/CSV). Do not quote their ratios:")
+        lines.append(
+            f"WARNING: {len(bad)} of {len(results)} rows are unreliable (marked '?' after the "
+            "speedup; reliable = false in the JSON/CSV). Do not quote their ratios:"
+        )
         counts = {}
         for r in bad:
             for f in r.get("flags", []) or ["?"]:
                 counts[f] = counts.get(f, 0) + 1
         for f in sorted(counts, key=lambda k: (-counts[k], k)):
             lines.append(f"  {counts[f]:>3} {f}: {FLAG_TEXT.get(f, f)}")
-    renorm_bad = [r for r in results if r.get("renorm_over_bn") is not None
-                  and not r.get("renorm_reliable", True)]
+    renorm_bad = [
+        r
+        for r in results
+        if r.get("renorm_over_bn") is not None and not r.get("renorm_reliable", True)
+    ]
     if renorm_bad:
-        lines.append(f"WARNING: {len(renorm_bad)} Batch Renorm / Batch Norm ratios are unreliable "
-                     "(marked '?').")
+        lines.append(
+            f"WARNING: {len(renorm_bad)} Batch Renorm / Batch Norm ratios are unreliable "
+            "(marked '?')."
+        )
     if load:
         w = load_warning(load)
         if w:

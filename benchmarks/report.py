@@ -7,9 +7,19 @@ import json
 import textwrap
 
 COLUMNS = [
-    ("op", 11), ("shape", 18), ("layout", 13), ("dtype", 8), ("pass", 13),
-    ("ours ms", 9), ("native ms", 9), ("speedup", 8), ("GB/s", 7), ("% copy", 6),
-    ("floor ms", 8), ("max x", 6), ("reliable", 8),
+    ("op", 11),
+    ("shape", 18),
+    ("layout", 13),
+    ("dtype", 8),
+    ("pass", 13),
+    ("ours ms", 9),
+    ("native ms", 9),
+    ("speedup", 8),
+    ("GB/s", 7),
+    ("% copy", 6),
+    ("floor ms", 8),
+    ("max x", 6),
+    ("reliable", 8),
 ]
 RIGHT = {"ours ms", "native ms", "speedup", "GB/s", "% copy", "floor ms", "max x"}
 UNRELIABLE = "?"
@@ -33,10 +43,19 @@ def speedup_text(r):
 
 def row_values(r):
     return [
-        r["op"], "x".join(map(str, r["shape"])), r["layout"], r["dtype"], r["pass"],
-        _fmt(r["ours_ms"], ".3f"), _fmt(r["native_ms"], ".3f"), speedup_text(r),
-        _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".0f") + "%",
-        _fmt(r["floor_ms"], ".3f"), _fmt(r["max_speedup"], ".1f") + "x", reliable_text(r),
+        r["op"],
+        "x".join(map(str, r["shape"])),
+        r["layout"],
+        r["dtype"],
+        r["pass"],
+        _fmt(r["ours_ms"], ".3f"),
+        _fmt(r["native_ms"], ".3f"),
+        speedup_text(r),
+        _fmt(r["gbps"], ".1f"),
+        _fmt(r["pct_copy"], ".0f") + "%",
+        _fmt(r["floor_ms"], ".3f"),
+        _fmt(r["max_speedup"], ".1f") + "x",
+        reliable_text(r),
     ]
 
 
@@ -64,8 +83,10 @@ def table(results, header_note="", footer=()):
         lines.append("")
         lines.append("Batch Renorm / our Batch Norm on the same input (timed alternately):")
         for r in renorm:
-            lines.append(f"  {'x'.join(map(str, r['shape'])):<18}  {r['layout']:<13}  {r['dtype']:<8}  "
-                         f"{r['pass']:<13}  {_renorm_text(r)}")
+            lines.append(
+                f"  {'x'.join(map(str, r['shape'])):<18}  {r['layout']:<13}  {r['dtype']:<8}  "
+                f"{r['pass']:<13}  {_renorm_text(r)}"
+            )
     if footer:
         lines.append("")
         lines.extend(footer)
@@ -82,11 +103,18 @@ def write_markdown(path, results, header_note="", footer=()):
         lines.append("| " + " | ".join(row_values(r)) + " |")
     renorm = _renorm_rows(results)
     if renorm:
-        lines += ["", "Batch Renorm / our Batch Norm on the same input (timed alternately):", "",
-                  "| shape | layout | dtype | pass | renorm / batchnorm |",
-                  "| --- | --- | --- | --- | ---: |"]
-        lines += [f"| {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['pass']} | "
-                  f"{_renorm_text(r)} |" for r in renorm]
+        lines += [
+            "",
+            "Batch Renorm / our Batch Norm on the same input (timed alternately):",
+            "",
+            "| shape | layout | dtype | pass | renorm / batchnorm |",
+            "| --- | --- | --- | --- | ---: |",
+        ]
+        lines += [
+            f"| {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {r['pass']} | "
+            f"{_renorm_text(r)} |"
+            for r in renorm
+        ]
     if footer:
         lines += [""] + [f"    {line}" for line in footer]
     with open(path, "w") as f:
@@ -131,8 +159,11 @@ def write_png(path, results, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{'? ' if not r.get('reliable', True) else ''}{r['op']} {'x'.join(map(str, r['shape']))} "
-              f"{r['layout'][:2]} {r['dtype']} {r['pass']}" for r in results]
+    labels = [
+        f"{'? ' if not r.get('reliable', True) else ''}{r['op']} {'x'.join(map(str, r['shape']))} "
+        f"{r['layout'][:2]} {r['dtype']} {r['pass']}"
+        for r in results
+    ]
     speedups = [r["speedup"] for r in results]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(results) + 1.4))
     for i, (r, s) in enumerate(zip(results, speedups)):

@@ -3,7 +3,8 @@
     python benchmarks/run.py                       # default subset (~2 min on 2 CPU cores)
     python benchmarks/run.py --full                # the whole suite (126 CPU cases, ~5-10 min)
     python benchmarks/run.py --ops batchnorm --dtypes float32 bfloat16 --threads 2
-    python benchmarks/run.py --shapes 32x64x56x56 --passes "train fwd+bwd" --json out.json --png out.png
+    python benchmarks/run.py --shapes 32x64x56x56 --passes "train fwd+bwd" \
+        --json out.json --png out.png
     python benchmarks/run.py --trace traces/       # torch.profiler traces of both implementations
 
 Without --full it runs a representative subset: ResNet-50 Batch Norm shapes
@@ -47,43 +48,102 @@ from timing import copy_bandwidth, paired_samples  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-process medians merged by --processes (reliability.merge_rows).
-MERGED_KEYS = ("ours_ms", "native_ms", "speedup", "gbps", "copy_gbps", "pct_copy", "floor_ms",
-               "max_speedup", "renorm_over_bn", "others_cpus", "native_cudnn_ms", "native_aten_ms")
+MERGED_KEYS = (
+    "ours_ms",
+    "native_ms",
+    "speedup",
+    "gbps",
+    "copy_gbps",
+    "pct_copy",
+    "floor_ms",
+    "max_speedup",
+    "renorm_over_bn",
+    "others_cpus",
+    "native_cudnn_ms",
+    "native_aten_ms",
+)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true",
-                   help="the whole suite (every built-in shape and pass) instead of the default subset")
-    p.add_argument("--ops", nargs="+", help="batchnorm batchrenorm layernorm rmsnorm (default: all built)")
-    p.add_argument("--shapes", nargs="+",
-                   help="e.g. 32x64x56x56 8192x1024 (default: the subset's shapes, with --full the suite's)")
-    p.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
-                   help="default: float32 and bfloat16")
-    p.add_argument("--passes", nargs="+", default=None, choices=PASSES,
-                   help="default: 'train fwd+bwd' and 'eval fwd'; with --full all three")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole suite (every built-in shape and pass) instead of the default subset",
+    )
+    p.add_argument(
+        "--ops", nargs="+", help="batchnorm batchrenorm layernorm rmsnorm (default: all built)"
+    )
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        help="e.g. 32x64x56x56 8192x1024 (default: the subset's shapes, with --full the suite's)",
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        choices=sorted(DTYPES),
+        help="default: float32 and bfloat16",
+    )
+    p.add_argument(
+        "--passes",
+        nargs="+",
+        default=None,
+        choices=PASSES,
+        help="default: 'train fwd+bwd' and 'eval fwd'; with --full all three",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="alternating ours/native measurements (their spread marks unreliable rows)")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds per measurement (default: 0.15; with --full 0.2)")
-    p.add_argument("--out", metavar="DIR",
-                   help="results folder (default: bench_out/<YYYYmmdd-HHMMSS>-<device>/ in the repository)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating ours/native measurements (their spread marks unreliable rows)",
+    )
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds per measurement (default: 0.15; with --full 0.2)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="results folder (default: bench_out/<YYYYmmdd-HHMMSS>-<device>/ in the repository)",
+    )
     p.add_argument("--no-out", action="store_true", help="write no results folder")
     p.add_argument("--json", help="also write results as JSON here")
     p.add_argument("--csv", help="also write results as CSV here")
     p.add_argument("--md", help="also write the table as markdown here")
     p.add_argument("--png", help="also draw a speedup chart here (needs matplotlib)")
-    p.add_argument("--trace", metavar="DIR", help="write torch.profiler traces of both implementations")
-    p.add_argument("--processes", type=int, default=1,
-                   help="repeat the suite in this many fresh processes and report medians")
-    p.add_argument("--allocator", choices=["steady", "system"], default="steady",
-                   help="steady (default): glibc keeps freed memory for reuse, so that fresh "
-                        "outputs are not page-faulted in on every call; system: as configured")
+    p.add_argument(
+        "--trace", metavar="DIR", help="write torch.profiler traces of both implementations"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="repeat the suite in this many fresh processes and report medians",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=["steady", "system"],
+        default="steady",
+        help="steady (default): glibc keeps freed memory for reuse, so that fresh "
+        "outputs are not page-faulted in on every call; system: as configured",
+    )
     return p.parse_args(argv)
 
 
@@ -133,8 +193,11 @@ def native_kernels(fn, device):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"
-             and not e.key.startswith(("Memcpy", "Memset"))]
+    names = [
+        e.key
+        for e in prof.key_averages()
+        if e.device_type.name == "CUDA" and not e.key.startswith(("Memcpy", "Memset"))
+    ]
     return [n if len(n) < 60 else n[:57] + "..." for n in names[:4]]
 
 
@@ -143,8 +206,9 @@ def write_trace(directory, key, ours, native, device):
 
     os.makedirs(directory, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    stem = "_".join(str(k).replace(" ", "").replace("(", "").replace(")", "").replace(",", "x")
-                    for k in key)
+    stem = "_".join(
+        str(k).replace(" ", "").replace("(", "").replace(")", "").replace(",", "x") for k in key
+    )
     for impl, fn in (("ours", ours), ("native", native)):
         with profile(activities=activities) as prof:
             for _ in range(3):
@@ -188,20 +252,28 @@ def run_in_processes(args, argv):
         for i in range(args.processes):
             out = os.path.join(tmp, f"run{i}.json")
             print(f"process {i + 1}/{args.processes}", file=sys.stderr)
-            subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv, "--json", out],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *child_argv, "--json", out],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             with open(out) as f:
                 runs.append(json.load(f))
-    results = [reliability.merge_rows(rows, MERGED_KEYS) for rows in zip(*(r["results"] for r in runs))]
+    results = [
+        reliability.merge_rows(rows, MERGED_KEYS) for rows in zip(*(r["results"] for r in runs))
+    ]
     meta = dict(runs[0]["meta"])
     loads = [r["meta"].get("load") for r in runs if r["meta"].get("load")]
     if loads:
+
         def worst(key):
             values = [ld[key] for ld in loads if ld.get(key) is not None]
             return max(values) if values else None
 
-        meta["load"] = dict(loads[0], **{k: worst(k) for k in ("others_cpus_run", "others_cpus_start",
-                                                                  "load1_start")})
+        meta["load"] = dict(
+            loads[0],
+            **{k: worst(k) for k in ("others_cpus_run", "others_cpus_start", "load1_start")},
+        )
     meta["processes"] = args.processes
     return results, meta
 
@@ -228,11 +300,15 @@ def measure_case(case, args, device, free_cpus, tick):
             native_name += " (ATen, cuDNN off)"
     over_bn, renorm_reliable = None, True
     if case.op == "batchrenorm":  # the bound: Renorm / our Batch Norm, same input
-        s_renorm, s_bn = paired_samples(ours, case.ours_batch_norm(x), device, args.rounds,
-                                        args.min_run_time)
-        over_bn = statistics.median(s.median for s in s_renorm) / statistics.median(s.median for s in s_bn)
-        renorm_reliable = not reliability.row_flags([s.as_round() for s in s_renorm],
-                                                    [s.as_round() for s in s_bn], device, tick=tick)
+        s_renorm, s_bn = paired_samples(
+            ours, case.ours_batch_norm(x), device, args.rounds, args.min_run_time
+        )
+        over_bn = statistics.median(s.median for s in s_renorm) / statistics.median(
+            s.median for s in s_bn
+        )
+        renorm_reliable = not reliability.row_flags(
+            [s.as_round() for s in s_renorm], [s.as_round() for s in s_bn], device, tick=tick
+        )
     gbps = bytes_floor / t_ours / 1e9
     x_bytes = bytes_floor // FLOOR_PASSES[case.pass_]
     bandwidth = copy_bandwidth(copy, x_bytes, device, args.min_run_time)
@@ -240,12 +316,20 @@ def measure_case(case, args, device, free_cpus, tick):
     floor_ms = bytes_floor / bandwidth * 1e3
     ours_rounds = [s.as_round() for s in s_ours]
     native_rounds = [s.as_round() for s in s_native]
-    flags = reliability.row_flags(ours_rounds, native_rounds, device, others, free_cpus,
-                                  t_ours * 1e3, floor_ms, tick)
+    flags = reliability.row_flags(
+        ours_rounds, native_rounds, device, others, free_cpus, t_ours * 1e3, floor_ms, tick
+    )
     row = {
-        "op": case.op, "shape": list(case.shape), "layout": case.layout, "dtype": case.key[3],
-        "pass": case.pass_, "ours_ms": t_ours * 1e3, "native_ms": t_native * 1e3,
-        "speedup": t_native / t_ours, "gbps": gbps, "copy_gbps": bandwidth / 1e9,
+        "op": case.op,
+        "shape": list(case.shape),
+        "layout": case.layout,
+        "dtype": case.key[3],
+        "pass": case.pass_,
+        "ours_ms": t_ours * 1e3,
+        "native_ms": t_native * 1e3,
+        "speedup": t_native / t_ours,
+        "gbps": gbps,
+        "copy_gbps": bandwidth / 1e9,
         "pct_copy": 100 * gbps * 1e9 / bandwidth,
         # The floor: the bytes a perfect kernel moves, at the measured copy
         # bandwidth; native / floor bounds the speedup any kernel can reach.
@@ -278,11 +362,13 @@ def main(argv=None):
     started = time.monotonic()
     if args.processes > 1:
         results, meta = run_in_processes(args, argv)
-        note = (f"device: {meta['device']} ({meta['machine']}); torch {meta['torch']}; "
-                f"allocator: {args.allocator}; {selection(args)}; {args.rounds} rounds x "
-                f"{args.min_run_time} s; medians of {args.processes} processes (of the reliable "
-                "rows where some were); GB/s counts each input read once and "
-                "each output written once; % copy compares it with a copy of the same size")
+        note = (
+            f"device: {meta['device']} ({meta['machine']}); torch {meta['torch']}; "
+            f"allocator: {args.allocator}; {selection(args)}; {args.rounds} rounds x "
+            f"{args.min_run_time} s; medians of {args.processes} processes (of the reliable "
+            "rows where some were); GB/s counts each input read once and "
+            "each output written once; % copy compares it with a copy of the same size"
+        )
         return report(args, results, meta, note, started)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -291,7 +377,10 @@ def main(argv=None):
         import torch_bnext
 
         if not torch_bnext.HAS_CUDA_KERNELS:
-            sys.exit("torch_bnext was built without CUDA kernels: rebuild with nvcc present (BNEXT_CUDA=1)")
+            sys.exit(
+                "torch_bnext was built without CUDA kernels: "
+                "rebuild with nvcc present (BNEXT_CUDA=1)"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     built = available_ops()
@@ -308,15 +397,20 @@ def main(argv=None):
         machine = f"{platform.processor() or platform.machine()}, {threads} threads"
     else:
         machine = torch.cuda.get_device_name()
-    start_load = (f"; load average at start {load['load1_start']:.2f} on {load['cpus']} CPUs"
-                  if load["load1_start"] is not None else "")
+    start_load = (
+        f"; load average at start {load['load1_start']:.2f} on {load['cpus']} CPUs"
+        if load["load1_start"] is not None
+        else ""
+    )
     if load["others_cpus_start"] is not None:
         start_load += f", others using {load['others_cpus_start']:.2f} CPUs"
-    note = (f"device: {device} ({machine}); torch {torch.__version__}; allocator: {args.allocator}; "
-            f"{selection(args)}; "
-            f"{args.rounds} rounds x {args.min_run_time} s{start_load}; "
-            "GB/s counts each input read once and each output written once; "
-            "% copy compares it with a copy of the same size")
+    note = (
+        f"device: {device} ({machine}); torch {torch.__version__}; allocator: {args.allocator}; "
+        f"{selection(args)}; "
+        f"{args.rounds} rounds x {args.min_run_time} s{start_load}; "
+        "GB/s counts each input read once and each output written once; "
+        "% copy compares it with a copy of the same size"
+    )
     print(note, file=sys.stderr)
     warning = reliability.load_warning(load)
     if warning:
@@ -332,10 +426,18 @@ def main(argv=None):
         results.append(measure_case(case, args, device, free_cpus, tick))
     progress(len(cases), len(cases), "done")
     load["others_cpus_run"] = run_meter.stop() if device == "cpu" else None
-    meta = {"device": device, "machine": machine, "torch": torch.__version__,
-            "threads": threads, "allocator": args.allocator, "full": args.full,
-            "rounds": args.rounds, "min_run_time": args.min_run_time, "load": load,
-            "tick_ms": tick * 1e3}
+    meta = {
+        "device": device,
+        "machine": machine,
+        "torch": torch.__version__,
+        "threads": threads,
+        "allocator": args.allocator,
+        "full": args.full,
+        "rounds": args.rounds,
+        "min_run_time": args.min_run_time,
+        "load": load,
+        "tick_ms": tick * 1e3,
+    }
     return report(args, results, meta, note, started)
 
 
@@ -362,8 +464,9 @@ def _shown(path):
 
 def report(args, results, meta, note, started=None):
     warnings = reliability.summary(results, meta.get("load"))
-    meta = dict(meta, unreliable_rows=sum(not r.get("reliable", True) for r in results),
-                warnings=warnings)
+    meta = dict(
+        meta, unreliable_rows=sum(not r.get("reliable", True) for r in results), warnings=warnings
+    )
     text = table(results, note)
     print(text)
     wanted = []  # (kind, path)
@@ -372,8 +475,12 @@ def report(args, results, meta, note, started=None):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "table.txt"), "w") as f:
             f.write(table(results, note, warnings) + "\n")
-        wanted += [("md", os.path.join(folder, "table.md")), ("json", os.path.join(folder, "results.json")),
-                   ("csv", os.path.join(folder, "results.csv")), ("png", os.path.join(folder, "speedup.png"))]
+        wanted += [
+            ("md", os.path.join(folder, "table.md")),
+            ("json", os.path.join(folder, "results.json")),
+            ("csv", os.path.join(folder, "results.csv")),
+            ("png", os.path.join(folder, "speedup.png")),
+        ]
     for kind in ("json", "csv", "md", "png"):
         if getattr(args, kind):
             wanted.append((kind, getattr(args, kind)))
@@ -386,8 +493,9 @@ def report(args, results, meta, note, started=None):
         elif kind == "md":
             write_markdown(path, results, note, warnings)
         elif not write_png(path, results, note):
-            notes.append(f"note: matplotlib is not installed, {path} skipped "
-                         "(pip install matplotlib)")
+            notes.append(
+                f"note: matplotlib is not installed, {path} skipped (pip install matplotlib)"
+            )
             continue
         written.append(path)
     if folder:

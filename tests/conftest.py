@@ -2,10 +2,9 @@
 torch_bnext.testing, which `python -m torch_bnext.check` uses too."""
 
 import pytest
+from emulated_cuda import load
 
 from torch_bnext.testing import DEVICES
-
-from emulated_cuda import load
 
 
 @pytest.fixture(params=DEVICES)

@@ -62,8 +62,11 @@ def make_layer(case, sync, process_group=None):
     torch.manual_seed(7)
     momentum = None if case.endswith("momentum_none") else 0.3
     if renorm:
-        limits = (dict(r_max=tb.LinearRamp(1.0, 1.5, 0, 2), d_max=tb.LinearRamp(0.0, 0.5, 0, 2))
-                  if case.endswith("schedule") else dict(r_max=1.2, d_max=0.3))
+        limits = (
+            dict(r_max=tb.LinearRamp(1.0, 1.5, 0, 2), d_max=tb.LinearRamp(0.0, 0.5, 0, 2))
+            if case.endswith("schedule")
+            else dict(r_max=1.2, d_max=0.3)
+        )
         cls = tb.SyncBatchRenorm if sync else local_class(sample, renorm)
         extra = dict(process_group=process_group) if sync else {}
         layer = cls(channels, momentum=0.3, **limits, **extra)
@@ -99,13 +102,18 @@ def run_steps(case, layer, world, rank=None):
             p.grad = None
         y = layer(x)
         y.backward(grad)
-        record.append({
-            "out": y.detach().clone(), "grad_input": x.grad.clone(),
-            "out_channels_last": fmt is not None and y.is_contiguous(memory_format=fmt),
-            "grad_weight": layer.weight.grad.clone(), "grad_bias": layer.bias.grad.clone(),
-            "running_mean": layer.running_mean.clone(), "running_var": layer.running_var.clone(),
-            "num_batches_tracked": int(layer.num_batches_tracked),
-        })
+        record.append(
+            {
+                "out": y.detach().clone(),
+                "grad_input": x.grad.clone(),
+                "out_channels_last": fmt is not None and y.is_contiguous(memory_format=fmt),
+                "grad_weight": layer.weight.grad.clone(),
+                "grad_bias": layer.bias.grad.clone(),
+                "running_mean": layer.running_mean.clone(),
+                "running_var": layer.running_var.clone(),
+                "num_batches_tracked": int(layer.num_batches_tracked),
+            }
+        )
     return record
 
 
@@ -121,16 +129,19 @@ def scenario_errors(rank, world):
     result = {}
     if rank == 0:
         before = layer.running_mean.clone()
-        for bad, name in ((torch.randn(4, 5, 5, dtype=torch.float64), "channels"),
-                          (torch.randn(4, dtype=torch.float64), "dims"),
-                          (torch.randint(0, 3, (4, 3, 5)), "dtype")):
+        for bad, name in (
+            (torch.randn(4, 5, 5, dtype=torch.float64), "channels"),
+            (torch.randn(4, dtype=torch.float64), "dims"),
+            (torch.randint(0, 3, (4, 3, 5)), "dtype"),
+        ):
             try:
                 layer(bad)
                 result[name] = None
             except (RuntimeError, ValueError) as exc:
                 result[name] = f"{type(exc).__name__}: {exc}"
-        result["untouched"] = bool(torch.equal(layer.running_mean, before)) and int(
-            layer.num_batches_tracked) == 0
+        result["untouched"] = (
+            bool(torch.equal(layer.running_mean, before)) and int(layer.num_batches_tracked) == 0
+        )
     out = layer(good)  # all ranks: one collective each, matched
     result["completed"] = bool(torch.isfinite(out).all())
     result["num_batches_tracked"] = int(layer.num_batches_tracked)
@@ -195,10 +206,16 @@ class SmallNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
-                                  nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
-                                   nn.ReLU(), nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 1, bias=False),
+            nn.BatchNorm2d(8),
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
     def forward(self, x):
@@ -208,8 +225,13 @@ class SmallNet(nn.Module):
 
 def ddp_batches(world, steps=3, per_rank=4):
     gen = torch.Generator().manual_seed(11)
-    return [(torch.randn(world * per_rank, 3, 6, 6, generator=gen, dtype=torch.float64),
-             torch.randint(0, 4, (world * per_rank,), generator=gen)) for _ in range(steps)]
+    return [
+        (
+            torch.randn(world * per_rank, 3, 6, 6, generator=gen, dtype=torch.float64),
+            torch.randint(0, 4, (world * per_rank,), generator=gen),
+        )
+        for _ in range(steps)
+    ]
 
 
 def train_small_net(model, batches, rank_slice=slice(None)):
@@ -227,8 +249,9 @@ def scenario_ddp(rank, world):
     model = tb.SyncBatchNorm.convert_sync_batchnorm(SmallNet().double())
     ddp = nn.parallel.DistributedDataParallel(model)
     per_rank = 4
-    train_small_net(ddp, ddp_batches(world, per_rank=per_rank),
-                    slice(rank * per_rank, (rank + 1) * per_rank))
+    train_small_net(
+        ddp, ddp_batches(world, per_rank=per_rank), slice(rank * per_rank, (rank + 1) * per_rank)
+    )
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -237,8 +260,13 @@ def main():
     rank, world = int(rank), int(world)
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         result = globals()[f"scenario_{scenario}"](rank, world)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

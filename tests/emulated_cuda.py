@@ -39,11 +39,13 @@ def unit_sources(build):
     return units
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     """Compiles (ninja recompiles what a changed source or header touches) and
     loads the library; returns torch.ops.bnext_emu."""
-    build = os.path.join(ROOT, "build", f"emulator-torch{torch.__version__}" + ("-asan" if ASAN else ""))
+    build = os.path.join(
+        ROOT, "build", f"emulator-torch{torch.__version__}" + ("-asan" if ASAN else "")
+    )
     os.makedirs(build, exist_ok=True)
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
     cpp_extension.load(

@@ -41,33 +41,66 @@ def cases(device):
     rm, rv = RUNNING_MEAN.to(device), RUNNING_VAR.to(device)
     x4 = to_format(rand(4, 3, 2, 3, device=device).detach(), "channels_last").requires_grad_()
     return [
-        ("bn_train", lambda x, w, b: batch_norm(x, None, None, w, b, training=True),
-         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
-         (rand(5, 3, 2, device=device), positive(3, device), rand(3, device=device))),
-        ("bn_train_channels_last", lambda x, w, b: batch_norm(x, None, None, w, b, training=True),
-         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
-         (x4, positive(3, device), rand(3, device=device))),
-        ("bn_train_no_affine", lambda x: batch_norm(x, None, None, training=True),
-         lambda x: F.batch_norm(x, None, None, training=True), (rand(6, 3, device=device),)),
-        ("bn_eval", lambda x, w, b: batch_norm(x, rm, rv, w, b, training=False),
-         lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=False),
-         (rand(4, 3, 2, device=device), positive(3, device), rand(3, device=device))),
-        ("renorm_clipped",
-         lambda x, w, b: batch_renorm(x, rm.clone(), rv.clone(), w, b, training=True, r_max=1.0,
-                                      d_max=0.0),
-         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
-         (rand(5, 3, 2, device=device), positive(3, device), rand(3, device=device))),
-        ("layer_norm", lambda x, w, b: layer_norm(x, [2, 3], w, b),
-         lambda x, w, b: F.layer_norm(x, [2, 3], w, b),
-         (rand(4, 2, 3, device=device), positive(6, device).view(2, 3),
-          rand(2, 3, device=device))),
-        ("layer_norm_no_affine", lambda x: layer_norm(x, [5]), lambda x: F.layer_norm(x, [5]),
-         (rand(3, 5, device=device),)),
-        ("rms_norm", lambda x, w: rms_norm(x, [6], w, 1e-5),
-         lambda x, w: F.rms_norm(x, [6], w, 1e-5),
-         (rand(4, 6, device=device), positive(6, device))),
-        ("rms_norm_no_weight", lambda x: rms_norm(x, [2, 3], None, 1e-5),
-         lambda x: F.rms_norm(x, [2, 3], None, 1e-5), (rand(3, 2, 3, device=device),)),
+        (
+            "bn_train",
+            lambda x, w, b: batch_norm(x, None, None, w, b, training=True),
+            lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+            (rand(5, 3, 2, device=device), positive(3, device), rand(3, device=device)),
+        ),
+        (
+            "bn_train_channels_last",
+            lambda x, w, b: batch_norm(x, None, None, w, b, training=True),
+            lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+            (x4, positive(3, device), rand(3, device=device)),
+        ),
+        (
+            "bn_train_no_affine",
+            lambda x: batch_norm(x, None, None, training=True),
+            lambda x: F.batch_norm(x, None, None, training=True),
+            (rand(6, 3, device=device),),
+        ),
+        (
+            "bn_eval",
+            lambda x, w, b: batch_norm(x, rm, rv, w, b, training=False),
+            lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=False),
+            (rand(4, 3, 2, device=device), positive(3, device), rand(3, device=device)),
+        ),
+        (
+            "renorm_clipped",
+            lambda x, w, b: batch_renorm(
+                x, rm.clone(), rv.clone(), w, b, training=True, r_max=1.0, d_max=0.0
+            ),
+            lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+            (rand(5, 3, 2, device=device), positive(3, device), rand(3, device=device)),
+        ),
+        (
+            "layer_norm",
+            lambda x, w, b: layer_norm(x, [2, 3], w, b),
+            lambda x, w, b: F.layer_norm(x, [2, 3], w, b),
+            (
+                rand(4, 2, 3, device=device),
+                positive(6, device).view(2, 3),
+                rand(2, 3, device=device),
+            ),
+        ),
+        (
+            "layer_norm_no_affine",
+            lambda x: layer_norm(x, [5]),
+            lambda x: F.layer_norm(x, [5]),
+            (rand(3, 5, device=device),),
+        ),
+        (
+            "rms_norm",
+            lambda x, w: rms_norm(x, [6], w, 1e-5),
+            lambda x, w: F.rms_norm(x, [6], w, 1e-5),
+            (rand(4, 6, device=device), positive(6, device)),
+        ),
+        (
+            "rms_norm_no_weight",
+            lambda x: rms_norm(x, [2, 3], None, 1e-5),
+            lambda x: F.rms_norm(x, [2, 3], None, 1e-5),
+            (rand(3, 2, 3, device=device),),
+        ),
     ]
 
 
@@ -110,6 +143,7 @@ def test_second_order_equals_torch(name, device):
 def _composite(name):
     """The norms written out in differentiable torch ops: torch's own
     batch_norm/layer_norm refuse third-order derivatives."""
+
     def bn(x, w=None, b=None, stats=None):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -130,10 +164,14 @@ def _composite(name):
     if name == "bn_eval":
         return lambda x, w, b: bn(x, w, b, stats=(RUNNING_MEAN, RUNNING_VAR))
     return {
-        "bn_train": bn, "bn_train_channels_last": bn, "bn_train_no_affine": bn,
+        "bn_train": bn,
+        "bn_train_channels_last": bn,
+        "bn_train_no_affine": bn,
         "renorm_clipped": bn,
-        "layer_norm": lambda x, w, b: ln(x, w, b, n=2), "layer_norm_no_affine": ln,
-        "rms_norm": rms, "rms_norm_no_weight": lambda x: rms(x, n=2),
+        "layer_norm": lambda x, w, b: ln(x, w, b, n=2),
+        "layer_norm_no_affine": ln,
+        "rms_norm": rms,
+        "rms_norm_no_weight": lambda x: rms(x, n=2),
     }[name]
 
 
@@ -162,8 +200,13 @@ def test_functorch_transforms_match_torch(name, device):
     for g, e in zip(got, expected):
         assert_close_rel(g, e, D, f"{name} jvp")
     for transform in (torch.func.jacfwd, torch.func.jacrev):
-        assert_close_rel(transform(ours)(*primals), transform(theirs)(*primals), D,
-                         f"{name} {transform.__name__}", factor=100)
+        assert_close_rel(
+            transform(ours)(*primals),
+            transform(theirs)(*primals),
+            D,
+            f"{name} {transform.__name__}",
+            factor=100,
+        )
     # Not sum(y^2): for a normalised output its gradient with respect to the
     # input is zero up to rounding, and a relative error against zero is noise
     # (it failed CI now and then at 1.2e-10). Fixed weights break that symmetry.
@@ -171,10 +214,20 @@ def test_functorch_transforms_match_torch(name, device):
     gen = torch.Generator().manual_seed(7)
     weights = (torch.rand(y0.shape, generator=gen, dtype=y0.dtype) + 0.5).to(y0.device)
     scalar = lambda f: lambda *a: (f(*a) * weights).pow(2).sum()  # noqa: E731
-    assert_close_rel(torch.func.hessian(scalar(ours))(*primals),
-                     torch.func.hessian(scalar(theirs))(*primals), D, f"{name} hessian", factor=100)
-    assert_close_rel(torch.func.grad(scalar(ours))(*primals),
-                     torch.func.grad(scalar(theirs))(*primals), D, f"{name} grad", factor=100)
+    assert_close_rel(
+        torch.func.hessian(scalar(ours))(*primals),
+        torch.func.hessian(scalar(theirs))(*primals),
+        D,
+        f"{name} hessian",
+        factor=100,
+    )
+    assert_close_rel(
+        torch.func.grad(scalar(ours))(*primals),
+        torch.func.grad(scalar(theirs))(*primals),
+        D,
+        f"{name} grad",
+        factor=100,
+    )
 
 
 @pytest.mark.parametrize("name", case_ids())
@@ -201,8 +254,10 @@ def test_vmap_over_the_functional_ops():
         (lambda t: layer_norm(t, [6]), lambda t: F.layer_norm(t, [6])),
         (lambda t: rms_norm(t, [6]), lambda t: F.rms_norm(t, [6])),
         (lambda t: batch_norm(t, rm, rv, w, None), lambda t: F.batch_norm(t, rm, rv, w, None)),
-        (lambda t: batch_norm(t, None, None, w, None, training=True),
-         lambda t: F.batch_norm(t, None, None, w, None, training=True)),
+        (
+            lambda t: batch_norm(t, None, None, w, None, training=True),
+            lambda t: F.batch_norm(t, None, None, w, None, training=True),
+        ),
     ]
     for ours, theirs in pairs:
         with warnings.catch_warnings():
@@ -212,23 +267,35 @@ def test_vmap_over_the_functional_ops():
     # Per-sample parameters, batched along with the input (and along another dim).
     ws, bs = torch.rand(3, 5, dtype=D) + 0.5, torch.randn(5, 3, dtype=D)
     per_sample = [
-        (lambda t, w, b: batch_norm(t, None, None, w, b, training=True),
-         lambda t, w, b: F.batch_norm(t, None, None, w, b, training=True)),
-        (lambda t, w, b: batch_norm(t, rm, rv, w, b),
-         lambda t, w, b: F.batch_norm(t, rm, rv, w, b)),
+        (
+            lambda t, w, b: batch_norm(t, None, None, w, b, training=True),
+            lambda t, w, b: F.batch_norm(t, None, None, w, b, training=True),
+        ),
+        (
+            lambda t, w, b: batch_norm(t, rm, rv, w, b),
+            lambda t, w, b: F.batch_norm(t, rm, rv, w, b),
+        ),
     ]
     for ours, theirs in per_sample:
-        assert_close_rel(torch.func.vmap(ours, in_dims=(0, 0, 1))(x, ws, bs),
-                         torch.func.vmap(theirs, in_dims=(0, 0, 1))(x, ws, bs), D, "vmap params")
+        assert_close_rel(
+            torch.func.vmap(ours, in_dims=(0, 0, 1))(x, ws, bs),
+            torch.func.vmap(theirs, in_dims=(0, 0, 1))(x, ws, bs),
+            D,
+            "vmap params",
+        )
     wl, bl = torch.rand(4, 6, dtype=D) + 0.5, torch.randn(6, 4, dtype=D)
-    assert_close_rel(torch.func.vmap(lambda t, w, b: layer_norm(t, [6], w, b),
-                                     in_dims=(1, 0, 1))(x, wl, bl),
-                     torch.func.vmap(lambda t, w, b: F.layer_norm(t, [6], w, b),
-                                     in_dims=(1, 0, 1))(x, wl, bl),
-                     D, "vmap layer_norm params")
-    assert_close_rel(torch.func.vmap(lambda t, w: rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),
-                     torch.func.vmap(lambda t, w: F.rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),
-                     D, "vmap rms_norm params")
+    assert_close_rel(
+        torch.func.vmap(lambda t, w, b: layer_norm(t, [6], w, b), in_dims=(1, 0, 1))(x, wl, bl),
+        torch.func.vmap(lambda t, w, b: F.layer_norm(t, [6], w, b), in_dims=(1, 0, 1))(x, wl, bl),
+        D,
+        "vmap layer_norm params",
+    )
+    assert_close_rel(
+        torch.func.vmap(lambda t, w: rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),
+        torch.func.vmap(lambda t, w: F.rms_norm(t, [6], w), in_dims=(1, 0))(x, wl),
+        D,
+        "vmap rms_norm params",
+    )
 
 
 def test_vmap_refuses_in_place_running_statistics_like_torch():
@@ -264,20 +331,34 @@ def _op_samples():
         "batch_norm_infer": ((x, v(), var, v(), v(), 1e-5), [0, 3, 4], [0]),
         "batch_norm_backward": ((g, x, mean, var_b, v(), 1e-5, True), [0, 1, 4], [0, 1, 2]),
         "batch_renorm_train": ((x, v(), var, v(), v(), 1e-5, 1.0, 0.0), [0, 3, 4], [0]),
-        "batch_renorm_train_scheduled": ((x, v(), var, v(), v(), 1e-5, torch.tensor(1.0, dtype=D),
-                                       torch.tensor(0.0, dtype=D)), [0, 3, 4], [0]),
+        "batch_renorm_train_scheduled": (
+            (x, v(), var, v(), v(), 1e-5, torch.tensor(1.0, dtype=D), torch.tensor(0.0, dtype=D)),
+            [0, 3, 4],
+            [0],
+        ),
         "batch_renorm_backward": ((g, x, mean, var_b, v(), r, d, 1e-5), [0, 1, 4], [0, 1, 2]),
         "layer_norm_fwd": ((lx, [6], lw, v().repeat(2), 1e-5), [0, 2, 3], [0]),
-        "layer_norm_bwd": ((rand(4, 6, requires_grad=False), lx, lmean, lrstd, lw, 1e-5,
-                            [True, True]), [0, 1, 4], [0, 1, 2]),
+        "layer_norm_bwd": (
+            (rand(4, 6, requires_grad=False), lx, lmean, lrstd, lw, 1e-5, [True, True]),
+            [0, 1, 4],
+            [0, 1, 2],
+        ),
         "rms_norm_fwd": ((lx, [6], lw, 1e-5), [0, 2], [0]),
-        "rms_norm_bwd": ((rand(4, 6, requires_grad=False), lx, rms_rstd, lw, 1e-5, True),
-                         [0, 1, 3], [0, 1]),
+        "rms_norm_bwd": (
+            (rand(4, 6, requires_grad=False), lx, rms_rstd, lw, 1e-5, True),
+            [0, 1, 3],
+            [0, 1],
+        ),
     }
 
 
-NOT_DIFFERENTIABLE = {"batch_norm_update_stats", "batch_norm_update_stats_global",
-                      "batch_norm_gather_stats", "batch_norm_backward_coeffs"}
+NOT_DIFFERENTIABLE = {
+    "batch_norm_update_stats",
+    "batch_norm_update_stats_global",
+    "batch_norm_gather_stats",
+    "batch_norm_backward_coeffs",
+}
+
 
 # The backward ops take the forward's statistics of x: differentiating them
 # means the statistics move with x (as in a double backward), so the
@@ -357,9 +438,15 @@ def test_arguments_without_derivative_raise(name, position, what, affine):
     args = list(_op_samples()[name][0])
     args[position] = args[position].detach().clone().requires_grad_()
     if not affine:  # an absent weight (and bias) is no autograd edge: the others shift
-        params = {"batch_norm_backward": [4], "batch_renorm_backward": [4], "layer_norm_bwd": [4],
-                  "rms_norm_bwd": [3], "batch_norm_infer": [3, 4], "batch_renorm_train": [3, 4],
-                  "batch_renorm_train_scheduled": [3, 4]}[name]
+        params = {
+            "batch_norm_backward": [4],
+            "batch_renorm_backward": [4],
+            "layer_norm_bwd": [4],
+            "rms_norm_bwd": [3],
+            "batch_norm_infer": [3, 4],
+            "batch_renorm_train": [3, 4],
+            "batch_renorm_train_scheduled": [3, 4],
+        }[name]
         for i in params:
             args[i] = None
         if name.endswith("_bwd"):  # and no weight (bias) gradient is asked of them
@@ -403,8 +490,9 @@ def test_first_order_still_runs_our_kernels():
     assert g.grad_fn.name().endswith("batch_norm::(anonymous namespace)::BackwardFunction>")
 
 
-@pytest.mark.parametrize("cls, shape", [(nn.BatchNorm2d, (4, 3, 5, 5)), (nn.LayerNorm, (4, 7)),
-                                        (nn.RMSNorm, (4, 7))])
+@pytest.mark.parametrize(
+    "cls, shape", [(nn.BatchNorm2d, (4, 3, 5, 5)), (nn.LayerNorm, (4, 7)), (nn.RMSNorm, (4, 7))]
+)
 def test_gradient_penalty_training_step_matches_torch(cls, shape):
     """The new user's gradient-penalty step: norms of ~1e3 used to come back as zeros."""
     torch.manual_seed(0)

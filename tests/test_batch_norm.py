@@ -112,8 +112,10 @@ def test_functional_matches_torch_functional(dtype, device):
 
 def test_large_row_count_channels_last_and_2d():
     torch.manual_seed(0)
-    for x in (random_input((70000, 3), torch.float32, "contiguous"),
-              random_input((1100, 5, 8, 8), torch.float32, "channels_last")):
+    for x in (
+        random_input((70000, 3), torch.float32, "contiguous"),
+        random_input((1100, 5, 8, 8), torch.float32, "channels_last"),
+    ):
         rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
         y = BF.batch_norm(x, rm, rv, training=True)
         rm_ref = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -171,9 +173,15 @@ def test_results_do_not_depend_on_thread_count(fmt, shape):
 
 # ---------------------------------------------------------------- gradcheck
 
-GRAD_SHAPES = [((5, 3), "contiguous"), ((4, 3, 5), "contiguous"), ((4, 3, 5), "strided"),
-               ((3, 2, 3, 4), "contiguous"), ((3, 2, 3, 4), "channels_last"),
-               ((2, 3, 2, 2, 3), "channels_last"), ((2, 3, 2, 2, 3), "strided")]
+GRAD_SHAPES = [
+    ((5, 3), "contiguous"),
+    ((4, 3, 5), "contiguous"),
+    ((4, 3, 5), "strided"),
+    ((3, 2, 3, 4), "contiguous"),
+    ((3, 2, 3, 4), "channels_last"),
+    ((2, 3, 2, 2, 3), "channels_last"),
+    ((2, 3, 2, 2, 3), "strided"),
+]
 
 
 @pytest.mark.parametrize("shape,fmt", GRAD_SHAPES)
@@ -224,8 +232,10 @@ def _op_samples(dtype, fmt, device):
         (ops.batch_norm_backward, (g, x, mean, var, w, 1e-5, True)),
         (ops.batch_norm_backward, (g, x, mean, var, None, 1e-5, False)),
         (ops.batch_norm_update_stats, (rm.clone(), rv.clone(), steps.clone(), mean, var, 0.1, 120)),
-        (ops.batch_norm_update_stats,
-         (rm.clone(), rv.clone(), steps.clone(), mean, var, None, 120)),
+        (
+            ops.batch_norm_update_stats,
+            (rm.clone(), rv.clone(), steps.clone(), mean, var, None, 120),
+        ),
     ]
 
 
@@ -243,12 +253,20 @@ class SmallCNN(nn.Module):
     def __init__(self, channels=8, classes=5):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(3, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
             nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(2 * channels), nn.ReLU(),
+            nn.BatchNorm2d(2 * channels),
+            nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * 4 * 4, 16),
-                                  nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(2 * channels * 4 * 4, 16),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Linear(16, classes),
+        )
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -269,8 +287,13 @@ def _train(model, batches, steps_per_batch=1, lr=0.05):
 
 def _batches(n=5, memory_format=torch.contiguous_format):
     gen = torch.Generator().manual_seed(3)
-    return [(torch.randn(8, 3, 8, 8, generator=gen).contiguous(memory_format=memory_format),
-             torch.randint(0, 5, (8,), generator=gen)) for _ in range(n)]
+    return [
+        (
+            torch.randn(8, 3, 8, 8, generator=gen).contiguous(memory_format=memory_format),
+            torch.randint(0, 5, (8,), generator=gen),
+        )
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
@@ -357,9 +380,12 @@ def test_eval_without_running_stats_uses_batch_stats():
 
 
 def test_convert_model_preserves_everything():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=None),
-                          nn.Sequential(nn.BatchNorm1d(4, affine=False, eps=1e-3)),
-                          nn.BatchNorm3d(2, track_running_stats=False)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4, momentum=None),
+        nn.Sequential(nn.BatchNorm1d(4, affine=False, eps=1e-3)),
+        nn.BatchNorm3d(2, track_running_stats=False),
+    ).double()
     model[1].running_mean.uniform_()
     model[1].num_batches_tracked.fill_(7)
     model.eval()
@@ -398,10 +424,16 @@ def _snapshot(bn):
         (lambda: torch.randn(4, 3, 5), ValueError, "expected 4D input"),
         (lambda: torch.randn(1, 3, 1, 1), ValueError, "Expected more than 1 value per channel"),
         (lambda: torch.randn(4, 5, 2, 2), RuntimeError, "weight should contain 5 elements not 3"),
-        (lambda: torch.ones(4, 3, 2, 2, dtype=torch.long), NotImplementedError,
-         "not implemented for 'Long'"),
-        (lambda: torch.randn(4, 3, 2, 2, dtype=torch.float64), RuntimeError,
-         "expected weight of dtype"),
+        (
+            lambda: torch.ones(4, 3, 2, 2, dtype=torch.long),
+            NotImplementedError,
+            "not implemented for 'Long'",
+        ),
+        (
+            lambda: torch.randn(4, 3, 2, 2, dtype=torch.float64),
+            RuntimeError,
+            "expected weight of dtype",
+        ),
     ],
 )
 def test_module_errors_leave_statistics_untouched(make_input, exc, pattern):
@@ -416,13 +448,22 @@ def test_module_errors_leave_statistics_untouched(make_input, exc, pattern):
 @pytest.mark.parametrize(
     "kwargs,exc,pattern",
     [
-        (dict(running_mean=torch.zeros(4)), RuntimeError,
-         "running_mean should contain 3 elements not 4"),
-        (dict(running_var=torch.ones(2)), RuntimeError,
-         "running_var should contain 3 elements not 2"),
+        (
+            dict(running_mean=torch.zeros(4)),
+            RuntimeError,
+            "running_mean should contain 3 elements not 4",
+        ),
+        (
+            dict(running_var=torch.ones(2)),
+            RuntimeError,
+            "running_var should contain 3 elements not 2",
+        ),
         (dict(bias=torch.zeros(4)), RuntimeError, "bias should contain 3 elements not 4"),
-        (dict(running_mean=torch.zeros(3, device="meta")), RuntimeError,
-         "expected running_mean on device cpu"),
+        (
+            dict(running_mean=torch.zeros(3, device="meta")),
+            RuntimeError,
+            "expected running_mean on device cpu",
+        ),
         (dict(weight=torch.ones(3, device="meta")), RuntimeError, "expected weight on device cpu"),
     ],
 )
@@ -442,8 +483,9 @@ def test_error_matches_torch_exception_types():
     cases = [
         lambda f, m: f(torch.randn(4, 3, 2), torch.zeros(4), torch.ones(4), training=True),
         lambda f, m: f(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True),
-        lambda f, m: f(torch.ones(4, 3, dtype=torch.int32), torch.zeros(3), torch.ones(3),
-                       training=True),
+        lambda f, m: f(
+            torch.ones(4, 3, dtype=torch.int32), torch.zeros(3), torch.ones(3), training=True
+        ),
         lambda f, m: m(3)(torch.randn(4, 3)),
     ]
     for case in cases:
@@ -501,10 +543,16 @@ def test_reduced_precision_outputs_round_like_torch(dtype):
 # Rows under 64 bytes are read in groups of rows, the rows after the last
 # whole group on their own; channels-first planes under 64 bytes as
 # channels-last rows of C * S values.
-WIDE_ROW_CASES = [((300, 129), "contiguous"), ((64, 1027), "contiguous"),
-                  ((3, 300, 5, 4), "channels_last"), ((2, 513, 3, 3), "channels_last"),
-                  ((1000, 3), "contiguous"), ((4099, 1), "contiguous"),
-                  ((8, 3, 17, 13), "channels_last"), ((300, 7, 5), "contiguous")]
+WIDE_ROW_CASES = [
+    ((300, 129), "contiguous"),
+    ((64, 1027), "contiguous"),
+    ((3, 300, 5, 4), "channels_last"),
+    ((2, 513, 3, 3), "channels_last"),
+    ((1000, 3), "contiguous"),
+    ((4099, 1), "contiguous"),
+    ((8, 3, 17, 13), "channels_last"),
+    ((300, 7, 5), "contiguous"),
+]
 
 
 @pytest.mark.parametrize("shape,fmt", WIDE_ROW_CASES)
@@ -531,13 +579,18 @@ def test_wide_rows_match_float64(shape, fmt, dtype):
     assert_close_rel(ours.running_var, ref.running_var, dtype, "running_var")
 
 
-@pytest.mark.parametrize("shape,fmt", [
-    ((500, 200), "contiguous"), ((40, 200, 3, 3), "channels_last"),
-    # planes under a cache line: virtual channels
-    ((400, 60, 3), "contiguous"), ((64, 200, 2, 2), "contiguous"),
-    # rows under a cache line: groups of rows
-    ((5000, 3), "contiguous"),
-])
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((500, 200), "contiguous"),
+        ((40, 200, 3, 3), "channels_last"),
+        # planes under a cache line: virtual channels
+        ((400, 60, 3), "contiguous"),
+        ((64, 200, 2, 2), "contiguous"),
+        # rows under a cache line: groups of rows
+        ((5000, 3), "contiguous"),
+    ],
+)
 def test_wide_row_statistics_are_accurate_for_large_mean(shape, fmt):
     torch.manual_seed(0)
     x = random_input(shape, torch.float32, fmt, mean=1e4, std=1.0)

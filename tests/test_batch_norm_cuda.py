@@ -14,8 +14,10 @@ from torch_bnext.testing import (
     assert_close_rel,
     formats_for,
     param_dtype_for,
-    random_input as _random_input,
     rel_err,
+)
+from torch_bnext.testing import (
+    random_input as _random_input,
 )
 
 random_input = functools.partial(_random_input, device="cuda")
@@ -29,9 +31,17 @@ ops = torch.ops.bnext
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 SHAPES = [
-    (16, 1), (7, 65), (5, 3, 9), (4, 127, 6), (2, 1, 40),
-    (4, 3, 5, 7), (2, 65, 3, 3), (3, 127, 4, 1), (2, 1, 6, 5),
-    (2, 3, 3, 4, 5), (2, 65, 2, 2, 3),
+    (16, 1),
+    (7, 65),
+    (5, 3, 9),
+    (4, 127, 6),
+    (2, 1, 40),
+    (4, 3, 5, 7),
+    (2, 65, 3, 3),
+    (3, 127, 4, 1),
+    (2, 1, 6, 5),
+    (2, 3, 3, 4, 5),
+    (2, 65, 2, 2, 3),
 ]
 
 
@@ -80,17 +90,29 @@ def test_functional_matches_reference_and_torch_cuda(shape, fmt, dtype):
         args = (training, 0.1, 1e-5)
         ours = run_batch_norm(BF.batch_norm, x, ours_rm, ours_rv, w, b, *args, dy)
         tcu = run_batch_norm(F.batch_norm, x, tcu_rm, tcu_rv, w, b, *args, dy)
-        ref = run_batch_norm(F.batch_norm, x.double().cpu(), ref_rm, ref_rv, w.double().cpu(),
-                             b.double().cpu(), *args, dy.double().cpu())
+        ref = run_batch_norm(
+            F.batch_norm,
+            x.double().cpu(),
+            ref_rm,
+            ref_rv,
+            w.double().cpu(),
+            b.double().cpu(),
+            *args,
+            dy.double().cpu(),
+        )
         assert ours[0].dtype == dtype and ours[0].device == x.device
         if fmt == "channels_last":
             assert ours[0].stride() == x.stride()
         slack = 4 if dtype == torch.float32 else 1
-        for name, a, t, r, f in zip(("output", "grad_input", "grad_weight", "grad_bias"),
-                                    ours, tcu, ref, (2 * slack, 8 * slack, 8 * slack, 8 * slack)):
+        for name, a, t, r, f in zip(
+            ("output", "grad_input", "grad_weight", "grad_bias"),
+            ours,
+            tcu,
+            ref,
+            (2 * slack, 8 * slack, 8 * slack, 8 * slack),
+        ):
             what = f"{name} training={training}"
-            assert_close_rel(a, r, dtype if name in ("output", "grad_input") else pdt,
-                             what, f)
+            assert_close_rel(a, r, dtype if name in ("output", "grad_input") else pdt, what, f)
             # torch may keep reduced-precision intermediates: the input dtype's
             # tolerance for everything; accuracy is checked against float64 above.
             assert_close_rel(a, t, dtype, what + " vs torch cuda", 2 * f)
@@ -104,10 +126,15 @@ def test_functional_matches_reference_and_torch_cuda(shape, fmt, dtype):
 
 
 MODULE_CASES = [
-    (1, (7, 65), "contiguous"), (1, (4, 127, 6), "strided"), (1, (16, 1), "contiguous"),
-    (2, (4, 3, 5, 7), "channels_last"), (2, (2, 65, 3, 3), "contiguous"),
-    (2, (3, 127, 4, 1), "strided"), (2, (2, 1, 6, 5), "channels_last"),
-    (3, (2, 3, 3, 4, 5), "channels_last"), (3, (2, 65, 2, 2, 3), "contiguous"),
+    (1, (7, 65), "contiguous"),
+    (1, (4, 127, 6), "strided"),
+    (1, (16, 1), "contiguous"),
+    (2, (4, 3, 5, 7), "channels_last"),
+    (2, (2, 65, 3, 3), "contiguous"),
+    (2, (3, 127, 4, 1), "strided"),
+    (2, (2, 1, 6, 5), "channels_last"),
+    (3, (2, 3, 3, 4, 5), "channels_last"),
+    (3, (2, 65, 2, 2, 3), "contiguous"),
 ]
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 OUR_BN = {1: torch_bnext.BatchNorm1d, 2: torch_bnext.BatchNorm2d, 3: torch_bnext.BatchNorm3d}
@@ -136,8 +163,11 @@ def test_module_parity(dim, shape, fmt, dtype, momentum):
             m.train(training)
         x = random_input(shape, dtype, fmt)
         dy = torch.randn(shape, dtype=torch.float64, device="cuda").to(dtype)
-        xs = [x.detach().requires_grad_(), x.detach().clone().requires_grad_(),
-              x.detach().double().cpu().requires_grad_()]
+        xs = [
+            x.detach().requires_grad_(),
+            x.detach().clone().requires_grad_(),
+            x.detach().double().cpu().requires_grad_(),
+        ]
         outs = [m(xi) for m, xi in zip((ours, tcu, ref), xs)]
         for out, g in zip(outs, (dy, dy, dy.double().cpu())):
             out.backward(g)
@@ -148,15 +178,19 @@ def test_module_parity(dim, shape, fmt, dtype, momentum):
             # may keep reduced-precision intermediates); float64 is the accuracy check.
             pdt_cmp = pdt if other is ref else dtype
             assert_close_rel(outs[0], outs[i], dtype, f"output step {step}", factor * 2 * f)
-            assert_close_rel(xs[0].grad, xs[i].grad, dtype, f"grad_input step {step}",
-                             factor * 8 * f)
-            assert_close_rel(ours.weight.grad, other.weight.grad, pdt_cmp, "grad_weight",
-                             factor * 8 * f)
+            assert_close_rel(
+                xs[0].grad, xs[i].grad, dtype, f"grad_input step {step}", factor * 8 * f
+            )
+            assert_close_rel(
+                ours.weight.grad, other.weight.grad, pdt_cmp, "grad_weight", factor * 8 * f
+            )
             assert_close_rel(ours.bias.grad, other.bias.grad, pdt_cmp, "grad_bias", factor * 8 * f)
-            assert_close_rel(ours.running_mean, other.running_mean, pdt_cmp, "running_mean",
-                             factor * 4)
-            assert_close_rel(ours.running_var, other.running_var, pdt_cmp, "running_var",
-                             factor * 4)
+            assert_close_rel(
+                ours.running_mean, other.running_mean, pdt_cmp, "running_mean", factor * 4
+            )
+            assert_close_rel(
+                ours.running_var, other.running_var, pdt_cmp, "running_var", factor * 4
+            )
             assert ours.num_batches_tracked.item() == other.num_batches_tracked.item()
         for m in (ours, tcu, ref):
             m.weight.grad = m.bias.grad = None
@@ -183,8 +217,13 @@ def test_split_ops_match_reference(shape, fmt, dtype):
     assert mean.dtype == var.dtype == opm and mean.device == x.device
     ref_mean = x64.mean(dim=dims)
     assert_close_rel(mean, ref_mean, dtype if dtype == torch.float64 else torch.float32, "mean", 4)
-    assert_close_rel(var, x64.var(dim=dims, unbiased=False),
-                     dtype if dtype == torch.float64 else torch.float32, "var", 4)
+    assert_close_rel(
+        var,
+        x64.var(dim=dims, unbiased=False),
+        dtype if dtype == torch.float64 else torch.float32,
+        "var",
+        4,
+    )
 
     C = shape[1]
     m = torch.randn(C, dtype=opm, device="cuda")
@@ -199,14 +238,22 @@ def test_split_ops_match_reference(shape, fmt, dtype):
     sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, m)
     opm_dtype = dtype if dtype == torch.float64 else torch.float32
     assert_close_rel(sum_dy, dy64.sum(dim=dims), opm_dtype, "sum_dy", 8)
-    assert_close_rel(sum_dy_xmu, (dy64 * (x64 - m.double().cpu().view(cs))).sum(dim=dims),
-                     opm_dtype, "sum_dy_xmu", 8)
+    assert_close_rel(
+        sum_dy_xmu,
+        (dy64 * (x64 - m.double().cpu().view(cs))).sum(dim=dims),
+        opm_dtype,
+        "sum_dy_xmu",
+        8,
+    )
 
     a, k, c = (torch.randn(C, dtype=opm, device="cuda") for _ in range(3))
     dx = ops.batch_norm_backward_elemt(dy, x, m, a, k, c)
     md = m.double().cpu().view(cs)
-    dx_ref = (a.double().cpu().view(cs) * dy64 + k.double().cpu().view(cs) * (x64 - md)
-              + c.double().cpu().view(cs))
+    dx_ref = (
+        a.double().cpu().view(cs) * dy64
+        + k.double().cpu().view(cs) * (x64 - md)
+        + c.double().cpu().view(cs)
+    )
     assert dx.dtype == dtype
     assert_close_rel(dx, dx_ref, dtype, "backward_elemt", 2)
 
@@ -229,11 +276,13 @@ def test_empty_inputs():
 
 @pytest.mark.parametrize(
     "shape,fmt",
-    [((70000, 3), "contiguous"),        # 2-D: channels-last rows, few channels
-     ((66000, 130), "contiguous"),      # many rows and several channel tiles
-     ((1100, 5, 8, 8), "channels_last"),
-     ((2, 1, 300, 300), "contiguous"),  # one channel, few planes: stripes split across blocks
-     ((64, 7, 33, 35), "contiguous")],
+    [
+        ((70000, 3), "contiguous"),  # 2-D: channels-last rows, few channels
+        ((66000, 130), "contiguous"),  # many rows and several channel tiles
+        ((1100, 5, 8, 8), "channels_last"),
+        ((2, 1, 300, 300), "contiguous"),  # one channel, few planes: stripes split across blocks
+        ((64, 7, 33, 35), "contiguous"),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_large_inputs(shape, fmt, dtype):
@@ -244,8 +293,18 @@ def test_large_inputs(shape, fmt, dtype):
     rm_ref, rv_ref = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
     dy = random_input(shape, dtype, fmt, mean=0.0, std=1.0)
     ours = run_batch_norm(BF.batch_norm, x, rm, rv, None, None, True, 0.1, 1e-5, dy)
-    ref = run_batch_norm(F.batch_norm, x.double().cpu(), rm_ref, rv_ref, None, None, True, 0.1,
-                         1e-5, dy.double().cpu())
+    ref = run_batch_norm(
+        F.batch_norm,
+        x.double().cpu(),
+        rm_ref,
+        rv_ref,
+        None,
+        None,
+        True,
+        0.1,
+        1e-5,
+        dy.double().cpu(),
+    )
     assert_close_rel(ours[0], ref[0], dtype, "output", 2)
     assert_close_rel(ours[1], ref[1], dtype, "grad_input", 8)
     assert_close_rel(rm, rm_ref, torch.float32, "running_mean", 8)
@@ -263,8 +322,14 @@ def test_statistics_are_accurate_for_large_mean(fmt):
     assert rel_err(var, x64.var(dim=(0, 2, 3), unbiased=False)) <= 2e-3
 
 
-@pytest.mark.parametrize("shape,fmt", [((8, 16, 20, 20), "channels_last"),
-                                       ((8, 16, 20, 20), "contiguous"), ((70000, 3), "contiguous")])
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((8, 16, 20, 20), "channels_last"),
+        ((8, 16, 20, 20), "contiguous"),
+        ((70000, 3), "contiguous"),
+    ],
+)
 def test_reductions_are_deterministic(shape, fmt):
     torch.manual_seed(5)
     x = random_input(shape, torch.float32, fmt)
@@ -278,11 +343,16 @@ def test_reductions_are_deterministic(shape, fmt):
 
 def test_matches_cpu_kernels():
     torch.manual_seed(6)
-    for shape, fmt in (((6, 5, 4, 3), "contiguous"), ((6, 5, 4, 3), "channels_last"),
-                       ((9, 65), "contiguous")):
+    for shape, fmt in (
+        ((6, 5, 4, 3), "contiguous"),
+        ((6, 5, 4, 3), "channels_last"),
+        ((9, 65), "contiguous"),
+    ):
         x = random_input(shape, torch.float64, fmt)
-        for a, b in zip(ops.batch_norm_train(x, None, None, 1e-5),
-                        ops.batch_norm_train(x.cpu(), None, None, 1e-5)):
+        for a, b in zip(
+            ops.batch_norm_train(x, None, None, 1e-5),
+            ops.batch_norm_train(x.cpu(), None, None, 1e-5),
+        ):
             assert_close_rel(a, b, torch.float64, "train vs cpu", 10)
 
 

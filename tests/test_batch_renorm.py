@@ -16,7 +16,6 @@ from torch_bnext.testing import REL_TOL, assert_close_rel, rel_err, to_format
 _ops = torch.ops.bnext
 
 
-
 def reference_step(x, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max, step):
     """One training step in float64, straight from the issue's equations.
     Returns y, r, d and the updated running buffers."""
@@ -68,8 +67,9 @@ def test_matches_reference_over_steps(shape, fmt, dtype, momentum):
     # half/bfloat16 input.
     param_dtype = dtype if dtype in (torch.float64, torch.float32) else torch.float32
     r_max, d_max, eps = 1.4, 0.5, 1e-5
-    layer = MODULES[len(shape)](C, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max,
-                                dtype=param_dtype)
+    layer = MODULES[len(shape)](
+        C, eps=eps, momentum=momentum, r_max=r_max, d_max=d_max, dtype=param_dtype
+    )
     with torch.no_grad():
         layer.weight.copy_(torch.randn(C, generator=gen) + 1)
         layer.bias.copy_(torch.randn(C, generator=gen))
@@ -132,8 +132,9 @@ def test_gradcheck_where_r_and_d_saturate():
     r_max, d_max = 2.0, 1.0
     x = torch.randn(3, 8, 3, 2, dtype=torch.float64) * 1.3 + 0.4
     running_mean, running_var, r_hi, d_pos = saturating_stats(x, r_max, d_max)
-    _, _, _, r, d = _ops.batch_renorm_train(x, running_mean, running_var, None, None, 1e-5,
-                                            r_max, d_max)
+    _, _, _, r, d = _ops.batch_renorm_train(
+        x, running_mean, running_var, None, None, 1e-5, r_max, d_max
+    )
     torch.testing.assert_close(r, torch.where(r_hi, r_max, 1 / r_max).double())
     torch.testing.assert_close(d, torch.where(d_pos, d_max, -d_max).double())
     w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
@@ -141,8 +142,16 @@ def test_gradcheck_where_r_and_d_saturate():
 
     def f(x, w, b):
         # Fresh buffers per call: the layer updates them in place.
-        return batch_renorm(x, running_mean.clone(), running_var.clone(), w, b, training=True,
-                            r_max=r_max, d_max=d_max)
+        return batch_renorm(
+            x,
+            running_mean.clone(),
+            running_var.clone(),
+            w,
+            b,
+            training=True,
+            r_max=r_max,
+            d_max=d_max,
+        )
 
     assert torch.autograd.gradcheck(f, (x.requires_grad_(), w, b))
 
@@ -249,8 +258,9 @@ def test_schedule_values_and_module_uses_step_count():
     r_fn, d_fn = tb.renorm_schedule()
     assert [r_fn(s) for s in (0, 4999, 5000, 22500, 40000, 10**6)] == [1, 1, 1, 2, 3, 3]
     assert [d_fn(s) for s in (0, 5000, 15000, 25000, 10**6)] == [0, 0, 2.5, 5, 5]
-    r_fn, d_fn = tb.renorm_schedule(warmup_steps=1, r_max=2.0, r_max_steps=3, d_max=1.0,
-                                    d_max_steps=2)
+    r_fn, d_fn = tb.renorm_schedule(
+        warmup_steps=1, r_max=2.0, r_max_steps=3, d_max=1.0, d_max_steps=2
+    )
     gen = torch.Generator().manual_seed(5)
     layer = tb.BatchRenorm1d(4, momentum=0.5, r_max=r_fn, d_max=d_fn).double()
     with torch.no_grad():
@@ -261,8 +271,9 @@ def test_schedule_values_and_module_uses_step_count():
     for step in range(4):
         x = torch.randn(8, 4, generator=gen, dtype=torch.float64)
         y = layer(x)
-        yr, r, d, mean, var = reference_step(x, mean, var, w, b, 0.5, 1e-5, r_fn(step),
-                                             d_fn(step), step)
+        yr, r, d, mean, var = reference_step(
+            x, mean, var, w, b, 0.5, 1e-5, r_fn(step), d_fn(step), step
+        )
         assert_close_rel(y, yr, torch.float64, f"step {step}")
     with pytest.raises(ValueError, match="r_max"):
         tb.renorm_schedule(r_max=0.5)
@@ -272,12 +283,20 @@ def test_schedule_values_and_module_uses_step_count():
 
 def test_convert_model():
     torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm2d(4)),
-                          tb.BatchNorm3d(4)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm2d(4)), tb.BatchNorm3d(4)
+        )
+        .double()
+        .eval()
+    )
     params = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     out = tb.convert_model(model, norm="batchrenorm", r_max=2.0, d_max=1.0)
     assert [type(m) for m in (out[1], out[2][0], out[3])] == [
-        tb.BatchRenorm1d, tb.BatchRenorm2d, tb.BatchRenorm3d]
+        tb.BatchRenorm1d,
+        tb.BatchRenorm2d,
+        tb.BatchRenorm3d,
+    ]
     assert {id(t) for t in list(out.parameters()) + list(out.buffers())} == params
     for layer in (out[1], out[2][0], out[3]):
         assert not layer.training and layer.r_max == 2.0 and layer.d_max == 1.0
@@ -321,8 +340,11 @@ def test_limit_and_buffer_errors():
     x = torch.randn(4, 3, 2) + 1
     rm, rv = torch.randn(3) * 0.1, torch.rand(3) + 0.5
     rm0, rv0 = rm.clone(), rv.clone()
-    for r_max, d_max, match in ((0.5, 1.0, "r_max"), (2.0, -1.0, "d_max"),
-                                (float("nan"), 1.0, "r_max")):
+    for r_max, d_max, match in (
+        (0.5, 1.0, "r_max"),
+        (2.0, -1.0, "d_max"),
+        (float("nan"), 1.0, "r_max"),
+    ):
         with pytest.raises(ValueError, match=match):
             batch_renorm(x, rm, rv, training=True, r_max=r_max, d_max=d_max)
         with pytest.raises(ValueError, match=match):
@@ -346,41 +368,50 @@ def test_limit_and_buffer_errors():
 
 def test_opcheck_train():
     torch.manual_seed(7)
-    for fmt, dtype in (("contiguous", torch.float32), ("channels_last", torch.float64),
-                       ("strided", torch.float32)):
+    for fmt, dtype in (
+        ("contiguous", torch.float32),
+        ("channels_last", torch.float64),
+        ("strided", torch.float32),
+    ):
         x = to_format(torch.randn(3, 4, 5, 2, dtype=dtype) + 0.5, fmt).requires_grad_()
         w = torch.rand(4, dtype=dtype).add_(0.5).requires_grad_()
         b = torch.randn(4, dtype=dtype).requires_grad_()
         rm, rv = torch.randn(4, dtype=dtype) * 0.2, torch.rand(4, dtype=dtype) + 0.5
         torch.library.opcheck(_ops.batch_renorm_train.default, (x, rm, rv, w, b, 1e-5, 1.5, 0.5))
-        torch.library.opcheck(_ops.batch_renorm_train.default,
-                              (x, rm, rv, None, None, 1e-3, 3.0, 5.0))
+        torch.library.opcheck(
+            _ops.batch_renorm_train.default, (x, rm, rv, None, None, 1e-3, 3.0, 5.0)
+        )
     x = torch.randn(4, 6, dtype=torch.bfloat16)
-    torch.library.opcheck(_ops.batch_renorm_train.default,
-                          (x, torch.randn(6), torch.rand(6) + 0.5, torch.rand(6) + 0.5, None, 1e-5,
-                           3.0, 5.0))
+    torch.library.opcheck(
+        _ops.batch_renorm_train.default,
+        (x, torch.randn(6), torch.rand(6) + 0.5, torch.rand(6) + 0.5, None, 1e-5, 3.0, 5.0),
+    )
 
 
 def test_opcheck_backward():
     torch.manual_seed(8)
     x = torch.randn(3, 4, 5, 2) + 0.5
     g = torch.randn_like(x)
-    _, mean, var, r, d = _ops.batch_renorm_train(x, torch.randn(4), torch.rand(4) + 1, None,
-                                                 None, 1e-5, 3.0, 5.0)
+    _, mean, var, r, d = _ops.batch_renorm_train(
+        x, torch.randn(4), torch.rand(4) + 1, None, None, 1e-5, 3.0, 5.0
+    )
     w = torch.rand(4) + 0.5
     torch.library.opcheck(_ops.batch_renorm_backward.default, (g, x, mean, var, w, r, d, 1e-5))
     xc = x.contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(_ops.batch_renorm_backward.default,
-                          (g, xc, mean, var, None, r, d, 1e-5))
+    torch.library.opcheck(_ops.batch_renorm_backward.default, (g, xc, mean, var, None, r, d, 1e-5))
 
 
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(9)
-    eager = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), tb.BatchRenorm2d(6, momentum=0.1),
-                          nn.ReLU(), nn.Conv2d(6, 4, 1))
+    eager = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        tb.BatchRenorm2d(6, momentum=0.1),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 1),
+    )
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(4, 3, 5, 5) * 2 + 1
         grad = torch.randn(4, 4, 5, 5)
         y_e = eager(x)
@@ -401,12 +432,21 @@ def test_compile_fullgraph_matches_eager():
 def _train_eval_gap(norm, batch_size, seed, steps=300):
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (128,), generator=gen)
-    x = torch.randn(4, 3, 8, 8, generator=gen)[labels] + 0.8 * torch.randn(128, 3, 8, 8,
-                                                                           generator=gen)
+    x = torch.randn(4, 3, 8, 8, generator=gen)[labels] + 0.8 * torch.randn(
+        128, 3, 8, 8, generator=gen
+    )
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1), norm(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        norm(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        norm(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
@@ -420,8 +460,9 @@ def _train_eval_gap(norm, batch_size, seed, steps=300):
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             for j, m in enumerate((train_mode, model)):
-                losses[j] += F.cross_entropy(m(x[i:i + batch_size]), labels[i:i + batch_size],
-                                             reduction="sum")
+                losses[j] += F.cross_entropy(
+                    m(x[i : i + batch_size]), labels[i : i + batch_size], reduction="sum"
+                )
     losses /= len(x)
     return (losses[0] - losses[1]).abs().item()
 

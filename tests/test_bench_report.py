@@ -31,16 +31,34 @@ def rounds(*medians_ms, blocks=10, number=10, jitter=0.01):
 
 
 def row(**kw):
-    r = {"op": "batchnorm", "shape": [32, 64, 56, 56], "layout": "contiguous", "dtype": "float32",
-         "pass": "train fwd+bwd", "ours_ms": 1.0, "native_ms": 4.0, "speedup": 4.0, "gbps": 80.0,
-         "copy_gbps": 180.0, "pct_copy": 44.0, "floor_ms": 0.7, "max_speedup": 5.7,
-         "renorm_over_bn": None, "reliable": True, "flags": [], "renorm_reliable": True,
-         "others_cpus": 0.0, "native": "BatchNorm2d", "native_kernels": []}
+    r = {
+        "op": "batchnorm",
+        "shape": [32, 64, 56, 56],
+        "layout": "contiguous",
+        "dtype": "float32",
+        "pass": "train fwd+bwd",
+        "ours_ms": 1.0,
+        "native_ms": 4.0,
+        "speedup": 4.0,
+        "gbps": 80.0,
+        "copy_gbps": 180.0,
+        "pct_copy": 44.0,
+        "floor_ms": 0.7,
+        "max_speedup": 5.7,
+        "renorm_over_bn": None,
+        "reliable": True,
+        "flags": [],
+        "renorm_reliable": True,
+        "others_cpus": 0.0,
+        "native": "BatchNorm2d",
+        "native_kernels": [],
+    }
     r.update(kw)
     return r
 
 
 # --- case selection ---------------------------------------------------------------------------
+
 
 def test_full_suite_is_the_old_default_and_subset_is_smaller():
     dtypes = [torch.float32, torch.bfloat16]
@@ -58,21 +76,43 @@ def test_full_suite_is_the_old_default_and_subset_is_smaller():
 
 
 def test_explicit_options_override_the_subset():
-    got = cases.build_cases(["batchnorm"], "cpu", [torch.float32], shapes=[(8, 16, 4, 4)],
-                            passes=["train fwd"], full=False)
-    assert [c.key for c in got] == [("batchnorm", (8, 16, 4, 4), layout, "float32", "train fwd")
-                                    for layout in ("contiguous", "channels_last")]
+    got = cases.build_cases(
+        ["batchnorm"],
+        "cpu",
+        [torch.float32],
+        shapes=[(8, 16, 4, 4)],
+        passes=["train fwd"],
+        full=False,
+    )
+    assert [c.key for c in got] == [
+        ("batchnorm", (8, 16, 4, 4), layout, "float32", "train fwd")
+        for layout in ("contiguous", "channels_last")
+    ]
     only_passes = cases.build_cases(["layernorm"], "cpu", [torch.float32], passes=["train fwd"])
     assert {c.shape for c in only_passes} == set(cases.LN_SHAPES["cpu"])
 
 
 def test_child_arguments_drop_what_the_parent_handles():
-    argv = ["--ops", "batchnorm", "--processes", "3", "--json", "a.json", "--out=dir", "--png",
-            "p.png", "--full", "--no-out", "--rounds", "2"]
+    argv = [
+        "--ops",
+        "batchnorm",
+        "--processes",
+        "3",
+        "--json",
+        "a.json",
+        "--out=dir",
+        "--png",
+        "p.png",
+        "--full",
+        "--no-out",
+        "--rounds",
+        "2",
+    ]
     assert child_arguments(argv) == ["--ops", "batchnorm", "--full", "--rounds", "2", "--no-out"]
 
 
 # --- reliability verdicts ---------------------------------------------------------------------
+
 
 def test_quantile_and_spread():
     assert rel.quantile([4, 1, 3, 2], 0.5) == 2.5
@@ -137,8 +177,11 @@ def test_load_and_floor():
 
 
 def test_merge_uses_reliable_processes():
-    rows = [row(ours_ms=1.0, speedup=4.0), row(ours_ms=1.04, speedup=3.9),
-            row(ours_ms=9.0, speedup=0.44, reliable=False, flags=["tick"])]
+    rows = [
+        row(ours_ms=1.0, speedup=4.0),
+        row(ours_ms=1.04, speedup=3.9),
+        row(ours_ms=9.0, speedup=0.44, reliable=False, flags=["tick"]),
+    ]
     m = rel.merge_rows(rows, MERGED_KEYS)
     assert m["reliable"] and m["flags"] == []
     assert m["ours_ms"] == pytest.approx(1.02)
@@ -159,12 +202,14 @@ def test_merge_marks_majority_unreliable_and_disagreeing_processes():
 
 # --- report -----------------------------------------------------------------------------------
 
+
 def test_table_marks_unreliable_ratio():
     good = row()
     bad = row(op="rmsnorm", shape=[64, 1024], speedup=214.0, reliable=False, flags=["load", "tick"])
     text = report.table([good, bad], "note")
-    good_line, bad_line = [line for line in text.splitlines()
-                           if line.startswith(("batchnorm", "rmsnorm"))]
+    good_line, bad_line = [
+        line for line in text.splitlines() if line.startswith(("batchnorm", "rmsnorm"))
+    ]
     assert "4.00x " in good_line and "4.00x?" not in good_line and good_line.endswith("yes")
     assert "214.00x?" in bad_line and bad_line.endswith("no: load,tick")
 
@@ -190,17 +235,30 @@ def test_files_carry_the_verdict(tmp_path):
 
 
 def test_summary_explains_counts_and_load():
-    results = [row(), row(reliable=False, flags=["spread"]),
-               row(reliable=False, flags=["spread", "load"])]
-    busy = {"load1_start": 1.3, "others_cpus_start": 0.8, "cpus": 2, "threads": 2,
-            "others_cpus_run": 0.9}
+    results = [
+        row(),
+        row(reliable=False, flags=["spread"]),
+        row(reliable=False, flags=["spread", "load"]),
+    ]
+    busy = {
+        "load1_start": 1.3,
+        "others_cpus_start": 0.8,
+        "cpus": 2,
+        "threads": 2,
+        "others_cpus_run": 0.9,
+    }
     lines = rel.summary(results, busy)
     assert lines[0].startswith("WARNING: 2 of 3 rows are unreliable")
     assert lines[1].split()[:2] == ["2", "spread:"] and lines[2].split()[:2] == ["1", "load:"]
     assert "0.80 CPUs at the start" in lines[-1] and "0.90 CPUs on average" in lines[-1]
     assert "load average 1.30" in lines[-1]
-    quiet = {"load1_start": 0.1, "others_cpus_start": 0.0, "cpus": 2, "threads": 2,
-             "others_cpus_run": 0.05}
+    quiet = {
+        "load1_start": 0.1,
+        "others_cpus_start": 0.0,
+        "cpus": 2,
+        "threads": 2,
+        "others_cpus_run": 0.05,
+    }
     assert rel.summary([row()], quiet) == []
     # The load average lags a job that just ended: measured CPU use decides where there is one.
     assert rel.load_warning(dict(quiet, load1_start=1.5)) is None

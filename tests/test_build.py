@@ -6,8 +6,9 @@ import torch
 import torch_bnext
 
 
-@pytest.mark.skipif(os.environ.get("BNEXT_EXPECT_CUDA_KERNELS") != "1",
-                    reason="set by .ci/run when nvcc is present")
+@pytest.mark.skipif(
+    os.environ.get("BNEXT_EXPECT_CUDA_KERNELS") != "1", reason="set by .ci/run when nvcc is present"
+)
 def test_cuda_kernels_were_compiled_in():
     assert torch_bnext.HAS_CUDA_KERNELS
 
@@ -40,12 +41,18 @@ def test_import_refuses_an_extension_built_against_another_torch(tmp_path):
     import sys
 
     package = tmp_path / "torch_bnext"
-    shutil.copytree(os.path.dirname(torch_bnext.__file__), package,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        os.path.dirname(torch_bnext.__file__), package, ignore=shutil.ignore_patterns("__pycache__")
+    )
     (package / "_build_info.py").write_text("TORCH_VERSION = '2.0.0+old'\nCUDA_KERNELS = False\n")
-    result = subprocess.run([sys.executable, "-c", "import torch_bnext"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, "-c", "import torch_bnext"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+    )
     assert result.returncode != 0
     assert "compiled against torch 2.0.0+old" in result.stderr
     assert f"torch {torch.__version__} is running" in result.stderr
@@ -56,9 +63,14 @@ def _tracked_build_inputs():
     import subprocess
 
     try:
-        files = subprocess.run(["git", "ls-files", "csrc", "setup.py", "pyproject.toml",
-                                "MANIFEST.in", "torch_bnext"], cwd=ROOT, capture_output=True,
-                               text=True, check=True, timeout=60).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files", "csrc", "setup.py", "pyproject.toml", "MANIFEST.in", "torch_bnext"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     return files
@@ -73,9 +85,14 @@ def test_sdist_carries_every_source_and_header(tmp_path):
 
     files = _tracked_build_inputs()
     assert any(f.endswith(".cuh") for f in files) and any(f.endswith(".h") for f in files)
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300,
-                   env=dict(os.environ, BNEXT_CUDA="0"))
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=dict(os.environ, BNEXT_CUDA="0"),
+    )
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}

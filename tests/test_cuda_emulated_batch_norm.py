@@ -23,14 +23,14 @@ SUMS_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6, tor
 # (shape, channels_last): channels-first planes long and short, (N, C) input
 # (channels-last rows), odd channel counts, vector-friendly and unfriendly sizes.
 SHAPES = [
-    ((4, 3, 5, 7), False),      # S = 35: scalar loads, several planes per block
-    ((2, 5, 8, 8), False),      # S = 64: vector loads
-    ((1, 1, 1), False),         # one value
-    ((3, 2, 4096), False),      # long planes: stripes split across blocks
-    ((9, 65), False),           # (N, C): channels-last rows, C odd
-    ((6, 64, 3, 3), True),      # channels-last, vector loads
-    ((5, 3, 4, 2), True),       # channels-last, C = 3
-    ((2, 127, 3, 2, 2), False), # 3-d, C = 127
+    ((4, 3, 5, 7), False),  # S = 35: scalar loads, several planes per block
+    ((2, 5, 8, 8), False),  # S = 64: vector loads
+    ((1, 1, 1), False),  # one value
+    ((3, 2, 4096), False),  # long planes: stripes split across blocks
+    ((9, 65), False),  # (N, C): channels-last rows, C odd
+    ((6, 64, 3, 3), True),  # channels-last, vector loads
+    ((5, 3, 4, 2), True),  # channels-last, C = 3
+    ((2, 127, 3, 2, 2), False),  # 3-d, C = 127
 ]
 
 
@@ -142,8 +142,9 @@ def test_batch_renorm_matches_cpu(channels_last, emu, num_sms):
     want = BN.batch_renorm_train(x, rm, rv, None, None, 1e-5, 1.5, 0.5)
     for g, t in zip(got, want):
         assert_close_rel(g, t, torch.float64, "batch_renorm_train")
-    got_t = emu.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, torch.tensor(1.5),
-                                             torch.tensor(0.5))
+    got_t = emu.batch_renorm_train_scheduled(
+        x, rm, rv, None, None, 1e-5, torch.tensor(1.5), torch.tensor(0.5)
+    )
     for g, t in zip(got_t, got):
         assert torch.equal(g, t)
 
@@ -155,8 +156,19 @@ def test_distributed_gather_matches_cpu(emu, num_sms):
     counts = torch.tensor([4.0, 0.0, 9.0], dtype=torch.float64)
     w, b = torch.rand(7) + 0.5, torch.randn(7)
     rm, rv = torch.randn(7), torch.rand(7) + 0.5
-    args = (means, vars_, counts, torch.float32, w, b, 1e-5, rm, rv, torch.tensor(1.5),
-            torch.tensor(0.5))
+    args = (
+        means,
+        vars_,
+        counts,
+        torch.float32,
+        w,
+        b,
+        1e-5,
+        rm,
+        rv,
+        torch.tensor(1.5),
+        torch.tensor(0.5),
+    )
     got = emu.batch_norm_gather_stats(*args)
     want = BN.batch_norm_gather_stats(*args)
     for g, t in zip(got, want):

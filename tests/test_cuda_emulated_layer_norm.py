@@ -52,7 +52,6 @@ def _inputs(M, N, dtype, offset=0, weight=True, bias=True):
     return x, dy, w, b
 
 
-
 # ---------------------------------------------------------------- references
 
 
@@ -264,8 +263,9 @@ def test_column_sums_launches(emu):
         emu.set_num_sms(132)
         dtypes = (torch.float32, torch.float64)
         counts = [_backward_launches(emu, M, 64, dtype) for dtype in dtypes for M in (5, 300)]
-        no_columns = [_backward_launches(emu, 300, 64, dtype, mask=(False, False))
-                      for dtype in dtypes]
+        no_columns = [
+            _backward_launches(emu, 300, 64, dtype, mask=(False, False)) for dtype in dtypes
+        ]
     finally:
         emu.set_num_sms(old)
     assert counts == [1, 2, 2, 3]

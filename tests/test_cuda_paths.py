@@ -17,15 +17,21 @@ pytestmark = pytest.mark.skipif(
 
 def _layers(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), tb.BatchNorm2d(8), nn.ReLU(),
-                         nn.Flatten(2), tb.LayerNorm(36), tb.RMSNorm(36))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        tb.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(2),
+        tb.LayerNorm(36),
+        tb.RMSNorm(36),
+    )
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_batch_renorm_on_cuda_matches_cpu_float64(fmt, dtype):
     gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(6, 5, 7, 3, generator=gen, dtype=torch.float64) * 2 + 1)
+    x = torch.randn(6, 5, 7, 3, generator=gen, dtype=torch.float64) * 2 + 1
     limits = (torch.tensor(1.3), torch.tensor(0.4))
     layers = {}
     for device in ("cpu", "cuda"):
@@ -42,19 +48,35 @@ def test_batch_renorm_on_cuda_matches_cpu_float64(fmt, dtype):
     y.backward(g.to("cuda", dtype))
     yr.backward(g)
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
-    for got, want in ((y, yr), (xc.grad, xr.grad),
-                      (layers["cuda"].running_var, layers["cpu"].running_var),
-                      (layers["cuda"].weight.grad, layers["cpu"].weight.grad)):
+    for got, want in (
+        (y, yr),
+        (xc.grad, xr.grad),
+        (layers["cuda"].running_var, layers["cpu"].running_var),
+        (layers["cuda"].weight.grad, layers["cpu"].weight.grad),
+    ):
         err = (got.double().cpu() - want.detach()).norm() / want.detach().norm()
         assert err <= tol, err
     assert y.is_contiguous(memory_format=fmt)
     # The schedule path (limits as device tensors) gives the same bits.
     out_t = torch.ops.bnext.batch_renorm_train_scheduled(
-        xc.detach(), layers["cuda"].running_mean, layers["cuda"].running_var, None, None, 1e-5,
-        *(t.cuda() for t in limits))
+        xc.detach(),
+        layers["cuda"].running_mean,
+        layers["cuda"].running_var,
+        None,
+        None,
+        1e-5,
+        *(t.cuda() for t in limits),
+    )
     out_f = torch.ops.bnext.batch_renorm_train(
-        xc.detach(), layers["cuda"].running_mean, layers["cuda"].running_var, None, None, 1e-5,
-        1.3, 0.4)
+        xc.detach(),
+        layers["cuda"].running_mean,
+        layers["cuda"].running_var,
+        None,
+        None,
+        1e-5,
+        1.3,
+        0.4,
+    )
     assert all(torch.equal(a, b) for a, b in zip(out_t, out_f))
 
 
@@ -123,7 +145,7 @@ def test_compile_fullgraph_on_cuda_matches_eager():
     eager = _layers().cuda()
     compiled_model = _layers().cuda()
     compiled = torch.compile(compiled_model, fullgraph=True)
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(4, 3, 6, 6, device="cuda").contiguous(memory_format=torch.channels_last)
         y_e, y_c = eager(x), compiled(x)
         y_e.sum().backward()
@@ -138,8 +160,10 @@ def test_compile_fullgraph_on_cuda_matches_eager():
 @pytest.mark.parametrize("shape,normalized", [((0, 16), (16,)), ((4, 0), (0,)), ((2, 0, 8), (8,))])
 def test_row_norms_with_empty_rows_or_columns(shape, normalized):
     x = torch.randn(shape, device="cuda", requires_grad=True)
-    for ours, theirs in ((tb.LayerNorm(normalized), nn.LayerNorm(normalized)),
-                         (tb.RMSNorm(normalized), nn.RMSNorm(normalized))):
+    for ours, theirs in (
+        (tb.LayerNorm(normalized), nn.LayerNorm(normalized)),
+        (tb.RMSNorm(normalized), nn.RMSNorm(normalized)),
+    ):
         ours, theirs = ours.cuda(), theirs.cuda()
         y = ours(x)
         assert y.shape == theirs(x).shape

@@ -67,8 +67,9 @@ def trained(model, *shape, dtype=torch.float32, steps=3, **kwargs):
 def ort_session(ort, model_proto):
     opset = max(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
     try:
-        return ort.InferenceSession(model_proto.SerializeToString(),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:
         if opset >= 23 and "opset" in str(exc).lower():
             pytest.skip(f"onnxruntime {ort.__version__} does not run opset {opset}: {exc}")
@@ -86,8 +87,14 @@ def run_onnx(ort, model_proto, x):
 
 def export_onnx(model, args, opset, **kwargs):
     args = args if isinstance(args, tuple) else (args,)
-    return torch.onnx.export(model, args, dynamo=True, opset_version=opset,
-                             custom_translation_table=B.onnx_translations(opset), **kwargs)
+    return torch.onnx.export(
+        model,
+        args,
+        dynamo=True,
+        opset_version=opset,
+        custom_translation_table=B.onnx_translations(opset),
+        **kwargs,
+    )
 
 
 def max_err(actual, expected):
@@ -102,44 +109,94 @@ def _cl(x):
 
 # name -> (model factory, input factory, ONNX node it must become)
 CASES = {
-    "bn1d_NC": (lambda: trained(B.BatchNorm1d(4), 8, 4), lambda: torch.randn(3, 4),
-                "BatchNormalization"),
-    "bn1d_NCL": (lambda: trained(B.BatchNorm1d(4), 8, 4, 5), lambda: torch.randn(3, 4, 5),
-                 "BatchNormalization"),
-    "bn2d_NCHW": (lambda: trained(B.BatchNorm2d(4), 4, 4, 5, 5), lambda: torch.randn(2, 4, 5, 5),
-                  "BatchNormalization"),
-    "bn2d_channels_last": (lambda: trained(B.BatchNorm2d(4), 4, 4, 5, 5),
-                           lambda: _cl(torch.randn(2, 4, 5, 5)), "BatchNormalization"),
-    "bn3d_NCDHW": (lambda: trained(B.BatchNorm3d(4), 2, 4, 3, 4, 5),
-                   lambda: torch.randn(2, 4, 3, 4, 5), "BatchNormalization"),
-    "bn3d_channels_last": (lambda: trained(B.BatchNorm3d(4), 2, 4, 3, 4, 5),
-                           lambda: _cl(torch.randn(2, 4, 3, 4, 5)), "BatchNormalization"),
-    "bn2d_no_affine": (lambda: trained(B.BatchNorm2d(4, affine=False), 4, 4, 5, 5),
-                       lambda: torch.randn(2, 4, 5, 5), "BatchNormalization"),
+    "bn1d_NC": (
+        lambda: trained(B.BatchNorm1d(4), 8, 4),
+        lambda: torch.randn(3, 4),
+        "BatchNormalization",
+    ),
+    "bn1d_NCL": (
+        lambda: trained(B.BatchNorm1d(4), 8, 4, 5),
+        lambda: torch.randn(3, 4, 5),
+        "BatchNormalization",
+    ),
+    "bn2d_NCHW": (
+        lambda: trained(B.BatchNorm2d(4), 4, 4, 5, 5),
+        lambda: torch.randn(2, 4, 5, 5),
+        "BatchNormalization",
+    ),
+    "bn2d_channels_last": (
+        lambda: trained(B.BatchNorm2d(4), 4, 4, 5, 5),
+        lambda: _cl(torch.randn(2, 4, 5, 5)),
+        "BatchNormalization",
+    ),
+    "bn3d_NCDHW": (
+        lambda: trained(B.BatchNorm3d(4), 2, 4, 3, 4, 5),
+        lambda: torch.randn(2, 4, 3, 4, 5),
+        "BatchNormalization",
+    ),
+    "bn3d_channels_last": (
+        lambda: trained(B.BatchNorm3d(4), 2, 4, 3, 4, 5),
+        lambda: _cl(torch.randn(2, 4, 3, 4, 5)),
+        "BatchNormalization",
+    ),
+    "bn2d_no_affine": (
+        lambda: trained(B.BatchNorm2d(4, affine=False), 4, 4, 5, 5),
+        lambda: torch.randn(2, 4, 5, 5),
+        "BatchNormalization",
+    ),
     # Eval with batch statistics: bnext::batch_norm_train in an eval graph.
-    "bn2d_no_running_stats": (lambda: B.BatchNorm2d(4, track_running_stats=False).eval(),
-                              lambda: torch.randn(2, 4, 5, 5) * 2 + 1, "BatchNormalization"),
-    "batchrenorm1d": (lambda: trained(B.BatchRenorm1d(4, r_max=1.5, d_max=0.5), 8, 4),
-                      lambda: torch.randn(3, 4), "BatchNormalization"),
+    "bn2d_no_running_stats": (
+        lambda: B.BatchNorm2d(4, track_running_stats=False).eval(),
+        lambda: torch.randn(2, 4, 5, 5) * 2 + 1,
+        "BatchNormalization",
+    ),
+    "batchrenorm1d": (
+        lambda: trained(B.BatchRenorm1d(4, r_max=1.5, d_max=0.5), 8, 4),
+        lambda: torch.randn(3, 4),
+        "BatchNormalization",
+    ),
     "batchrenorm2d_channels_last": (
         lambda: trained(B.BatchRenorm2d(4, r_max=1.5, d_max=0.5), 4, 4, 5, 5),
-        lambda: _cl(torch.randn(2, 4, 5, 5)), "BatchNormalization"),
-    "batchrenorm3d": (lambda: trained(B.BatchRenorm3d(4), 2, 4, 3, 4, 5),
-                      lambda: torch.randn(2, 4, 3, 4, 5), "BatchNormalization"),
-    "syncbatchnorm_eval": (lambda: trained(B.SyncBatchNorm(4), 4, 4, 5, 5),
-                           lambda: torch.randn(2, 4, 5, 5), "BatchNormalization"),
+        lambda: _cl(torch.randn(2, 4, 5, 5)),
+        "BatchNormalization",
+    ),
+    "batchrenorm3d": (
+        lambda: trained(B.BatchRenorm3d(4), 2, 4, 3, 4, 5),
+        lambda: torch.randn(2, 4, 3, 4, 5),
+        "BatchNormalization",
+    ),
+    "syncbatchnorm_eval": (
+        lambda: trained(B.SyncBatchNorm(4), 4, 4, 5, 5),
+        lambda: torch.randn(2, 4, 5, 5),
+        "BatchNormalization",
+    ),
     "layernorm": (lambda: B.LayerNorm(8), lambda: torch.randn(2, 3, 8), "LayerNormalization"),
-    "layernorm_2d_shape": (lambda: B.LayerNorm([3, 8]), lambda: torch.randn(2, 3, 8),
-                           "LayerNormalization"),
-    "layernorm_no_affine": (lambda: B.LayerNorm(8, elementwise_affine=False),
-                            lambda: torch.randn(2, 3, 8), "LayerNormalization"),
-    "layernorm_no_bias": (lambda: B.LayerNorm(8, bias=False), lambda: torch.randn(2, 3, 8),
-                          "LayerNormalization"),
+    "layernorm_2d_shape": (
+        lambda: B.LayerNorm([3, 8]),
+        lambda: torch.randn(2, 3, 8),
+        "LayerNormalization",
+    ),
+    "layernorm_no_affine": (
+        lambda: B.LayerNorm(8, elementwise_affine=False),
+        lambda: torch.randn(2, 3, 8),
+        "LayerNormalization",
+    ),
+    "layernorm_no_bias": (
+        lambda: B.LayerNorm(8, bias=False),
+        lambda: torch.randn(2, 3, 8),
+        "LayerNormalization",
+    ),
     "rmsnorm": (lambda: B.RMSNorm(8), lambda: torch.randn(2, 3, 8), "RMSNormalization"),
-    "rmsnorm_2d_shape_eps": (lambda: B.RMSNorm([3, 8], eps=1e-3), lambda: torch.randn(2, 3, 8),
-                             "RMSNormalization"),
-    "rmsnorm_no_weight": (lambda: B.RMSNorm(8, elementwise_affine=False),
-                          lambda: torch.randn(2, 3, 8), "RMSNormalization"),
+    "rmsnorm_2d_shape_eps": (
+        lambda: B.RMSNorm([3, 8], eps=1e-3),
+        lambda: torch.randn(2, 3, 8),
+        "RMSNormalization",
+    ),
+    "rmsnorm_no_weight": (
+        lambda: B.RMSNorm(8, elementwise_affine=False),
+        lambda: torch.randn(2, 3, 8),
+        "RMSNormalization",
+    ),
 }
 
 
@@ -215,8 +272,9 @@ def test_onnx_float32_matches_eager(ort, opset, record_property):
 
 
 def _issue_model():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.LayerNorm(4 * 6 * 6))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(4 * 6 * 6)
+    )
     model = B.convert_model(model, layernorm=True)
     return _randomise_affine(trained(model, 4, 3, 8, 8))
 
@@ -227,9 +285,13 @@ def test_onnx_issue_model_dynamic_batch(ort, opset, record_property):
     torch.manual_seed(0)
     model = _issue_model()
     program = torch.onnx.export(
-        model, (torch.randn(2, 3, 8, 8),), dynamo=True, opset_version=opset,
+        model,
+        (torch.randn(2, 3, 8, 8),),
+        dynamo=True,
+        opset_version=opset,
         dynamic_shapes=({0: torch.export.Dim("batch")},),
-        custom_translation_table=B.onnx_translations(opset))
+        custom_translation_table=B.onnx_translations(opset),
+    )
     errs = []
     for n in (1, 5):
         x = torch.randn(n, 3, 8, 8)
@@ -241,31 +303,44 @@ def test_onnx_issue_model_dynamic_batch(ort, opset, record_property):
 
 
 DTYPE_CASES = {
-    "bn2d": (lambda dt, pdt: trained(B.BatchNorm2d(4, dtype=pdt), 4, 4, 5, 5, dtype=pdt),
-             lambda dt: torch.randn(2, 4, 5, 5, dtype=dt)),
+    "bn2d": (
+        lambda dt, pdt: trained(B.BatchNorm2d(4, dtype=pdt), 4, 4, 5, 5, dtype=pdt),
+        lambda dt: torch.randn(2, 4, 5, 5, dtype=dt),
+    ),
     "bn2d_no_running_stats": (
         lambda dt, pdt: B.BatchNorm2d(4, track_running_stats=False, dtype=pdt).eval(),
-        lambda dt: torch.randn(2, 4, 5, 5, dtype=dt)),
-    "layernorm": (lambda dt, pdt: B.LayerNorm(8, dtype=pdt),
-                  lambda dt: torch.randn(2, 3, 8, dtype=dt)),
-    "layernorm_no_bias": (lambda dt, pdt: B.LayerNorm(8, bias=False, dtype=pdt),
-                          lambda dt: torch.randn(2, 3, 8, dtype=dt)),
+        lambda dt: torch.randn(2, 4, 5, 5, dtype=dt),
+    ),
+    "layernorm": (
+        lambda dt, pdt: B.LayerNorm(8, dtype=pdt),
+        lambda dt: torch.randn(2, 3, 8, dtype=dt),
+    ),
+    "layernorm_no_bias": (
+        lambda dt, pdt: B.LayerNorm(8, bias=False, dtype=pdt),
+        lambda dt: torch.randn(2, 3, 8, dtype=dt),
+    ),
     "rmsnorm": (lambda dt, pdt: B.RMSNorm(8, dtype=pdt), lambda dt: torch.randn(2, 3, 8, dtype=dt)),
 }
 # (input dtype, parameter dtype): float64, half, and half input with float32
 # parameters (mixed precision, which our layers accept).
-DTYPES = [(torch.float64, torch.float64), (torch.float16, torch.float16),
-          (torch.float16, torch.float32)]
+DTYPES = [
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
 
 
 @pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("dtypes", DTYPES,
-                         ids=lambda d: f"{d[0]}-params-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize(
+    "dtypes", DTYPES, ids=lambda d: f"{d[0]}-params-{d[1]}".replace("torch.", "")
+)
 def test_onnx_other_dtypes_match_eager(ort, dtypes, opset, record_property):
     torch.manual_seed(0)
     dtype, param_dtype = dtypes
-    cases = {name: (_randomise_affine(make_model(dtype, param_dtype)), make_input(dtype))
-             for name, (make_model, make_input) in DTYPE_CASES.items()}
+    cases = {
+        name: (_randomise_affine(make_model(dtype, param_dtype)), make_input(dtype))
+        for name, (make_model, make_input) in DTYPE_CASES.items()
+    }
     errs, _ = export_and_compare(ort, cases, opset)
     prefix = f"onnx_opset{opset}_{dtype}_params_{param_dtype}".replace("torch.", "")
     check_errors(record_property, prefix, errs, TOL[dtype])
@@ -318,15 +393,18 @@ def test_onnx_float64_rms_norm_keeps_tiny_eps(ort):
         assert torch.equal(y, model(x).detach())
 
 
-@pytest.mark.parametrize("layer, message", [
-    # Batch Renorm: our translation of bnext::batch_renorm_train refuses.
-    ("batchrenorm", r"model\.eval\(\)"),
-    # Batch Norm: bnext::batch_norm_train translates (eval uses it too, with
-    # track_running_stats=False); torch 2.14's exporter then fails on the
-    # functionalised in-place update (auto_functionalized_v2), as for any
-    # mutating custom op, with a KeyError naming our operator.
-    ("batchnorm", r"auto_functionalized_v2[\s\S]*bnext\.batch_norm_update_stats"),
-])
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        # Batch Renorm: our translation of bnext::batch_renorm_train refuses.
+        ("batchrenorm", r"model\.eval\(\)"),
+        # Batch Norm: bnext::batch_norm_train translates (eval uses it too, with
+        # track_running_stats=False); torch 2.14's exporter then fails on the
+        # functionalised in-place update (auto_functionalized_v2), as for any
+        # mutating custom op, with a KeyError naming our operator.
+        ("batchnorm", r"auto_functionalized_v2[\s\S]*bnext\.batch_norm_update_stats"),
+    ],
+)
 def test_onnx_training_mode_fails(ort, layer, message):
     model = {"batchnorm": B.BatchNorm2d, "batchrenorm": B.BatchRenorm2d}[layer](4).train()
     with pytest.raises(Exception, match=message):
@@ -337,16 +415,31 @@ def test_onnx_translations_opset_checks(ort):
     with pytest.raises(ValueError, match="opset_version >= 17"):
         B.onnx_translations(16)
     with pytest.raises(Exception, match="same opset_version"):
-        torch.onnx.export(B.RMSNorm(8), (torch.randn(2, 8),), dynamo=True, opset_version=18,
-                          custom_translation_table=B.onnx_translations(23))
+        torch.onnx.export(
+            B.RMSNorm(8),
+            (torch.randn(2, 8),),
+            dynamo=True,
+            opset_version=18,
+            custom_translation_table=B.onnx_translations(23),
+        )
     table = B.onnx_translations()
     for name in ("batch_norm_infer", "batch_norm_train", "layer_norm_fwd", "rms_norm_fwd"):
         assert getattr(torch.ops.bnext, name).default in table
 
 
-LEGACY_CASES = ["bn1d_NC", "bn2d_channels_last", "bn3d_NCDHW", "bn2d_no_affine",
-                "bn2d_no_running_stats", "batchrenorm2d_channels_last", "layernorm_2d_shape",
-                "layernorm_no_affine", "layernorm_no_bias", "rmsnorm", "rmsnorm_no_weight"]
+LEGACY_CASES = [
+    "bn1d_NC",
+    "bn2d_channels_last",
+    "bn3d_NCDHW",
+    "bn2d_no_affine",
+    "bn2d_no_running_stats",
+    "batchrenorm2d_channels_last",
+    "layernorm_2d_shape",
+    "layernorm_no_affine",
+    "layernorm_no_bias",
+    "rmsnorm",
+    "rmsnorm_no_weight",
+]
 
 
 @pytest.mark.parametrize("opset", [17, 20])
@@ -355,8 +448,7 @@ def test_legacy_exporter(ort, opset, record_property):
     # torch but present in 2.14, with a global registry of symbolic functions.
     B.onnx.register_legacy_symbolics()
     torch.manual_seed(0)
-    cases = {name: (_randomise_affine(CASES[name][0]()), CASES[name][1]())
-             for name in LEGACY_CASES}
+    cases = {name: (_randomise_affine(CASES[name][0]()), CASES[name][1]()) for name in LEGACY_CASES}
     errs, op_types = export_and_compare(ort, cases, opset, legacy=True)
     assert {"BatchNormalization", "LayerNormalization", "ReduceMean"} <= op_types, op_types
     check_errors(record_property, f"legacy_opset{opset}_float32", errs, F32_TOL)
@@ -365,8 +457,9 @@ def test_legacy_exporter(ort, opset, record_property):
 def test_legacy_exporter_needs_opset_17(ort):
     B.onnx.register_legacy_symbolics()
     with pytest.raises(Exception, match="opset_version >= 17"):
-        torch.onnx.export(B.LayerNorm(8), (torch.randn(2, 8),), io.BytesIO(), dynamo=False,
-                          opset_version=16)
+        torch.onnx.export(
+            B.LayerNorm(8), (torch.randn(2, 8),), io.BytesIO(), dynamo=False, opset_version=16
+        )
 
 
 def test_only_register_legacy_symbolics_touches_the_legacy_registry(ort):
@@ -374,9 +467,17 @@ def test_only_register_legacy_symbolics_touches_the_legacy_registry(ort):
     # the dynamo exporter must leave it alone.
     from torch.onnx._internal.torchscript_exporter.registration import registry
 
-    names = [f"bnext::{op}" for op in ("batch_norm_infer", "batch_norm_train", "layer_norm_fwd",
-                                       "rms_norm_fwd", "batch_renorm_train",
-                                       "batch_norm_update_stats")]
+    names = [
+        f"bnext::{op}"
+        for op in (
+            "batch_norm_infer",
+            "batch_norm_train",
+            "layer_norm_fwd",
+            "rms_norm_fwd",
+            "batch_renorm_train",
+            "batch_norm_update_stats",
+        )
+    ]
     for name in names:
         for opset in (1, 17):
             torch.onnx.unregister_custom_op_symbolic(name, opset)
@@ -388,6 +489,7 @@ def test_only_register_legacy_symbolics_touches_the_legacy_registry(ort):
 
 
 # --- revert_model ------------------------------------------------------------
+
 
 def _torch_model(dtype=torch.float64):
     return nn.Sequential(
@@ -426,15 +528,32 @@ def test_revert_model_round_trip(mode):
 
 def test_revert_model_maps_every_layer():
     torch.manual_seed(0)
-    ours = nn.ModuleList([
-        B.BatchNorm1d(4), B.BatchNorm2d(4), B.BatchNorm3d(4),
-        B.BatchRenorm1d(4), B.BatchRenorm2d(4), B.BatchRenorm3d(4),
-        B.SyncBatchNorm(4), B.SyncBatchRenorm(4),
-        B.LayerNorm([2, 4]), B.RMSNorm(4, eps=1e-3),
-    ])
-    expected = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                nn.SyncBatchNorm, nn.SyncBatchNorm, nn.LayerNorm, nn.RMSNorm]
+    ours = nn.ModuleList(
+        [
+            B.BatchNorm1d(4),
+            B.BatchNorm2d(4),
+            B.BatchNorm3d(4),
+            B.BatchRenorm1d(4),
+            B.BatchRenorm2d(4),
+            B.BatchRenorm3d(4),
+            B.SyncBatchNorm(4),
+            B.SyncBatchRenorm(4),
+            B.LayerNorm([2, 4]),
+            B.RMSNorm(4, eps=1e-3),
+        ]
+    )
+    expected = [
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.SyncBatchNorm,
+        nn.LayerNorm,
+        nn.RMSNorm,
+    ]
     inputs = [(8, 4), (4, 4, 3, 3), (2, 4, 2, 3, 3)] * 2 + [(4, 4, 3, 3)] * 2 + [(3, 2, 4), (3, 4)]
     for layer, shape in zip(ours[:8], inputs):
         trained(layer, *shape, steps=2)
@@ -448,8 +567,9 @@ def test_revert_model_maps_every_layer():
     for layer, cls, x, y, tensors in zip(reverted, expected, xs, eval_out, params):
         assert type(layer) is cls
         assert not layer.training
-        assert all(a is b for a, b in zip(list(layer.parameters()) + list(layer.buffers()),
-                                           tensors))
+        assert all(
+            a is b for a, b in zip(list(layer.parameters()) + list(layer.buffers()), tensors)
+        )
         with torch.no_grad():
             torch.testing.assert_close(layer(x), y, rtol=1e-6, atol=1e-6)
     # The root itself.
@@ -459,6 +579,7 @@ def test_revert_model_maps_every_layer():
 
 
 # --- torch.export: save/load, training mode ---------------------------------
+
 
 def test_exported_program_save_load_eval(tmp_path):
     torch.manual_seed(0)
@@ -482,14 +603,17 @@ def test_exported_program_training_mode_updates_buffers(layer, tmp_path):
     # save/load, and after run_decompositions (functionalised: the updates
     # become outputs that ep.module() writes back).
     torch.manual_seed(0)
-    make = {"batchnorm": lambda: B.BatchNorm2d(4),
-            "batchrenorm": lambda: B.BatchRenorm2d(4, r_max=1.5, d_max=0.5)}[layer]
+    make = {
+        "batchnorm": lambda: B.BatchNorm2d(4),
+        "batchrenorm": lambda: B.BatchRenorm2d(4, r_max=1.5, d_max=0.5),
+    }[layer]
     model = trained(make(), 4, 4, 3, 3).train()
     xs = [torch.randn(4, 4, 3, 3) * 2 + 1 for _ in range(2)]
     eager = copy.deepcopy(model)
     ep = torch.export.export(copy.deepcopy(model), (xs[0],))
     assert "bnext.batch_norm_update_stats.default" in {
-        str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+    }
     path = tmp_path / "train.pt2"
     torch.export.save(ep, path)
     programs = [ep.module(), torch.export.load(path).module(), ep.run_decompositions().module()]
@@ -545,8 +669,9 @@ def test_aoti_package_runs_our_kernels(tmp_path, record_property):
     # Small model: the C++ compile of the package dominates (about 12 s on 2 cores; the whole
     # test about 35 s).
     torch.manual_seed(0)
-    model = _randomise_affine(nn.Sequential(trained(B.BatchNorm2d(4), 4, 4, 3, 3), B.LayerNorm(3),
-                                            B.RMSNorm(3)))
+    model = _randomise_affine(
+        nn.Sequential(trained(B.BatchNorm2d(4), 4, 4, 3, 3), B.LayerNorm(3), B.RMSNorm(3))
+    )
     x = torch.randn(2, 4, 3, 3)
     with torch.no_grad():
         y = model(x)
@@ -566,12 +691,20 @@ def test_aoti_package_runs_our_kernels(tmp_path, record_property):
     script.write_text(_LOADER)
     lib = torch_bnext._C.__file__
     root = os.path.dirname(os.path.dirname(torch_bnext.__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    procs = [subprocess.Popen([sys.executable, str(script), how, package, str(program),
-                               str(io_path), lib],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for how in ("import", "library")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), how, package, str(program), str(io_path), lib],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for how in ("import", "library")
+    ]
     results = {}
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -588,5 +721,7 @@ def test_aoti_package_runs_our_kernels(tmp_path, record_property):
     assert "deserializing" in results["nothing_exported"]["error"], results["nothing_exported"]
     total_s = time.perf_counter() - start
     record_property("aoti_total_s", total_s)
-    print(f"[deploy] AOTI total: {total_s:.1f} s; without the import: "
-            f"{results['nothing']['error'][:120]}")
+    print(
+        f"[deploy] AOTI total: {total_s:.1f} s; without the import: "
+        f"{results['nothing']['error'][:120]}"
+    )

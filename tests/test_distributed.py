@@ -20,8 +20,10 @@ from torch_bnext.testing import REL_TOL
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distributed_worker as worker  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 # The tests that spawn ranks (run_ranks) are marked slow: each process
 # imports torch and meets the others before the first step.
@@ -39,10 +41,24 @@ def run_ranks(scenario, world, tmp_path):
     """Runs `scenario` in `world` processes; returns each rank's saved result."""
     port = free_port()
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, worker.__file__, scenario, str(rank), str(world),
-                               str(port), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                worker.__file__,
+                scenario,
+                str(rank),
+                str(world),
+                str(port),
+                str(tmp_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
     logs = []
     try:
         for proc in procs:
@@ -72,18 +88,22 @@ def test_equals_the_whole_batch_on_one_process(world, tmp_path):
             w = want[step]
             ranks = [r[case][step] for r in results]
             msg = f"{case}, step {step}"
-            torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), w["out"], **TOL,
-                                       msg=msg)
-            torch.testing.assert_close(torch.cat([r["grad_input"] for r in ranks]),
-                                       w["grad_input"], **TOL, msg=msg)
+            torch.testing.assert_close(
+                torch.cat([r["out"] for r in ranks]), w["out"], **TOL, msg=msg
+            )
+            torch.testing.assert_close(
+                torch.cat([r["grad_input"] for r in ranks]), w["grad_input"], **TOL, msg=msg
+            )
             # Parameter gradients are each rank's share: their sum is the whole batch's.
             for name in ("grad_weight", "grad_bias"):
-                torch.testing.assert_close(sum(r[name] for r in ranks), w[name], **TOL,
-                                           msg=f"{msg}: {name}")
+                torch.testing.assert_close(
+                    sum(r[name] for r in ranks), w[name], **TOL, msg=f"{msg}: {name}"
+                )
             for rank, r in enumerate(ranks):
                 for name in ("running_mean", "running_var"):
-                    torch.testing.assert_close(r[name], w[name], **TOL,
-                                               msg=f"{msg}: {name} on rank {rank}")
+                    torch.testing.assert_close(
+                        r[name], w[name], **TOL, msg=f"{msg}: {name} on rank {rank}"
+                    )
                 assert r["num_batches_tracked"] == w["num_batches_tracked"] == step + 1
                 if sizes[rank] > 0 and worker.CASES[case][1] is not None:
                     assert r["out_channels_last"], msg
@@ -129,8 +149,9 @@ def test_ddp_training_matches_single_process_training(tmp_path):
     for rank, r in enumerate(results):
         assert r["state"].keys() == want.keys()
         for name, value in want.items():
-            torch.testing.assert_close(r["state"][name], value, rtol=1e-9, atol=1e-11,
-                                       msg=f"{name} on rank {rank}")
+            torch.testing.assert_close(
+                r["state"][name], value, rtol=1e-9, atol=1e-11, msg=f"{name} on rank {rank}"
+            )
 
 
 def test_convert_sync_batchnorm_reuses_parameters_and_buffers():
@@ -150,8 +171,9 @@ def test_convert_sync_batchnorm_reuses_parameters_and_buffers():
     with torch.no_grad():
         torch.testing.assert_close(converted.stem(x), want)
     renorm = tb.SyncBatchRenorm.convert_sync_batchrenorm(converted, r_max=2.0, d_max=1.0)
-    assert [type(m) for m in renorm.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [tb.SyncBatchRenorm] * 5
+    assert [
+        type(m) for m in renorm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ] == [tb.SyncBatchRenorm] * 5
     assert renorm.stem[1].r_max == 2.0
 
 
@@ -185,9 +207,19 @@ def test_world_size_one_is_the_local_layer(tmp_path):
 def test_distributed_steps_refuse_differentiation():
     means = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
-        torch.ops.bnext.batch_norm_gather_stats(means, torch.rand(2, 3, dtype=torch.float64),
-                                                torch.tensor([2, 3]), torch.float64, None, None,
-                                                1e-5, None, None, None, None)
+        torch.ops.bnext.batch_norm_gather_stats(
+            means,
+            torch.rand(2, 3, dtype=torch.float64),
+            torch.tensor([2, 3]),
+            torch.float64,
+            None,
+            None,
+            1e-5,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def test_gather_stats_merges_like_one_batch_and_survives_a_large_mean():
@@ -196,14 +228,26 @@ def test_gather_stats_merges_like_one_batch_and_survives_a_large_mean():
     gen = torch.Generator().manual_seed(0)
     parts = [torch.randn(n, 5, generator=gen, dtype=torch.float64) + 1e4 for n in (7, 0, 130, 1)]
     whole = torch.cat(parts)
-    means = torch.stack([p.mean(0) if len(p) else torch.zeros(5, dtype=torch.float64)
-                         for p in parts])
-    vars_ = torch.stack([p.var(0, unbiased=False) if len(p) else torch.zeros(5, dtype=torch.float64)
-                         for p in parts])
+    means = torch.stack(
+        [p.mean(0) if len(p) else torch.zeros(5, dtype=torch.float64) for p in parts]
+    )
+    vars_ = torch.stack(
+        [p.var(0, unbiased=False) if len(p) else torch.zeros(5, dtype=torch.float64) for p in parts]
+    )
     counts = torch.tensor([len(p) for p in parts])
     mean, var, count, scale, shift, r, d = torch.ops.bnext.batch_norm_gather_stats(
-        means.float(), vars_.float(), counts, torch.float32, None, None, 1e-5, None, None, None,
-        None)
+        means.float(),
+        vars_.float(),
+        counts,
+        torch.float32,
+        None,
+        None,
+        1e-5,
+        None,
+        None,
+        None,
+        None,
+    )
     assert count.item() == len(whole) and count.dtype == torch.long
     # The exact merge (float64) of the float32 partials the op was given.
     m32, v32, n = means.float().double(), vars_.float().double(), counts.double()[:, None]
@@ -215,14 +259,28 @@ def test_gather_stats_merges_like_one_batch_and_survives_a_large_mean():
     # and the whole batch's, up to the float32 rounding of the partial means (1e4: ~5e-4)
     torch.testing.assert_close(var.double(), whole.var(0, unbiased=False), rtol=1e-4, atol=0)
     assert torch.equal(r, torch.ones(5)) and torch.equal(d, torch.zeros(5))
-    torch.library.opcheck(torch.ops.bnext.batch_norm_gather_stats.default,
-                          (means, vars_, counts, torch.float64, torch.rand(5, dtype=torch.float64),
-                           None, 1e-5, torch.zeros(5, dtype=torch.float64),
-                           torch.ones(5, dtype=torch.float64), torch.tensor(2.0),
-                           torch.tensor(1.0)))
-    torch.library.opcheck(torch.ops.bnext.batch_norm_backward_coeffs.default,
-                          (torch.randn(5), torch.randn(5), torch.rand(5), None, None, None, 1e-5,
-                           torch.tensor(9)))
+    torch.library.opcheck(
+        torch.ops.bnext.batch_norm_gather_stats.default,
+        (
+            means,
+            vars_,
+            counts,
+            torch.float64,
+            torch.rand(5, dtype=torch.float64),
+            None,
+            1e-5,
+            torch.zeros(5, dtype=torch.float64),
+            torch.ones(5, dtype=torch.float64),
+            torch.tensor(2.0),
+            torch.tensor(1.0),
+        ),
+    )
+    torch.library.opcheck(
+        torch.ops.bnext.batch_norm_backward_coeffs.default,
+        (torch.randn(5), torch.randn(5), torch.rand(5), None, None, None, 1e-5, torch.tensor(9)),
+    )
     rm, rv = torch.zeros(5), torch.ones(5)
-    torch.library.opcheck(torch.ops.bnext.batch_norm_update_stats_global.default,
-                          (rm, rv, None, torch.randn(5), torch.rand(5), 0.1, torch.tensor(9)))
+    torch.library.opcheck(
+        torch.ops.bnext.batch_norm_update_stats_global.default,
+        (rm, rv, None, torch.randn(5), torch.rand(5), 0.1, torch.tensor(9)),
+    )

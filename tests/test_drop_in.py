@@ -29,8 +29,9 @@ def both(call):
 def test_batch_norm_eps_is_validated_like_torch(training, eps):
     x = torch.randn(4, 3)
     rm, rv = torch.zeros(3), torch.ones(3)
-    theirs, ours = both(lambda f, _: f.batch_norm(x, rm.clone(), rv.clone(), training=training,
-                                                  eps=eps))
+    theirs, ours = both(
+        lambda f, _: f.batch_norm(x, rm.clone(), rv.clone(), training=training, eps=eps)
+    )
     assert theirs is ValueError and ours is ValueError
     with pytest.raises(ValueError, match="eps"):
         torch_bnext.BatchNorm1d(3, eps=eps).train(training)(x)
@@ -48,8 +49,11 @@ def test_batch_norm_eval_with_zero_eps_is_allowed_like_torch():
 
 def test_edge_shapes():
     for training in (True, False):
-        theirs, ours = both(lambda f, _: f.batch_norm(torch.randn(0), torch.zeros(0),
-                                                      torch.ones(0), training=training))
+        theirs, ours = both(
+            lambda f, _, training=training: f.batch_norm(
+                torch.randn(0), torch.zeros(0), torch.ones(0), training=training
+            )
+        )
         assert ours.shape == theirs.shape == (0,)
     x = torch.randn(0, 3, dtype=torch.float64, requires_grad=True)
     w = torch.ones(3, requires_grad=True)  # float32 weight, float64 input, empty batch
@@ -65,7 +69,7 @@ def test_edge_shapes():
 def test_zero_channels_raise_like_torch_instead_of_crashing():
     x = torch.randn(4, 0, 3, requires_grad=True)
     for training in (True, False):
-        theirs, ours = both(lambda _, m: m.BatchNorm1d(0).train(training)(x))
+        theirs, ours = both(lambda _, m, training=training: m.BatchNorm1d(0).train(training)(x))
         assert theirs is ours is IndexError
     g = torch.randn(4, 0, 3)
     empty = torch.empty(0)
@@ -93,13 +97,14 @@ def test_rms_norm_complex_input(dtype):
     x = torch.randn(3, 6, dtype=dtype, requires_grad=True)
     w = torch.rand(6) + 0.5
     for eps in (None, 1e-5):
-        theirs, ours = both(lambda f, _: f.rms_norm(x, [6], w, eps))
+        theirs, ours = both(lambda f, _, eps=eps: f.rms_norm(x, [6], w, eps))
         torch.testing.assert_close(ours, theirs)
     (g_o,) = torch.autograd.grad(ours_F.rms_norm(x, [6], w).abs().sum(), x)
     (g_t,) = torch.autograd.grad(F.rms_norm(x, [6], w).abs().sum(), x)
     torch.testing.assert_close(g_o, g_t)
-    torch.testing.assert_close(torch_bnext.RMSNorm(6, dtype=torch.float32)(x.detach()),
-                               nn.RMSNorm(6)(x.detach()))
+    torch.testing.assert_close(
+        torch_bnext.RMSNorm(6, dtype=torch.float32)(x.detach()), nn.RMSNorm(6)(x.detach())
+    )
 
 
 def test_error_types_match_torch():
@@ -123,8 +128,9 @@ def test_rms_norm_accepts_a_float64_weight_like_torch():
 def test_convert_model_refuses_renorm_arguments_without_renorm():
     with pytest.raises(TypeError, match="norm='batchrenorm'"):
         torch_bnext.convert_model(nn.Sequential(nn.BatchNorm2d(3)), r_max=2.0)
-    model = torch_bnext.convert_model(nn.Sequential(nn.BatchNorm2d(3)), norm="batchrenorm",
-                                      r_max=2.0)
+    model = torch_bnext.convert_model(
+        nn.Sequential(nn.BatchNorm2d(3)), norm="batchrenorm", r_max=2.0
+    )
     assert type(model[0]) is torch_bnext.BatchRenorm2d and model[0].r_max == 2.0
 
 
@@ -139,10 +145,14 @@ def test_convert_model_lazy_and_sync_batch_norm():
     model = torch_bnext.convert_model(nn.Sequential(torch_sync))
     assert type(model[0]) is torch_bnext.SyncBatchNorm and model[0].process_group is group
     assert model[0].weight is torch_sync.weight and model[0].running_var is torch_sync.running_var
-    model = torch_bnext.convert_model(nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(
-        nn.BatchNorm1d(3))), sync=True)
-    assert [type(m) for m in model.modules()][1:] == [torch_bnext.SyncBatchNorm, nn.Sequential,
-                                                     torch_bnext.SyncBatchNorm]
+    model = torch_bnext.convert_model(
+        nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(nn.BatchNorm1d(3))), sync=True
+    )
+    assert [type(m) for m in model.modules()][1:] == [
+        torch_bnext.SyncBatchNorm,
+        nn.Sequential,
+        torch_bnext.SyncBatchNorm,
+    ]
     model = torch_bnext.convert_model(model, norm="batchrenorm", sync=True, r_max=2.0)
     assert type(model[0]) is torch_bnext.SyncBatchRenorm and model[0].r_max == 2.0
     assert model[0].process_group is None
@@ -168,5 +178,6 @@ def test_host_statistics_with_device_tensors_are_rejected():
         ops.layer_norm_bwd(torch.ones_like(x), x, mean.cpu(), rstd, None, 1e-5, [False, False])
     rm, rv = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
     with pytest.raises(RuntimeError, match="batch var"):
-        ops.batch_norm_update_stats(rm, rv, None, torch.zeros(3, device="cuda"), torch.ones(3),
-                                    0.1, 8)
+        ops.batch_norm_update_stats(
+            rm, rv, None, torch.zeros(3, device="cuda"), torch.ones(3), 0.1, 8
+        )

@@ -12,12 +12,18 @@ CSRC = os.path.join(ROOT, "csrc")
 
 # Every family: its schemas and their registration, argument checks, the ops
 # written once over a backend, the CPU and CUDA registrations, autograd.
-COMMON = {"schemas.h", "ops.cpp", "checks.h", "composite.h", "cpu_kernels.cpp",
-          "cuda_kernels.cu", "autograd.cpp"}
+COMMON = {
+    "schemas.h",
+    "ops.cpp",
+    "checks.h",
+    "composite.h",
+    "cpu_kernels.cpp",
+    "cuda_kernels.cu",
+    "autograd.cpp",
+}
 # Families with kernels of their own add their backends, the CUDA kernels and
 # an ATen reference for derivatives beyond the kernels'.
-KERNELS = {"cpu_backend.h", "cuda_backend.cuh", "cuda_kernels.cuh", "reference.h",
-           "reference.cpp"}
+KERNELS = {"cpu_backend.h", "cuda_backend.cuh", "cuda_kernels.cuh", "reference.h", "reference.cpp"}
 FAMILIES = {
     "batch_norm": COMMON | KERNELS,
     "layer_norm": COMMON | KERNELS,
@@ -44,9 +50,15 @@ def test_each_family_registers_under_one_name():
     for family in FAMILIES:
         composite = open(os.path.join(CSRC, family, "composite.h")).read()
         assert "void register_kernels(torch::Library& m)" in composite, family
-        for unit, backend in (("cpu_kernels.cpp", "CpuBackend"), ("cuda_kernels.cu", "CudaBackend")):
+        for unit, backend in (
+            ("cpu_kernels.cpp", "CpuBackend"),
+            ("cuda_kernels.cu", "CudaBackend"),
+        ):
             text = open(os.path.join(CSRC, family, unit)).read()
-            assert re.search(rf"register_kernels<(batch_norm::)?{backend}>\(m\)", text), (family, unit)
+            assert re.search(rf"register_kernels<(batch_norm::)?{backend}>\(m\)", text), (
+                family,
+                unit,
+            )
 
 
 def test_emulator_macro_stays_behind_the_seam():

@@ -25,8 +25,9 @@ def run(kind, x, shape, weight, bias, eps=1e-5):
     """Output and gradients (x, weight, bias) of our layer or torch's for a
     fixed random upstream gradient."""
     x = x.detach().clone().requires_grad_()
-    params = [p.detach().clone().requires_grad_() if p is not None else None
-              for p in (weight, bias)]
+    params = [
+        p.detach().clone().requires_grad_() if p is not None else None for p in (weight, bias)
+    ]
     w, b = params
     if kind == "ours_ln":
         y = layer_norm(x, shape, w, b, eps)
@@ -73,6 +74,7 @@ def check_against_reference(kind, x, shape, weight, bias, tol, eps=1e-5):
 
 
 # ------------------------------------------------------------- parity, dtypes
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("hidden", [1, 3, 127, 768, 4096])
@@ -139,8 +141,11 @@ def test_mixed_precision_float32_params(kind, dtype, device):
     ours = check_against_reference(kind, x, [96], w, b, REL_TOL[dtype])
     theirs = run("ref_" + kind, x, [96], w, b)
     assert ours[0].dtype == theirs[0].dtype == dtype
-    assert ([g.dtype for g in ours[2:]] == [g.dtype for g in theirs[2:]]
-            == [torch.float32] * len(ours[2:]))
+    assert (
+        [g.dtype for g in ours[2:]]
+        == [g.dtype for g in theirs[2:]]
+        == [torch.float32] * len(ours[2:])
+    )
 
 
 @pytest.mark.parametrize("kind", ["ln", "rms"])
@@ -163,7 +168,8 @@ def test_non_contiguous_grad_out(kind, device):
     x = randn(16, 48, device=device)
     w = randn(48, device=device)
     y, stat = (lambda r: (r[0], r[1:]))(
-        ops.layer_norm_fwd(x, [48], w, None, 1e-5) if kind == "ln"
+        ops.layer_norm_fwd(x, [48], w, None, 1e-5)
+        if kind == "ln"
         else ops.rms_norm_fwd(x, [48], w, 1e-5)
     )
     dy = randn(48, 16, device=device).t()
@@ -232,15 +238,16 @@ def test_large_mean_small_std(device):
     _, mean, rstd = ops.layer_norm_fwd(x, [1024], None, None, 1e-5)
     x64 = x.double()
     torch.testing.assert_close(mean.double(), x64.mean(-1), rtol=1e-6, atol=0)
-    torch.testing.assert_close(rstd.double(), (x64.var(-1, unbiased=False) + 1e-5).rsqrt(),
-                               rtol=2e-3, atol=0)
+    torch.testing.assert_close(
+        rstd.double(), (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=2e-3, atol=0
+    )
 
 
 def test_constant_rows(device):
     x = torch.full((4, 100), 3.25, device=device)
     y, mean, rstd = ops.layer_norm_fwd(x, [100], None, None, 1e-5)
     assert torch.equal(y, torch.zeros_like(y))
-    assert torch.allclose(rstd, torch.full_like(rstd, 1e-5 ** -0.5))
+    assert torch.allclose(rstd, torch.full_like(rstd, 1e-5**-0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -406,10 +413,18 @@ def test_rms_norm_module_matches_torch():
 
 
 def test_convert_model_layernorm():
-    model = nn.Sequential(
-        nn.Linear(8, 8), nn.LayerNorm(8), nn.RMSNorm(8, eps=1e-6), nn.BatchNorm1d(8),
-        nn.LayerNorm(8, bias=False), nn.LayerNorm(8, elementwise_affine=False),
-    ).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(8, 8),
+            nn.LayerNorm(8),
+            nn.RMSNorm(8, eps=1e-6),
+            nn.BatchNorm1d(8),
+            nn.LayerNorm(8, bias=False),
+            nn.LayerNorm(8, elementwise_affine=False),
+        )
+        .double()
+        .eval()
+    )
     params = {name: p for name, p in model.named_parameters()}
     x = torch.randn(4, 8, dtype=torch.float64)
     expected = model(x)
@@ -448,21 +463,32 @@ def test_errors_match_torch(kind):
     ours_fn, torch_fn = (layer_norm, F.layer_norm) if kind == "ln" else (rms_norm, F.rms_norm)
     x = torch.randn(4, 8)
     same_error(lambda: ours_fn(x, [7]), lambda: torch_fn(x, [7]), "expected input with shape")
-    same_error(lambda: ours_fn(x, [4, 8, 2]), lambda: torch_fn(x, [4, 8, 2]),
-               "expected input with shape|at least 3 dimensions")
+    same_error(
+        lambda: ours_fn(x, [4, 8, 2]),
+        lambda: torch_fn(x, [4, 8, 2]),
+        "expected input with shape|at least 3 dimensions",
+    )
     same_error(lambda: ours_fn(x, []), lambda: torch_fn(x, []), "at least 1-dimensional")
-    same_error(lambda: ours_fn(x, [8], torch.randn(7)), lambda: torch_fn(x, [8], torch.randn(7)),
-               "Expected weight to be of same shape")
+    same_error(
+        lambda: ours_fn(x, [8], torch.randn(7)),
+        lambda: torch_fn(x, [8], torch.randn(7)),
+        "Expected weight to be of same shape",
+    )
     same_error(lambda: ours_fn(x.int(), [8]), lambda: torch_fn(x.int(), [8]), "not implemented")
-    same_error(lambda: torch_bnext.LayerNorm(8)(torch.randn(3, 7)),
-               lambda: nn.LayerNorm(8)(torch.randn(3, 7)), "expected input with shape")
+    same_error(
+        lambda: torch_bnext.LayerNorm(8)(torch.randn(3, 7)),
+        lambda: nn.LayerNorm(8)(torch.randn(3, 7)),
+        "expected input with shape",
+    )
 
 
 def test_layer_norm_param_errors_match_torch():
     x = torch.randn(4, 8)
-    same_error(lambda: layer_norm(x, [8], None, torch.randn(9)),
-               lambda: F.layer_norm(x, [8], None, torch.randn(9)),
-               "Expected bias to be of same shape")
+    same_error(
+        lambda: layer_norm(x, [8], None, torch.randn(9)),
+        lambda: F.layer_norm(x, [8], None, torch.randn(9)),
+        "Expected bias to be of same shape",
+    )
     w64 = torch.randn(8, dtype=torch.float64)
     same_error(lambda: layer_norm(x, [8], w64), lambda: F.layer_norm(x, [8], w64), "dtype")
 

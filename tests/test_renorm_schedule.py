@@ -20,9 +20,12 @@ _ops = torch.ops.bnext
 
 
 def test_device_evaluation_equals_host_values():
-    ramps = [*tb.renorm_schedule(), *tb.renorm_schedule(warmup_steps=3, r_max=2.5, r_max_steps=10,
-                                                         d_max=0.7, d_max_steps=7),
-             tb.LinearRamp(1.0, 3.0, 4, 4), tb.LinearRamp(0.1, 0.3, 0, 3)]
+    ramps = [
+        *tb.renorm_schedule(),
+        *tb.renorm_schedule(warmup_steps=3, r_max=2.5, r_max_steps=10, d_max=0.7, d_max_steps=7),
+        tb.LinearRamp(1.0, 3.0, 4, 4),
+        tb.LinearRamp(0.1, 0.3, 0, 3),
+    ]
     steps = list(range(0, 60)) + [4999, 5000, 5001, 12345, 24999, 25000, 39999, 40000, 10**9]
     for ramp in ramps:
         device_values = ramp(torch.tensor(steps, dtype=torch.long))
@@ -54,8 +57,11 @@ def test_schedules_and_models_pickle():
 
 def test_tensor_limits_equal_float_limits(device):
     torch.manual_seed(0)
-    for dtype, fmt in ((torch.float32, "contiguous"), (torch.bfloat16, "channels_last"),
-                       (torch.float64, "strided")):
+    for dtype, fmt in (
+        (torch.float32, "contiguous"),
+        (torch.bfloat16, "channels_last"),
+        (torch.float64, "strided"),
+    ):
         x = to_format(torch.randn(5, 3, 4, 6, dtype=dtype, device=device) * 2 + 1, fmt)
         rm = torch.randn(3, device=device) * 0.3
         rv = torch.rand(3, device=device) + 0.2
@@ -65,8 +71,10 @@ def test_tensor_limits_equal_float_limits(device):
         for r_max, d_max in ((1.0, 0.0), (1.3, 0.2), (3.0, 5.0)):
             want = _ops.batch_renorm_train.default(x, rm, rv, w, b, 1e-5, r_max, d_max)
             for limit_device in (device, "cpu"):
-                limits = (torch.tensor(r_max, dtype=torch.float64, device=limit_device),
-                          torch.tensor(d_max, dtype=torch.float64, device=limit_device))
+                limits = (
+                    torch.tensor(r_max, dtype=torch.float64, device=limit_device),
+                    torch.tensor(d_max, dtype=torch.float64, device=limit_device),
+                )
                 got = _ops.batch_renorm_train_scheduled(x, rm, rv, w, b, 1e-5, *limits)
                 for name, g, e in zip(("out", "mean", "var", "r", "d"), got, want):
                     assert torch.equal(g, e), (dtype, fmt, r_max, name)
@@ -77,8 +85,11 @@ def test_invalid_tensor_limits():
     rm, rv = torch.zeros(3), torch.ones(3)
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     # On the CPU the value is checked as a float limit is (no synchronisation to avoid).
-    for r_max, d_max, match in ((0.5, 1.0, "r_max"), (2.0, -1.0, "d_max"),
-                                (float("nan"), 1.0, "r_max")):
+    for r_max, d_max, match in (
+        (0.5, 1.0, "r_max"),
+        (2.0, -1.0, "d_max"),
+        (float("nan"), 1.0, "r_max"),
+    ):
         with pytest.raises(ValueError, match=match):
             _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, t(r_max), t(d_max))
     with pytest.raises(RuntimeError, match="0-dim"):
@@ -96,8 +107,9 @@ def test_invalid_tensor_limit_on_gpu_gives_nan_not_a_clipped_value():
     x = torch.randn(4, 3, device="cuda") + 1
     rm, rv = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
     bad = torch.tensor(0.5, device="cuda")
-    out, _, _, r, d = _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, bad,
-                                                     torch.tensor(1.0, device="cuda"))
+    out, _, _, r, d = _ops.batch_renorm_train_scheduled(
+        x, rm, rv, None, None, 1e-5, bad, torch.tensor(1.0, device="cuda")
+    )
     assert out.isnan().all() and r.isnan().all() and d.isnan().all()
 
 
@@ -109,10 +121,13 @@ def test_opcheck_tensor_overload():
         b = torch.randn(4).requires_grad_()
         rm, rv = torch.randn(4) * 0.2, torch.rand(4) + 0.5
         limits = (torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
-        torch.library.opcheck(_ops.batch_renorm_train_scheduled.default,
-                              (x, rm, rv, w, b, 1e-5, *limits))
-        torch.library.opcheck(_ops.batch_renorm_train_scheduled.default,
-                              (x.detach(), rm, rv, None, None, 1e-5, *limits))
+        torch.library.opcheck(
+            _ops.batch_renorm_train_scheduled.default, (x, rm, rv, w, b, 1e-5, *limits)
+        )
+        torch.library.opcheck(
+            _ops.batch_renorm_train_scheduled.default,
+            (x.detach(), rm, rv, None, None, 1e-5, *limits),
+        )
 
 
 def test_forward_mode_with_tensor_limits_matches_float_limits():
@@ -123,17 +138,28 @@ def test_forward_mode_with_tensor_limits_matches_float_limits():
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
     tangent = torch.randn_like(x)
     limits = (torch.tensor(1.2, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
-    _, want = func.jvp(lambda t: _ops.batch_renorm_train(t, rm, rv, None, None, 1e-5, 1.2, 0.3)[0],
-                       (x,), (tangent,))
-    _, got = func.jvp(lambda t: _ops.batch_renorm_train_scheduled(t, rm, rv, None, None, 1e-5,
-                                                                *limits)[0], (x,), (tangent,))
+    _, want = func.jvp(
+        lambda t: _ops.batch_renorm_train(t, rm, rv, None, None, 1e-5, 1.2, 0.3)[0],
+        (x,),
+        (tangent,),
+    )
+    _, got = func.jvp(
+        lambda t: _ops.batch_renorm_train_scheduled(t, rm, rv, None, None, 1e-5, *limits)[0],
+        (x,),
+        (tangent,),
+    )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def _recipe_model(r_max, d_max, device):
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.BatchNorm2d(4),
+    )
     return tb.convert_model(model, norm="batchrenorm", r_max=r_max, d_max=d_max).to(device)
 
 
@@ -166,7 +192,7 @@ def test_readme_recipe_compiles_fullgraph_through_the_ramp(device):
             # From here on a recompilation would fail the test.
             stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
         # Inductor may reorder the convolutions' arithmetic: close, not bitwise.
-        close = dict(rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+        close = dict(rtol=1e-5, atol=1e-5, msg=lambda m, step=step: f"step {step}: {m}")
         torch.testing.assert_close(outs[1], outs[0], **close)
         for p_e, p_c in zip(eager.parameters(), compiled_model.parameters()):
             torch.testing.assert_close(p_c.grad, p_e.grad, **close)

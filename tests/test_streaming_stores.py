@@ -69,10 +69,13 @@ def compute_all():
 def test_streaming_stores_change_no_bit(tmp_path):
     out = tmp_path / "streamed.pt"
     env = dict(os.environ, BNEXT_STREAM_MIN_BYTES="0")
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); "
-            "import test_streaming_stores as t; torch.save(t.compute_all(), sys.argv[1])")
-    subprocess.run([sys.executable, "-c", code, str(out), os.path.dirname(__file__)], env=env,
-                   check=True)
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); "
+        "import test_streaming_stores as t; torch.save(t.compute_all(), sys.argv[1])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(out), os.path.dirname(__file__)], env=env, check=True
+    )
     streamed = torch.load(out)
     cached = compute_all()
     assert streamed.keys() == cached.keys()

@@ -82,19 +82,24 @@ def compare_gradients(out_o, out_t, leaves_o, leaves_t, dtype, what):
         return
     g = torch.randn_like(out_t)
     second = dtype == torch.float64
-    grads_o = torch.autograd.grad(out_o, leaves_o, g, create_graph=second, allow_unused=True,
-                                  materialize_grads=True)
-    grads_t = torch.autograd.grad(out_t, leaves_t, g, create_graph=second, allow_unused=True,
-                                  materialize_grads=True)
+    grads_o = torch.autograd.grad(
+        out_o, leaves_o, g, create_graph=second, allow_unused=True, materialize_grads=True
+    )
+    grads_t = torch.autograd.grad(
+        out_t, leaves_t, g, create_graph=second, allow_unused=True, materialize_grads=True
+    )
     for i, (a, b) in enumerate(zip(grads_o, grads_t)):
         assert_same(a, b, dtype, f"{what}: gradient {i}")
     if not second or not any(t.requires_grad for t in grads_t):
         return
     pen_o = sum((a * a).sum() for a in grads_o)
     pen_t = sum((b * b).sum() for b in grads_t)
-    for i, (a, b) in enumerate(zip(
+    for i, (a, b) in enumerate(
+        zip(
             torch.autograd.grad(pen_o, leaves_o, allow_unused=True, materialize_grads=True),
-            torch.autograd.grad(pen_t, leaves_t, allow_unused=True, materialize_grads=True))):
+            torch.autograd.grad(pen_t, leaves_t, allow_unused=True, materialize_grads=True),
+        )
+    ):
         assert_same(a, b, dtype, f"{what}: second-order gradient {i}")
 
 
@@ -126,8 +131,9 @@ def _channels_last(t):
 @pytest.mark.parametrize("name", sorted(OUR_MODULES))
 def test_module_samples(name, dtype, training, device):
     info, ours_cls = MODULE_INFOS[name], OUR_MODULES[name]
-    samples = info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True,
-                                      training=training)
+    samples = info.module_inputs_func(
+        info, device=device, dtype=dtype, requires_grad=True, training=training
+    )
     assert samples
     for k, sample in enumerate(samples):
         what = f"{name} sample {k} ({sample.desc or sample.constructor_input.args})"
@@ -140,7 +146,8 @@ def test_module_samples(name, dtype, training, device):
             if out_t.dim() >= 4 and layout == "channels_last":
                 fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[out_t.dim()]
                 assert out_o.is_contiguous(memory_format=fmt) == out_t.is_contiguous(
-                    memory_format=fmt), f"{what}: memory format"
+                    memory_format=fmt
+                ), f"{what}: memory format"
             for key, value in theirs.state_dict().items():
                 assert_same(ours.state_dict()[key], value, dtype, f"{what}, {layout}: {key}")
             leaves_o = tensors_requiring_grad(a_o) + list(ours.parameters())
@@ -161,8 +168,11 @@ def test_module_error_samples(name, device):
     info, ours_cls = MODULE_INFOS[name], OUR_MODULES[name]
     if info.module_error_inputs_func is None:
         pytest.skip(f"{name} has no error samples")
-    errors = list(info.module_error_inputs_func(info, device=device, dtype=torch.float32,
-                                                requires_grad=False, training=True))
+    errors = list(
+        info.module_error_inputs_func(
+            info, device=device, dtype=torch.float32, requires_grad=False, training=True
+        )
+    )
     assert errors
     for err in errors:
         sample = err.module_error_input
@@ -223,7 +233,7 @@ def test_function_forward_ad_samples(name, device):
             continue
         tangent = torch.randn_like(sample.input)
 
-        def jvp(fn):
+        def jvp(fn, sample=sample, tangent=tangent):
             s = clone(sample)  # fresh running statistics for each call
             f = lambda x: fn(x, *s.args, **s.kwargs)  # noqa: E731
             return torch.func.jvp(f, (s.input,), (tangent,))

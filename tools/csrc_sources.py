@@ -15,8 +15,9 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-REGISTERING = frozenset({"module.cpp", "ops.cpp", "autograd.cpp", "cpu_kernels.cpp",
-                         "cuda_kernels.cu"})
+REGISTERING = frozenset(
+    {"module.cpp", "ops.cpp", "autograd.cpp", "cpu_kernels.cpp", "cuda_kernels.cu"}
+)
 
 
 def _under_csrc(pattern):
@@ -34,14 +35,15 @@ def extension_sources(cuda):
 def host_sources():
     """The extension's .cpp files that register nothing: what the CUDA
     backends call on the host."""
-    return [p for p in extension_sources(cuda=False)
-            if os.path.basename(p) not in REGISTERING]
+    return [p for p in extension_sources(cuda=False) if os.path.basename(p) not in REGISTERING]
 
 
 def emulator_sources():
     """What the emulator's test library compiles, relative to csrc/."""
-    return sorted(os.path.relpath(p, CSRC)
-                  for p in glob.glob(os.path.join(CSRC, "emulator", "*.cpp"))) + host_sources()
+    return (
+        sorted(os.path.relpath(p, CSRC) for p in glob.glob(os.path.join(CSRC, "emulator", "*.cpp")))
+        + host_sources()
+    )
 
 
 def headers():

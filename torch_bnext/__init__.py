@@ -1,9 +1,11 @@
 """torch_bnext: Batch Norm, Batch Renorm, LayerNorm and RMSNorm with custom
 C++ and CUDA kernels, registered as PyTorch operators (torch.ops.bnext.*)."""
 
-from . import _extension  # noqa: F401  (loads the kernels first)
-from . import ops  # noqa: F401  (fake kernels; autograd is registered in C++)
-from . import functional
+from . import (
+    _extension,  # noqa: F401  (loads the kernels first)
+    functional,
+    ops,  # noqa: F401  (fake kernels; autograd is registered in C++)
+)
 from ._extension import HAS_CUDA_KERNELS
 from .convert import convert_model, revert_model
 from .modules import (

@@ -30,6 +30,4 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     ) from exc
 
 # True when the kernels for CUDA tensors were compiled in.
-HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key(
-    "bnext::batch_norm_train", "CUDA"
-)
+HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("bnext::batch_norm_train", "CUDA")

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable, List, Tuple
+from typing import Callable
 
 import torch
 from torch import nn
@@ -69,20 +69,23 @@ def _pair_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, dtype) -> float
                 raise CheckFailed(f"{name}: {bo.item()} != {br.item()}")
         else:
             worst = max(worst, expect_close(name, bo, br, dtype))
-    if x.dim() >= 4 and x.is_contiguous(memory_format=torch.channels_last
-                                        if x.dim() == 4 else torch.channels_last_3d):
-        if not yo.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
-                                else torch.channels_last_3d):
+    if x.dim() >= 4 and x.is_contiguous(
+        memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    ):
+        if not yo.is_contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        ):
             raise CheckFailed("the output lost the channels-last layout")
     return worst
 
 
-def _modules(kind: str, shape, device, dtype) -> Tuple[nn.Module, nn.Module]:
+def _modules(kind: str, shape, device, dtype) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     c = shape[1] if kind != "layernorm" and kind != "rmsnorm" else shape[-1]
     if kind == "batchnorm":
-        ref = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d,
-               5: nn.BatchNorm3d}[len(shape)](c)
+        ref = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[
+            len(shape)
+        ](c)
     elif kind == "layernorm":
         ref = nn.LayerNorm(c)
     else:
@@ -97,10 +100,16 @@ def _modules(kind: str, shape, device, dtype) -> Tuple[nn.Module, nn.Module]:
     return ours.to(device, param_dtype), ref.to(device, torch.float64)
 
 
-def parity_checks(device: str, quick: bool) -> List[Tuple[str, Callable[[], str]]]:
+def parity_checks(device: str, quick: bool) -> list[tuple[str, Callable[[], str]]]:
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
-    bn_shapes = [((8, 3), False), ((4, 65, 7), False), ((4, 3, 9, 11), False),
-                 ((4, 3, 9, 11), True), ((2, 127, 3, 4, 5), True), ((1, 1, 5, 5), False)]
+    bn_shapes = [
+        ((8, 3), False),
+        ((4, 65, 7), False),
+        ((4, 3, 9, 11), False),
+        ((4, 3, 9, 11), True),
+        ((2, 127, 3, 4, 5), True),
+        ((1, 1, 5, 5), False),
+    ]
     row_shapes = [(16, 127), (3, 5, 1024)]
     if quick:
         dtypes, bn_shapes, row_shapes = dtypes[:2], bn_shapes[1:4], row_shapes[:1]
@@ -108,29 +117,40 @@ def parity_checks(device: str, quick: bool) -> List[Tuple[str, Callable[[], str]
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
         for shape, cl in bn_shapes:
+
             def run(shape=shape, cl=cl, dtype=dtype):
                 ours, ref = _modules("batchnorm", shape, device, dtype)
                 worst = 0.0
                 for step in range(2):  # two steps: the running statistics feed nothing yet
-                    worst = max(worst, _pair_step(ours, ref, _input(shape, dtype, device, cl,
-                                                                    step), dtype))
+                    worst = max(
+                        worst, _pair_step(ours, ref, _input(shape, dtype, device, cl, step), dtype)
+                    )
                 ours.eval(), ref.eval()
                 x = _input(shape, dtype, device, cl, 7)
                 worst = max(worst, expect_close("eval output", ours(x), ref(x.double()), dtype))
                 return f"max rel err {worst:.1e}"
+
             layout = "channels_last" if cl else "contiguous"
             checks.append((f"BatchNorm {tuple(shape)} {layout} {name}", run))
         for kind in ("layernorm", "rmsnorm"):
             for shape in row_shapes:
+
                 def run(shape=shape, kind=kind, dtype=dtype):
                     ours, ref = _modules(kind, shape, device, dtype)
                     x = _input(shape, dtype, device, False, 3)
                     return f"max rel err {_pair_step(ours, ref, x, dtype):.1e}"
-                checks.append((f"{'LayerNorm' if kind == 'layernorm' else 'RMSNorm'} "
-                               f"{tuple(shape)} {name}", run))
+
+                checks.append(
+                    (
+                        f"{'LayerNorm' if kind == 'layernorm' else 'RMSNorm'} "
+                        f"{tuple(shape)} {name}",
+                        run,
+                    )
+                )
 
         def renorm(dtype=dtype):
             return _renorm_check(device, dtype)
+
         checks.append((f"BatchRenorm2d vs the paper's formulas {name}", renorm))
     return checks
 
@@ -149,8 +169,7 @@ def _renorm_check(device, dtype) -> str:
     r = ((var + layer.eps).sqrt() / sigma).clamp(1 / 1.3, 1.3)
     d = ((mu - rm) / sigma).clamp(-0.2, 0.2)
     view = (1, -1, 1, 1)
-    want = ((xd - mu.view(view)) / (var.view(view) + layer.eps).sqrt() * r.view(view)
-            + d.view(view))
+    want = (xd - mu.view(view)) / (var.view(view) + layer.eps).sqrt() * r.view(view) + d.view(view)
     err = expect_close("output", y, want, dtype)
     n = xd.numel() // 5
     want_rv = 0.5 * rv + 0.5 * var * n / (n - 1)
@@ -158,7 +177,7 @@ def _renorm_check(device, dtype) -> str:
     return f"max rel err {err:.1e}"
 
 
-def gradcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
+def gradcheck_checks(device: str) -> list[tuple[str, Callable[[], str]]]:
     from torch.autograd import gradcheck, gradgradcheck
 
     def make(kind):
@@ -172,10 +191,12 @@ def gradcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
                 rm, rv = torch.zeros(3, **d), torch.ones(3, **d)
                 if kind == "batchnorm":
                     fn = lambda x, w, b: tb.functional.batch_norm(  # noqa: E731
-                        x, None, None, w, b, training=True)
+                        x, None, None, w, b, training=True
+                    )
                 else:
                     fn = lambda x, w, b: tb.functional.batch_renorm(  # noqa: E731
-                        x, rm.clone(), rv.clone(), w, b, training=True, r_max=1.0, d_max=0.0)
+                        x, rm.clone(), rv.clone(), w, b, training=True, r_max=1.0, d_max=0.0
+                    )
             else:
                 x = torch.randn(4, 6, generator=gen, dtype=torch.float64).to(device)
                 w = torch.rand(6, generator=gen, dtype=torch.float64).add(0.5).to(device)
@@ -190,13 +211,15 @@ def gradcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
             if not gradgradcheck(fn, args):
                 raise CheckFailed("gradgradcheck")
             return "first, second order and forward mode"
+
         return run
 
-    return [(f"gradcheck {k}", make(k)) for k in ("batchnorm", "batchrenorm", "layernorm",
-                                                  "rmsnorm")]
+    return [
+        (f"gradcheck {k}", make(k)) for k in ("batchnorm", "batchrenorm", "layernorm", "rmsnorm")
+    ]
 
 
-def opcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
+def opcheck_checks(device: str) -> list[tuple[str, Callable[[], str]]]:
     def run():
         gen = torch.Generator().manual_seed(3)
         x = torch.randn(4, 3, 5, 2, generator=gen).to(device)
@@ -211,8 +234,10 @@ def opcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
             (_ops.batch_norm_elemt.default, (x, mean, v(), v())),
             (_ops.batch_norm_backward_reduce.default, (torch.randn_like(x), x, mean)),
             (_ops.batch_norm_backward_elemt.default, (torch.randn_like(x), x, mean, v(), v(), v())),
-            (_ops.batch_norm_backward.default,
-             (torch.randn_like(x), x, mean, var, v(), 1e-5, True)),
+            (
+                _ops.batch_norm_backward.default,
+                (torch.randn_like(x), x, mean, var, v(), 1e-5, True),
+            ),
             (_ops.batch_renorm_train.default, (x, v(), v(), v(), v(), 1e-5, 1.5, 0.5)),
             (_ops.layer_norm_fwd.default, (lx, [8], lw, lw, 1e-5)),
             (_ops.rms_norm_fwd.default, (lx, [8], lw, 1e-5)),
@@ -220,6 +245,7 @@ def opcheck_checks(device: str) -> List[Tuple[str, Callable[[], str]]]:
         for op, args in samples:
             torch.library.opcheck(op, args)
         return f"{len(samples)} operators"
+
     return [("torch.library.opcheck", run)]
 
 
@@ -234,8 +260,9 @@ def _free_memory_bytes(device: str) -> int:
         return 0
 
 
-def large_check(device: str) -> Tuple[str, Callable[[], str]]:
+def large_check(device: str) -> tuple[str, Callable[[], str]]:
     """Batch Norm over 2**31 + 2**20 bfloat16 elements: int64 indexing reaches the end."""
+
     def run():
         c, per = 4, (2**31 + 2**20) // 4
         shape = (per // 4096, c, 64, 64)
@@ -244,7 +271,7 @@ def large_check(device: str) -> Tuple[str, Callable[[], str]]:
             return f"SKIP (needs {need / 2**30:.0f} GiB free)"
         x = torch.empty(shape, dtype=torch.bfloat16, device=device)
         x.view(-1)[: x.numel() // 2].fill_(1.0)
-        x.view(-1)[x.numel() // 2:].fill_(3.0)
+        x.view(-1)[x.numel() // 2 :].fill_(3.0)
         layer = tb.BatchNorm2d(c, momentum=1.0).to(device)
         with torch.no_grad():
             y = layer(x)
@@ -256,26 +283,35 @@ def large_check(device: str) -> Tuple[str, Callable[[], str]]:
         if not torch.allclose(last, torch.ones(4), rtol=0, atol=2e-2):
             raise CheckFailed(f"last outputs {last.tolist()} != 1 (int64 indexing)")
         return f"{x.numel()} elements"
+
     return ("BatchNorm2d over 2**31+ elements (bfloat16)", run)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], action="append",
-                   help="default: cpu, and cuda when a GPU is visible")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        action="append",
+        help="default: cpu, and cuda when a GPU is visible",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller grid, no 2**31 case")
     args = p.parse_args(argv)
     devices = args.device or testing.DEVICES
     if "cuda" in devices and not (torch.cuda.is_available() and tb.HAS_CUDA_KERNELS):
         print("cuda: no GPU visible or torch_bnext built without CUDA kernels", file=sys.stderr)
         return 2
-    print(f"torch_bnext self-check: torch {torch.__version__}, devices {devices}"
-          f"{', quick' if args.quick else ''}")
+    print(
+        f"torch_bnext self-check: torch {torch.__version__}, devices {devices}"
+        f"{', quick' if args.quick else ''}"
+    )
     failures, start = 0, time.perf_counter()
     for device in devices:
-        checks = (parity_checks(device, args.quick) + gradcheck_checks(device)
-                  + opcheck_checks(device))
+        checks = (
+            parity_checks(device, args.quick) + gradcheck_checks(device) + opcheck_checks(device)
+        )
         if not args.quick:
             checks.append(large_check(device))
         for name, run in checks:

@@ -1,6 +1,5 @@
 """Swapping torch.nn normalisation layers for torch_bnext ones in a model."""
 
-
 from torch import nn
 
 from .modules import (
@@ -18,7 +17,11 @@ from .modules import (
 from .modules.batch_norm import adopt_tensors
 from .modules.batch_renorm import _BatchRenorm
 
-_BATCH_NORM = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_BATCH_NORM = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
 # Ours as well as torch's: a model already converted to our Batch Norm can
 # still be moved to Batch Renorm.
 _BATCH_RENORM = {
@@ -48,14 +51,21 @@ def _swap_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls, kwargs) -> nn
 def _swap_row_norm(module: nn.Module) -> nn.Module:
     # Built on "meta" and handed the very Parameter objects, as for Batch Norm.
     if type(module) is nn.LayerNorm:
-        new = LayerNorm(module.normalized_shape, eps=module.eps,
-                        elementwise_affine=module.elementwise_affine,
-                        bias=module.bias is not None or not module.elementwise_affine,
-                        device="meta")
+        new = LayerNorm(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            bias=module.bias is not None or not module.elementwise_affine,
+            device="meta",
+        )
         new.weight, new.bias = module.weight, module.bias
     else:
-        new = RMSNorm(module.normalized_shape, eps=module.eps,
-                      elementwise_affine=module.elementwise_affine, device="meta")
+        new = RMSNorm(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            device="meta",
+        )
         new.weight = module.weight
     new.train(module.training)
     return new
@@ -77,8 +87,15 @@ def _check_unconvertible(module: nn.Module) -> None:
 
 # Layers that become synchronised ones: with sync=True every Batch Norm, and
 # torch's SyncBatchNorm always (it is synchronised already).
-_SYNC_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d,
-                 BatchNorm3d, nn.SyncBatchNorm)
+_SYNC_SOURCES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    nn.SyncBatchNorm,
+)
 _SYNC_TARGETS = {"batchnorm": SyncBatchNorm, "batchrenorm": SyncBatchRenorm}
 
 
@@ -88,13 +105,22 @@ def _sync_target(module: nn.Module, norm: str, sync: bool):
         return cls
     if not sync or type(module) is cls:
         return None
-    sources = _SYNC_SOURCES + ((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchNorm)
-                               if norm == "batchrenorm" else ())
+    sources = _SYNC_SOURCES + (
+        (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchNorm)
+        if norm == "batchrenorm"
+        else ()
+    )
     return cls if type(module) in sources else None
 
 
-def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = False,
-                  sync: bool = False, process_group=None, **kwargs) -> nn.Module:
+def convert_model(
+    module: nn.Module,
+    norm: str = "batchnorm",
+    layernorm: bool = False,
+    sync: bool = False,
+    process_group=None,
+    **kwargs,
+) -> nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
     torch_bnext layer named by `norm` (parameters, buffers, train/eval mode,
     device and dtype preserved), in the manner of
@@ -124,8 +150,9 @@ def convert_model(module: nn.Module, norm: str = "batchnorm", layernorm: bool = 
     sync_cls = _sync_target(module, norm, sync)
     cls = _TARGETS[norm].get(type(module))
     if sync_cls is not None:
-        group = process_group if process_group is not None else getattr(
-            module, "process_group", None)
+        group = (
+            process_group if process_group is not None else getattr(module, "process_group", None)
+        )
         if isinstance(module, _BatchRenorm):
             kwargs = {"r_max": module.r_max, "d_max": module.d_max, **kwargs}
         out = _swap_batch_norm(module, sync_cls, {**kwargs, "process_group": group})
@@ -159,22 +186,35 @@ _REVERT_BATCH_NORM = {
 
 def _revert_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls) -> nn.Module:
     extra = {"process_group": module.process_group} if cls is nn.SyncBatchNorm else {}
-    new = cls(module.num_features, eps=module.eps, momentum=module.momentum,
-              affine=module.affine, track_running_stats=module.track_running_stats,
-              device="meta", **extra)
+    new = cls(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        device="meta",
+        **extra,
+    )
     return adopt_tensors(new, module)  # the very Parameter and buffer objects
 
 
 def _revert_row_norm(module: nn.Module) -> nn.Module:
     if type(module) is LayerNorm:
-        new = nn.LayerNorm(module.normalized_shape, eps=module.eps,
-                           elementwise_affine=module.elementwise_affine,
-                           bias=module.bias is not None or not module.elementwise_affine,
-                           device="meta")
+        new = nn.LayerNorm(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            bias=module.bias is not None or not module.elementwise_affine,
+            device="meta",
+        )
         new.weight, new.bias = module.weight, module.bias
     else:
-        new = nn.RMSNorm(module.normalized_shape, eps=module.eps,
-                         elementwise_affine=module.elementwise_affine, device="meta")
+        new = nn.RMSNorm(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            device="meta",
+        )
         new.weight = module.weight
     new.train(module.training)
     return new

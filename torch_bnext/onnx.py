@@ -30,7 +30,7 @@ bnext.batch_norm_update_stats.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -93,8 +93,7 @@ def _batch_norm(g, input, mean, var, stats_dtype, weight, bias, eps):
     channels = g.op("Shape", mean)
     weight = _filled(g, 1, pdtype, channels) if weight is None else _cast(g, weight, pdtype)
     bias = _filled(g, 0, pdtype, channels) if bias is None else _cast(g, bias, pdtype)
-    return g.op("BatchNormalization", input, weight, bias, mean, var, epsilon=eps,
-                training_mode=0)
+    return g.op("BatchNormalization", input, weight, bias, mean, var, epsilon=eps, training_mode=0)
 
 
 def _batch_norm_infer(g, input, mean, var, weight, bias, eps):
@@ -137,12 +136,21 @@ def _layer_norm_fwd(g, input, normalized_shape, weight, bias, eps):
         compute = stat if param_dtypes <= {dtype, stat} else g.DOUBLE
     if weight is None:
         weight = _filled(g, 1, compute, g.op("Shape", input, start=axis))
-    y, mean, inv_std = g.op("LayerNormalization", _cast(g, input, compute),
-                            _cast(g, weight, compute), _cast(g, bias, compute), axis=axis,
-                            epsilon=eps, outputs=3)
+    y, mean, inv_std = g.op(
+        "LayerNormalization",
+        _cast(g, input, compute),
+        _cast(g, weight, compute),
+        _cast(g, bias, compute),
+        axis=axis,
+        epsilon=eps,
+        outputs=3,
+    )
     lead = _leading_shape(g, input, axis)
-    return (_cast(g, y, dtype), _cast(g, g.op("Reshape", mean, lead), stat),
-            _cast(g, g.op("Reshape", inv_std, lead), stat))
+    return (
+        _cast(g, y, dtype),
+        _cast(g, g.op("Reshape", mean, lead), stat),
+        _cast(g, g.op("Reshape", inv_std, lead), stat),
+    )
 
 
 def _rms_norm_fwd(g, input, normalized_shape, weight, eps):
@@ -162,8 +170,11 @@ def _rms_norm_fwd(g, input, normalized_shape, weight, eps):
     weight_dtype = None if weight is None else g.dtype(weight)
     # float64 is left to the decomposition: onnxruntime's RMSNormalization
     # computes in float32 (its stash_type) whatever the input.
-    if (g.opset >= _FIRST_RMS_NORMALIZATION_OPSET and dtype != g.DOUBLE
-            and weight_dtype in (None, dtype, g.FLOAT)):
+    if (
+        g.opset >= _FIRST_RMS_NORMALIZATION_OPSET
+        and dtype != g.DOUBLE
+        and weight_dtype in (None, dtype, g.FLOAT)
+    ):
         # One dtype for X and scale (onnxruntime's expansion of the node fails
         # on half X with float32 scale): float32 when they differ, which is
         # torch's computation dtype anyway.
@@ -190,6 +201,7 @@ def _refuse_training_op(name):
 
 # --- torch.onnx.export(dynamo=True) ------------------------------------------
 
+
 class _OnnxscriptGraph:
     def __init__(self, opset_version: int):
         import onnx_ir as ir
@@ -198,8 +210,11 @@ class _OnnxscriptGraph:
         self._ir = ir
         self.opset = opset_version
         self._op = opset23 if opset_version >= _FIRST_RMS_NORMALIZATION_OPSET else opset18
-        self.FLOAT, self.DOUBLE, self.INT64 = (ir.DataType.FLOAT, ir.DataType.DOUBLE,
-                                               ir.DataType.INT64)
+        self.FLOAT, self.DOUBLE, self.INT64 = (
+            ir.DataType.FLOAT,
+            ir.DataType.DOUBLE,
+            ir.DataType.INT64,
+        )
 
     def op(self, op_type, *inputs, outputs=1, **attributes):
         # onnxscript knows each op's outputs from its schema.
@@ -269,8 +284,9 @@ def onnx_translations(opset_version: int = 18) -> dict:
     def batch_norm_train(input, weight=None, bias=None, eps: float = 1e-5):
         return _batch_norm_train(g, input, weight, bias, eps)
 
-    def layer_norm_fwd(input, normalized_shape: Sequence[int], weight=None, bias=None,
-                       eps: float = 1e-5):
+    def layer_norm_fwd(
+        input, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5
+    ):
         return _layer_norm_fwd(g, input, normalized_shape, weight, bias, eps)
 
     def rms_norm_fwd(input, normalized_shape: Sequence[int], weight=None, eps: float = 1e-6):

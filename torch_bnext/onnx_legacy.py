@@ -15,8 +15,15 @@ import torch
 from torch.onnx import JitScalarType, register_custom_op_symbolic
 from torch.onnx import symbolic_helper as sh
 
-from .onnx import (_MIN_OPSET, _TRAINING_OPS, _batch_norm_infer, _batch_norm_train,
-                   _layer_norm_fwd, _refuse_training_op, _rms_norm_fwd)
+from .onnx import (
+    _MIN_OPSET,
+    _TRAINING_OPS,
+    _batch_norm_infer,
+    _batch_norm_train,
+    _layer_norm_fwd,
+    _refuse_training_op,
+    _rms_norm_fwd,
+)
 
 __all__ = ["register_legacy_symbolics"]
 
@@ -61,8 +68,9 @@ def _optional(value):
 
 @sh.parse_args("v", "v", "v", "v", "v", "f")
 def _batch_norm_infer_symbolic(g, input, mean, var, weight, bias, eps):
-    return _batch_norm_infer(_TorchScriptGraph(g), input, mean, var, _optional(weight),
-                             _optional(bias), eps)
+    return _batch_norm_infer(
+        _TorchScriptGraph(g), input, mean, var, _optional(weight), _optional(bias), eps
+    )
 
 
 @sh.parse_args("v", "v", "v", "f")
@@ -72,8 +80,9 @@ def _batch_norm_train_symbolic(g, input, weight, bias, eps):
 
 @sh.parse_args("v", "is", "v", "v", "f")
 def _layer_norm_fwd_symbolic(g, input, normalized_shape, weight, bias, eps):
-    return _layer_norm_fwd(_TorchScriptGraph(g), input, normalized_shape, _optional(weight),
-                           _optional(bias), eps)
+    return _layer_norm_fwd(
+        _TorchScriptGraph(g), input, normalized_shape, _optional(weight), _optional(bias), eps
+    )
 
 
 @sh.parse_args("v", "is", "v", "f")

@@ -8,7 +8,7 @@ same value in eager and compiled code. They are plain objects, so a model that
 holds them pickles, deep-copies and round-trips through ``torch.save``.
 """
 
-from typing import Tuple, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -92,7 +92,7 @@ def renorm_schedule(
     r_max_steps: int = 40000,
     d_max: float = 5.0,
     d_max_steps: int = 25000,
-) -> Tuple[LinearRamp, LinearRamp]:
+) -> tuple[LinearRamp, LinearRamp]:
     """Return ``(r_max_schedule, d_max_schedule)`` for BatchRenorm*d's r_max and d_max.
 
     Both keep the layer at Batch Norm (r_max = 1, d_max = 0) for the first

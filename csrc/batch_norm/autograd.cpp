@@ -70,8 +70,10 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
 };
 
 Grads batch_norm_backward_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
-                        const Tensor& var, const OptTensor& weight, double eps, bool training) {
-  check_reverse_mode_only("bnext::batch_norm_backward", {&grad_out, &input, &mean, &var}, {&weight});
+                                   const Tensor& var, const OptTensor& weight, double eps,
+                                   bool training) {
+  check_reverse_mode_only("bnext::batch_norm_backward", {&grad_out, &input, &mean, &var},
+                          {&weight});
   const auto g = BackwardFunction::apply(grad_out, input, mean, var, weight, eps, training);
   return {g[0], g[1], g[2]};
 }
@@ -131,8 +133,9 @@ struct InferFunction : public torch::autograd::Function<InferFunction> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input, const OptTensor& weight,
-                                                  const OptTensor& bias, double eps) {
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input,
+                                                             const OptTensor& weight,
+                                                             const OptTensor& bias, double eps) {
   if (use_reference({&input}, {&weight, &bias})) {
     const Tensor& w = value_or_undefined(weight);
     const Tensor& b = value_or_undefined(bias);
@@ -145,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input
 }
 
 Tensor batch_norm_infer_autograd(const Tensor& input, const Tensor& mean, const Tensor& var,
-                      const OptTensor& weight, const OptTensor& bias, double eps) {
+                                 const OptTensor& weight, const OptTensor& bias, double eps) {
   if (use_reference({&input, &mean, &var}, {&weight, &bias})) {
     const Tensor& w = value_or_undefined(weight);
     const Tensor& b = value_or_undefined(bias);
@@ -164,25 +167,26 @@ std::tuple<Tensor, Tensor> batch_norm_stats_autograd(const Tensor& input) {
     check_stats_args(input);
     return reference::stats(input);
   }
-  static const auto stats = op<std::tuple<Tensor, Tensor>(const Tensor&)>("bnext::batch_norm_stats");
+  static const auto stats =
+      op<std::tuple<Tensor, Tensor>(const Tensor&)>("bnext::batch_norm_stats");
   return call_below_autograd(stats, input);
 }
 
 Tensor batch_norm_elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& scale,
-                      const Tensor& shift) {
+                                 const Tensor& shift) {
   if (use_reference({&input, &mean, &scale, &shift}) ||
       records_graph({&input, &mean, &scale, &shift})) {
     check_elemt_args(input, mean, scale, shift);
     return reference::elemt(input, mean, scale, shift);
   }
-  static const auto elemt =
-      op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-          "bnext::batch_norm_elemt");
+  static const auto elemt = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+      "bnext::batch_norm_elemt");
   return call_below_autograd(elemt, input, mean, scale, shift);
 }
 
-std::tuple<Tensor, Tensor> batch_norm_backward_reduce_autograd(const Tensor& grad_out, const Tensor& input,
-                                                    const Tensor& mean) {
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_autograd(const Tensor& grad_out,
+                                                               const Tensor& input,
+                                                               const Tensor& mean) {
   if (use_reference({&grad_out, &input, &mean}) || records_graph({&grad_out, &input, &mean})) {
     check_backward_reduce_args(grad_out, input, mean);
     return reference::backward_reduce(grad_out, input, mean);
@@ -193,8 +197,9 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_autograd(const Tensor& gra
   return call_below_autograd(reduce, grad_out, input, mean);
 }
 
-Tensor batch_norm_backward_elemt_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
-                               const Tensor& a, const Tensor& k, const Tensor& c) {
+Tensor batch_norm_backward_elemt_autograd(const Tensor& grad_out, const Tensor& input,
+                                          const Tensor& mean, const Tensor& a, const Tensor& k,
+                                          const Tensor& c) {
   if (use_reference({&grad_out, &input, &mean, &a, &k, &c}) ||
       records_graph({&grad_out, &input, &mean, &a, &k, &c})) {
     check_backward_elemt_args(grad_out, input, mean, a, k, c);
@@ -209,8 +214,9 @@ Tensor batch_norm_backward_elemt_autograd(const Tensor& grad_out, const Tensor& 
 // The running-statistics update has no derivative (torch's has none either):
 // it refuses inputs that require grad rather than recording nothing.
 void batch_norm_update_stats_autograd(const Tensor& running_mean, const Tensor& running_var,
-                           const OptTensor& num_batches_tracked, const Tensor& mean,
-                           const Tensor& var, std::optional<double> momentum, int64_t count) {
+                                      const OptTensor& num_batches_tracked, const Tensor& mean,
+                                      const Tensor& var, std::optional<double> momentum,
+                                      int64_t count) {
   check_not_differentiated("bnext::batch_norm_update_stats",
                            {&running_mean, &running_var, &mean, &var});
   static const auto update =
@@ -226,9 +232,9 @@ void batch_norm_update_stats_autograd(const Tensor& running_mean, const Tensor& 
 }
 
 void batch_norm_update_stats_global_autograd(const Tensor& running_mean, const Tensor& running_var,
-                                  const OptTensor& num_batches_tracked, const Tensor& mean,
-                                  const Tensor& var, std::optional<double> momentum,
-                                  const Tensor& count) {
+                                             const OptTensor& num_batches_tracked,
+                                             const Tensor& mean, const Tensor& var,
+                                             std::optional<double> momentum, const Tensor& count) {
   check_not_differentiated("bnext::batch_norm_update_stats_global",
                            {&running_mean, &running_var, &mean, &var});
   static const auto update =

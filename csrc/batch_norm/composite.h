@@ -55,7 +55,8 @@ struct ForwardStep {
   T* shift;
   T eps;
   C10_HOST_DEVICE void operator()(int64_t c, T /*mean*/, T var) const {
-    const auto co = forward_coeffs(inv_std(var, eps), load_or(weight, c, T(1)), load_or(bias, c, T(0)));
+    const auto co =
+        forward_coeffs(inv_std(var, eps), load_or(weight, c, T(1)), load_or(bias, c, T(0)));
     scale[c] = co.scale;
     shift[c] = co.shift;
   }
@@ -104,10 +105,11 @@ Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const T
   const Tensor shift = empty_channel_vector(x, opmath);
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_forward_coeffs", [&] {
     const scalar_t* var_p = var.const_data_ptr<scalar_t>();
-    const ForwardStep<scalar_t> step{data_or_null<scalar_t>(w), data_or_null<scalar_t>(b),
-                                     scale.mutable_data_ptr<scalar_t>(),
-                                     shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
-    K::for_each_channel(x.size(1), [=] C10_HOST_DEVICE(int64_t c) { step(c, scalar_t(0), var_p[c]); });
+    const ForwardStep<scalar_t> step{
+        data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), scale.mutable_data_ptr<scalar_t>(),
+        shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
+    K::for_each_channel(x.size(1),
+                        [=] C10_HOST_DEVICE(int64_t c) { step(c, scalar_t(0), var_p[c]); });
   });
   return K::elemt(x, mean, scale, shift);
 }
@@ -143,9 +145,9 @@ std::tuple<Tensor, Tensor, Tensor> reduce_elemt(const Tensor& dy, const Tensor& 
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const OptTensor& weight,
-                                         const OptTensor& bias, double eps) {
-  check_args("bnext::batch_norm_train", input, value_or_undefined(weight),
-             value_or_undefined(bias), Tensor(), Tensor());
+                                                    const OptTensor& bias, double eps) {
+  check_args("bnext::batch_norm_train", input, value_or_undefined(weight), value_or_undefined(bias),
+             Tensor(), Tensor());
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const auto opmath = opmath_dtype(x.scalar_type());
@@ -155,17 +157,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const O
   const Tensor shift = empty_channel_vector(x, opmath);
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_train", [&] {
-    const ForwardStep<scalar_t> step{data_or_null<scalar_t>(w), data_or_null<scalar_t>(b),
-                                     scale.mutable_data_ptr<scalar_t>(),
-                                     shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
+    const ForwardStep<scalar_t> step{
+        data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), scale.mutable_data_ptr<scalar_t>(),
+        shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
     result = stats_normalize<K, scalar_t>(x, scale, shift, step);
   });
   return result;
 }
 
 template <class K>
-Tensor batch_norm_infer(const Tensor& input, const Tensor& mean, const Tensor& var, const OptTensor& weight,
-             const OptTensor& bias, double eps) {
+Tensor batch_norm_infer(const Tensor& input, const Tensor& mean, const Tensor& var,
+                        const OptTensor& weight, const OptTensor& bias, double eps) {
   const Tensor& w = value_or_undefined(weight);
   const Tensor& b = value_or_undefined(bias);
   check_args("bnext::batch_norm_infer", input, w, b, mean, var);
@@ -204,11 +206,16 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
   const Tensor c_ = empty_channel_vector(x, opmath);
   Tensor grad_input, sum_dy, sum_dy_xmu;
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_backward", [&] {
-    const BackwardStep<scalar_t> step{
-        var.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w), data_or_null<scalar_t>(r),
-        data_or_null<scalar_t>(d), grad_weight.mutable_data_ptr<scalar_t>(),
-        a.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
-        c_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps), training};
+    const BackwardStep<scalar_t> step{var.const_data_ptr<scalar_t>(),
+                                      data_or_null<scalar_t>(w),
+                                      data_or_null<scalar_t>(r),
+                                      data_or_null<scalar_t>(d),
+                                      grad_weight.mutable_data_ptr<scalar_t>(),
+                                      a.mutable_data_ptr<scalar_t>(),
+                                      k.mutable_data_ptr<scalar_t>(),
+                                      c_.mutable_data_ptr<scalar_t>(),
+                                      static_cast<scalar_t>(eps),
+                                      training};
     std::tie(grad_input, sum_dy, sum_dy_xmu) = reduce_elemt<K, scalar_t>(
         dy, x, mean, a, k, c_,
         [=] C10_HOST_DEVICE(int64_t c, scalar_t sum_dy_c, scalar_t sum_dy_xmu_c) {
@@ -237,8 +244,9 @@ void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor&
               " values of ", var_in.scalar_type(), " on ", var_in.device());
   TORCH_CHECK(at::isFloatingType(mean_in.scalar_type()), op,
               ": expected a floating-point batch mean, got ", mean_in.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"running_mean", &running_mean},
-                                {"running_var", &running_var}}) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const Tensor*>{"running_mean", &running_mean},
+        {"running_var", &running_var}}) {
     TORCH_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());
     TORCH_CHECK(t->device() == mean_in.device(), op, ": expected ", name, " on device ",
                 mean_in.device(), " (the input's device), got ", t->device());
@@ -254,8 +262,8 @@ void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor&
   Tensor count_i64;
   if (count_t.defined()) {
     TORCH_CHECK(count_t.numel() == 1 && count_t.device() == mean_in.device(), op,
-                ": expected count to be one value on ", mean_in.device(), ", got ",
-                count_t.sizes(), " on ", count_t.device());
+                ": expected count to be one value on ", mean_in.device(), ", got ", count_t.sizes(),
+                " on ", count_t.device());
     count_i64 = count_t.to(at::kLong);
     // Read where that costs no synchronisation; on the GPU a count <= 1 gives
     // a NaN unbiased variance (bnext::unbiased_var).
@@ -298,8 +306,8 @@ void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor&
 
 template <class K>
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var,
-                  const OptTensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
-                  std::optional<double> momentum, int64_t count) {
+                             const OptTensor& num_batches_tracked, const Tensor& mean,
+                             const Tensor& var, std::optional<double> momentum, int64_t count) {
   update_stats_impl<K>("bnext::batch_norm_update_stats", running_mean, running_var,
                        num_batches_tracked, mean, var, momentum, count, Tensor());
 }
@@ -308,8 +316,9 @@ void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_v
 // distributed step, known only after a collective.
 template <class K>
 void batch_norm_update_stats_global(const Tensor& running_mean, const Tensor& running_var,
-                         const OptTensor& num_batches_tracked, const Tensor& mean,
-                         const Tensor& var, std::optional<double> momentum, const Tensor& count) {
+                                    const OptTensor& num_batches_tracked, const Tensor& mean,
+                                    const Tensor& var, std::optional<double> momentum,
+                                    const Tensor& count) {
   update_stats_impl<K>("bnext::batch_norm_update_stats_global", running_mean, running_var,
                        num_batches_tracked, mean, var, momentum, 0, count);
 }
@@ -326,7 +335,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
 
 template <class K>
 Tensor batch_norm_elemt(const Tensor& input, const Tensor& mean, const Tensor& scale,
-                const Tensor& shift) {
+                        const Tensor& shift) {
   check_elemt_args(input, mean, scale, shift);
   const typename K::DeviceGuard guard(input.device());
   const auto opmath = opmath_dtype(input.scalar_type());
@@ -336,7 +345,7 @@ Tensor batch_norm_elemt(const Tensor& input, const Tensor& mean, const Tensor& s
 
 template <class K>
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, const Tensor& input,
-                                              const Tensor& mean) {
+                                                      const Tensor& mean) {
   check_backward_reduce_args(grad_out, input, mean);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
@@ -346,7 +355,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out, co
 
 template <class K>
 Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
-                         const Tensor& a, const Tensor& k, const Tensor& c) {
+                                 const Tensor& a, const Tensor& k, const Tensor& c) {
   check_backward_elemt_args(grad_out, input, mean, a, k, c);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
@@ -357,9 +366,9 @@ Tensor batch_norm_backward_elemt(const Tensor& grad_out, const Tensor& input, co
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input,
-                                               const Tensor& mean, const Tensor& var,
-                                               const OptTensor& weight, double eps,
-                                               bool training) {
+                                                       const Tensor& mean, const Tensor& var,
+                                                       const OptTensor& weight, double eps,
+                                                       bool training) {
   return backward<K>(grad_out, input, mean, var, value_or_undefined(weight), Tensor(), Tensor(),
                      eps, training);
 }

@@ -16,7 +16,8 @@ struct CpuBackend {
     explicit DeviceGuard(at::Device) {}
   };
   static std::tuple<Tensor, Tensor> stats(const Tensor& x);
-  static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift);
+  static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                      const Tensor& shift);
   static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x,
                                                     const Tensor& mean);
   static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,

@@ -33,9 +33,9 @@ using cpu::hsum;
 using cpu::kLanes;
 using cpu::load_acc;
 using cpu::load_acc2;
+using cpu::should_stream;
 using cpu::store_acc;
 using cpu::store_acc2;
-using cpu::should_stream;
 using cpu::stream_acc2;
 using cpu::stream_fence;
 using cpu::stream_head;
@@ -214,7 +214,8 @@ ChannelParts<acc_t<scalar_t>> channels_last_parts(const scalar_t* x_p, int64_t C
           const int64_t b1 = std::min(r1, b0 + kRowBlock);
           for (int j = 0; j < kTileVecs; ++j) bm[j] = bq[j] = Vec<scalar_t>(T(0));
           for (int64_t r = b0; r < b1; ++r) {
-            for (int j = 0; j < kTileVecs; ++j) bm[j] += load_acc(x_p + r * C + c0 + j * L, counts[j]);
+            for (int j = 0; j < kTileVecs; ++j)
+              bm[j] += load_acc(x_p + r * C + c0 + j * L, counts[j]);
           }
           const Vec<scalar_t> inv_len(T(1) / static_cast<T>(b1 - b0));
           for (int j = 0; j < kTileVecs; ++j) bm[j] = bm[j] * inv_len;
@@ -256,8 +257,7 @@ void stats_channels_last(const Tensor& x, const ChannelView& v, Tensor& mean, Te
 
 template <typename scalar_t>
 bool tiny_planes(const ChannelView& v) {
-  return v.layout == Layout::kChannelsFirst &&
-         v.S * static_cast<int64_t>(sizeof(scalar_t)) < 64;
+  return v.layout == Layout::kChannelsFirst && v.S * static_cast<int64_t>(sizeof(scalar_t)) < 64;
 }
 
 // Per-chunk parts of virtual channels, chunk-major with C * S columns, as the
@@ -336,7 +336,8 @@ void append(std::vector<T>& to, const std::vector<T>& from) {
 }
 
 template <typename scalar_t>
-void stats_narrow_rows(const Tensor& x, const ChannelView& v, int64_t R, Tensor& mean, Tensor& var) {
+void stats_narrow_rows(const Tensor& x, const ChannelView& v, int64_t R, Tensor& mean,
+                       Tensor& var) {
   using T = acc_t<scalar_t>;
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
   const int64_t groups = v.rows() / R;
@@ -361,8 +362,8 @@ void stats_narrow_rows(const Tensor& x, const ChannelView& v, int64_t R, Tensor&
 
 // Sums each channel's parts in part order (the loop over channels vectorises).
 template <typename T>
-void write_sums(const std::vector<T>& sum_dy_parts, const std::vector<T>& sum_dyx_parts,
-                int64_t C, int64_t parts_per_channel, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+void write_sums(const std::vector<T>& sum_dy_parts, const std::vector<T>& sum_dyx_parts, int64_t C,
+                int64_t parts_per_channel, Tensor& sum_dy, Tensor& sum_dy_xmu) {
   T* a_p = sum_dy.mutable_data_ptr<T>();
   T* b_p = sum_dy_xmu.mutable_data_ptr<T>();
   at::parallel_for(0, C, grain_for(parts_per_channel), [&](int64_t c0, int64_t c1) {
@@ -433,8 +434,8 @@ void reduce_channels_first(const Tensor& dy, const Tensor& x, const ChannelView&
 // into a and b (zeroed by the caller).
 template <typename scalar_t>
 BNEXT_FLATTEN void sums_wide_rows(const scalar_t* g_p, const scalar_t* x_p,
-                                  const acc_t<scalar_t>* mean_p, int64_t C, int64_t r0,
-                                  int64_t r1, acc_t<scalar_t>* a, acc_t<scalar_t>* b) {
+                                  const acc_t<scalar_t>* mean_p, int64_t C, int64_t r0, int64_t r1,
+                                  acc_t<scalar_t>* a, acc_t<scalar_t>* b) {
   for_each_row_group<scalar_t>(C, r0, r1, [&](auto rows, int64_t r, int64_t c, int64_t n) {
     const auto m = Vec<scalar_t>::loadu(mean_p + c, n);
     auto sa = Vec<scalar_t>::loadu(a + c, n);
@@ -530,8 +531,8 @@ void reduce_narrow_rows(const Tensor& dy, const Tensor& x, const ChannelView& v,
 }
 
 template <typename scalar_t>
-void reduce_tiny_planes(const Tensor& dy, const Tensor& x, const ChannelView& v,
-                        const Tensor& mean, Tensor& sum_dy, Tensor& sum_dy_xmu) {
+void reduce_tiny_planes(const Tensor& dy, const Tensor& x, const ChannelView& v, const Tensor& mean,
+                        Tensor& sum_dy, Tensor& sum_dy_xmu) {
   using T = acc_t<scalar_t>;
   const auto vmean = repeat_each(mean.const_data_ptr<T>(), v.C, v.S);
   std::vector<T> part_dy, part_dyx;
@@ -610,9 +611,9 @@ void affine_channels_first(const scalar_t* g_p, const Tensor& x, const ChannelVi
   at::parallel_for(0, v.N * v.C, grain_for(S), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t ch = i % v.C;
-      affine_plane<scalar_t, kWithGrad>(kWithGrad ? g_p + i * S : nullptr, x_p + i * S,
-                                        o_p + i * S, S, mean_p[ch], kWithGrad ? a_p[ch] : T(0),
-                                        k_p[ch], c_p[ch], stream);
+      affine_plane<scalar_t, kWithGrad>(kWithGrad ? g_p + i * S : nullptr, x_p + i * S, o_p + i * S,
+                                        S, mean_p[ch], kWithGrad ? a_p[ch] : T(0), k_p[ch], c_p[ch],
+                                        stream);
     }
     if (stream) stream_fence();
   });
@@ -656,7 +657,8 @@ BNEXT_FLATTEN void affine_rows(const scalar_t* g_p, const scalar_t* x_p, scalar_
     }
     for (; c < vec_end; c += L) {
       auto y = f(c, load_acc(xr + c));
-      if constexpr (kWithGrad) y = at::vec::fmadd(load_acc(gr + c), Vec<scalar_t>::loadu(a_p + c), y);
+      if constexpr (kWithGrad)
+        y = at::vec::fmadd(load_acc(gr + c), Vec<scalar_t>::loadu(a_p + c), y);
       store_acc(orow + c, y);
     }
     if (c < C) {  // the last C - c channels, as one partial vector
@@ -675,10 +677,10 @@ BNEXT_FLATTEN void affine_rows(const scalar_t* g_p, const scalar_t* x_p, scalar_
 // Rows of C values (C * S virtual channels for tiny planes), per-channel
 // vectors of C values.
 template <typename scalar_t, bool kWithGrad>
-void affine_rows_parallel(const scalar_t* g_p, const scalar_t* x_p, scalar_t* o_p, const Tensor& out,
-                          const acc_t<scalar_t>* mean_p, const acc_t<scalar_t>* a_p,
-                          const acc_t<scalar_t>* k_p, const acc_t<scalar_t>* c_p, int64_t C,
-                          int64_t rows) {
+void affine_rows_parallel(const scalar_t* g_p, const scalar_t* x_p, scalar_t* o_p,
+                          const Tensor& out, const acc_t<scalar_t>* mean_p,
+                          const acc_t<scalar_t>* a_p, const acc_t<scalar_t>* k_p,
+                          const acc_t<scalar_t>* c_p, int64_t C, int64_t rows) {
   // Streaming needs every row to start aligned.
   const bool stream = should_stream(out) && stream_head(o_p) == 0 &&
                       (C * static_cast<int64_t>(sizeof(scalar_t))) % cpu::kStreamAlign == 0;
@@ -785,9 +787,7 @@ Tensor CpuBackend::backward_elemt(const Tensor& dy, const Tensor& x, const Tenso
   return affine<true>(dy, x, mean, a, k, c);
 }
 
-TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  register_kernels<CpuBackend>(m);
-}
+TORCH_LIBRARY_IMPL(bnext, CPU, m) { register_kernels<CpuBackend>(m); }
 
 }  // namespace batch_norm
 }  // namespace bnext

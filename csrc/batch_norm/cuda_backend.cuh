@@ -20,7 +20,8 @@ namespace cuda_detail {
 template <typename F>
 __global__ void for_each_channel_kernel(int64_t C, F f) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += stride) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += stride) {
     f(c);
   }
 }
@@ -33,10 +34,12 @@ struct CudaBackend {
   using DeviceGuard = cuda::DeviceGuard;
 
   static std::tuple<Tensor, Tensor> stats(const Tensor& x);
-  static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift);
-  static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean);
-  static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& a,
-                               const Tensor& k, const Tensor& c);
+  static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                      const Tensor& shift);
+  static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x,
+                                                    const Tensor& mean);
+  static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                               const Tensor& a, const Tensor& k, const Tensor& c);
 
   // Per-channel coefficients: a few flops per channel, so one thread each.
   template <typename F>
@@ -44,8 +47,8 @@ struct CudaBackend {
     if (C <= 0) return;
     constexpr int kThreads = 256;
     const int64_t blocks = std::min<int64_t>(cuda::ceil_div(C, kThreads), 1024);
-    cuda::launch(cuda_detail::for_each_channel_kernel<F>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), C,
-                 f);
+    cuda::launch(cuda_detail::for_each_channel_kernel<F>, dim3(static_cast<unsigned>(blocks)),
+                 dim3(kThreads), C, f);
   }
 };
 

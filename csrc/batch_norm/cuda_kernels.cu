@@ -8,9 +8,7 @@
 namespace bnext {
 namespace batch_norm {
 
-TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
-  register_kernels<CudaBackend>(m);
-}
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) { register_kernels<CudaBackend>(m); }
 
 }  // namespace batch_norm
 }  // namespace bnext

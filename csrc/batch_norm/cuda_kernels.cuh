@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(kReduceThreads)
         const int64_t j = j0 + u * step;
         if (j < nvec) {
 #pragma unroll
-          for (int i = 0; i < R::kInputs; ++i) buf[i][u] = cuda::load_vec<VEC>(r.in[i] + base + j * VEC);
+          for (int i = 0; i < R::kInputs; ++i)
+            buf[i][u] = cuda::load_vec<VEC>(r.in[i] + base + j * VEC);
         }
       }
 #pragma unroll
@@ -194,7 +195,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-        for (int i = 0; i < R::kInputs; ++i) buf[i][u] = cuda::load_vec<VEC>(r.in[i] + (row + u * step) * C + c0);
+        for (int i = 0; i < R::kInputs; ++i)
+          buf[i][u] = cuda::load_vec<VEC>(r.in[i] + (row + u * step) * C + c0);
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
@@ -248,7 +250,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const int64_t warps_per_block = blockDim.x / cuda::kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * warps_per_block;
   // c is the same for all lanes of a warp, so every lane reaches the shuffles.
-  for (int64_t c = blockIdx.x * warps_per_block + threadIdx.x / cuda::kWarpSize; c < C; c += warps) {
+  for (int64_t c = blockIdx.x * warps_per_block + threadIdx.x / cuda::kWarpSize; c < C;
+       c += warps) {
     V v{};
     for (int64_t p = lane; p < num_parts; p += cuda::kWarpSize) v = op(v, parts[p * C + c]);
     v = cuda::warp_reduce(v, op);
@@ -270,11 +273,13 @@ void reduce(const R& r, const ChannelView& v, const Tensor& like) {
   const auto make_parts = [&](int64_t n) {
     num_parts = n;
     if (n == 1) return;
-    staging = at::empty({n * v.C * static_cast<int64_t>(sizeof(V))}, like.options().dtype(at::kByte));
+    staging =
+        at::empty({n * v.C * static_cast<int64_t>(sizeof(V))}, like.options().dtype(at::kByte));
     parts = reinterpret_cast<V*>(staging.mutable_data_ptr());
   };
   if (v.layout == Layout::kChannelsFirst) {
-    TORCH_CHECK(v.C <= std::numeric_limits<int32_t>::max(), "bnext: too many channels for the CUDA kernels: ", v.C);
+    TORCH_CHECK(v.C <= std::numeric_limits<int32_t>::max(),
+                "bnext: too many channels for the CUDA kernels: ", v.C);
     const int vec = aligned && v.S % kVec == 0 ? kVec : 1;
     const int64_t nvec = v.S / vec;
     const int tpp = cuda::pow2_at_least(nvec, kReduceThreads);
@@ -282,14 +287,17 @@ void reduce(const R& r, const ChannelView& v, const Tensor& like) {
     const int64_t Y = std::max<int64_t>(
         1, std::min({cuda::ceil_div(target, v.C), cuda::ceil_div(v.N, ppb), kMaxGridY}));
     // Few channels and few planes: split the planes' stripes across blocks too.
-    const int64_t Z = std::max<int64_t>(
-        1, std::min({cuda::ceil_div(target, v.C * Y), cuda::ceil_div(nvec, tpp * kUnroll), kMaxGridY / Y}));
+    const int64_t Z =
+        std::max<int64_t>(1, std::min({cuda::ceil_div(target, v.C * Y),
+                                       cuda::ceil_div(nvec, tpp * kUnroll), kMaxGridY / Y}));
     make_parts(Y * Z);
     const dim3 grid(static_cast<unsigned>(v.C), static_cast<unsigned>(Y * Z));
     if (vec == kVec) {
-      cuda::launch(reduce_planes_kernel<R, kVec>, grid, dim3(kReduceThreads), r, v.N, v.C, v.S, tpp, Y, Z, parts);
+      cuda::launch(reduce_planes_kernel<R, kVec>, grid, dim3(kReduceThreads), r, v.N, v.C, v.S, tpp,
+                   Y, Z, parts);
     } else {
-      cuda::launch(reduce_planes_kernel<R, 1>, grid, dim3(kReduceThreads), r, v.N, v.C, v.S, tpp, Y, Z, parts);
+      cuda::launch(reduce_planes_kernel<R, 1>, grid, dim3(kReduceThreads), r, v.N, v.C, v.S, tpp, Y,
+                   Z, parts);
     }
   } else {
     const int vec = aligned && v.C % kVec == 0 ? kVec : 1;
@@ -297,10 +305,12 @@ void reduce(const R& r, const ChannelView& v, const Tensor& like) {
     const int bx = cuda::pow2_at_least(cols, cuda::kWarpSize);
     const int by = kReduceThreads / bx;
     const int64_t tiles = cuda::ceil_div(cols, bx);
-    TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "bnext: too many channels for the CUDA kernels: ", v.C);
+    TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
+                "bnext: too many channels for the CUDA kernels: ", v.C);
     const int64_t rows = v.rows();
     const int64_t Y = std::max<int64_t>(
-        1, std::min({cuda::ceil_div(target, tiles), cuda::ceil_div(rows, by * kUnroll), kMaxGridY}));
+        1,
+        std::min({cuda::ceil_div(target, tiles), cuda::ceil_div(rows, by * kUnroll), kMaxGridY}));
     make_parts(Y);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(Y));
     const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
@@ -313,8 +323,8 @@ void reduce(const R& r, const ChannelView& v, const Tensor& like) {
   if (num_parts > 1) {
     const int64_t per_block = kFinalizeThreads / cuda::kWarpSize;
     const int64_t blocks = std::min<int64_t>(cuda::ceil_div(v.C, per_block), kMaxGridY);
-    cuda::launch(finalize_kernel<R>, dim3(static_cast<unsigned>(blocks)), dim3(kFinalizeThreads), r, parts,
-                 num_parts, v.C);
+    cuda::launch(finalize_kernel<R>, dim3(static_cast<unsigned>(blocks)), dim3(kFinalizeThreads), r,
+                 parts, num_parts, v.C);
   }
 }
 
@@ -341,8 +351,8 @@ struct ChannelCoeffs {
 };
 
 template <bool kWithGrad, typename scalar_t>
-__device__ __forceinline__ ChannelCoeffs<at::opmath_type<scalar_t>> coeffs_at(const AffineArgs<scalar_t>& p,
-                                                                            int64_t ch) {
+__device__ __forceinline__ ChannelCoeffs<at::opmath_type<scalar_t>> coeffs_at(
+    const AffineArgs<scalar_t>& p, int64_t ch) {
   using T = at::opmath_type<scalar_t>;
   return {p.mean[ch], kWithGrad ? p.a[ch] : T(0), p.k[ch], p.c[ch]};
 }
@@ -366,7 +376,8 @@ __device__ __forceinline__ void affine_vec(const AffineArgs<scalar_t>& p,
   Vec<scalar_t, VEC> out;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    out.v[e] = static_cast<scalar_t>(affine<kWithGrad>(co, static_cast<T>(xv.v[e]), static_cast<T>(gv.v[e])));
+    out.v[e] = static_cast<scalar_t>(
+        affine<kWithGrad>(co, static_cast<T>(xv.v[e]), static_cast<T>(gv.v[e])));
   }
   cuda::store_vec<VEC>(p.out + offset, out);
 }
@@ -381,7 +392,8 @@ __global__ void __launch_bounds__(kElemtThreads)
   const int64_t ppb = blockDim.x / tpp;
   const int64_t nvec = S / VEC;
   const int64_t step = static_cast<int64_t>(gridDim.x) * tpp;
-  for (int64_t plane = blockIdx.y * ppb + threadIdx.x / tpp; plane < planes; plane += gridDim.y * ppb) {
+  for (int64_t plane = blockIdx.y * ppb + threadIdx.x / tpp; plane < planes;
+       plane += gridDim.y * ppb) {
     const auto co = coeffs_at<kWithGrad>(p, plane % C);
     const int64_t base = plane * S;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * tpp + lane; j < nvec; j += step) {
@@ -403,7 +415,8 @@ __global__ void __launch_bounds__(kElemtThreads)
 #pragma unroll
   for (int e = 0; e < VEC; ++e) co[e] = coeffs_at<kWithGrad>(p, c0 + e);
   const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += step) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows;
+       row += step) {
     const int64_t offset = row * C + c0;
     const Vec<scalar_t, VEC> xv = cuda::load_vec<VEC>(p.x + offset);
     Vec<scalar_t, VEC> gv{};
@@ -411,7 +424,8 @@ __global__ void __launch_bounds__(kElemtThreads)
     Vec<scalar_t, VEC> out;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      out.v[e] = static_cast<scalar_t>(affine<kWithGrad>(co[e], static_cast<T>(xv.v[e]), static_cast<T>(gv.v[e])));
+      out.v[e] = static_cast<scalar_t>(
+          affine<kWithGrad>(co[e], static_cast<T>(xv.v[e]), static_cast<T>(gv.v[e])));
     }
     cuda::store_vec<VEC>(p.out + offset, out);
   }
@@ -420,7 +434,8 @@ __global__ void __launch_bounds__(kElemtThreads)
 template <typename scalar_t, bool kWithGrad>
 void launch_affine(const AffineArgs<scalar_t>& p, const ChannelView& v) {
   constexpr int kVec = cuda::vec_size<scalar_t>();
-  const bool aligned = cuda::is_aligned(p.x, cuda::kVecBytes) && cuda::is_aligned(p.out, cuda::kVecBytes) &&
+  const bool aligned = cuda::is_aligned(p.x, cuda::kVecBytes) &&
+                       cuda::is_aligned(p.out, cuda::kVecBytes) &&
                        cuda::is_aligned(p.g, cuda::kVecBytes);
   const int64_t target = elemt_target_blocks();
   if (v.layout == Layout::kChannelsFirst) {
@@ -429,12 +444,15 @@ void launch_affine(const AffineArgs<scalar_t>& p, const ChannelView& v) {
     const int tpp = cuda::pow2_at_least(nvec, kElemtThreads);
     const int64_t planes = v.N * v.C;
     const int64_t gy = std::min(cuda::ceil_div(planes, kElemtThreads / tpp), kMaxGridY);
-    const int64_t gx = std::max<int64_t>(1, std::min(cuda::ceil_div(nvec, tpp), cuda::ceil_div(target, gy)));
+    const int64_t gx =
+        std::max<int64_t>(1, std::min(cuda::ceil_div(nvec, tpp), cuda::ceil_div(target, gy)));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
     if (vec == kVec) {
-      cuda::launch(affine_planes_kernel<scalar_t, kWithGrad, kVec>, grid, dim3(kElemtThreads), p, planes, v.C, v.S, tpp);
+      cuda::launch(affine_planes_kernel<scalar_t, kWithGrad, kVec>, grid, dim3(kElemtThreads), p,
+                   planes, v.C, v.S, tpp);
     } else {
-      cuda::launch(affine_planes_kernel<scalar_t, kWithGrad, 1>, grid, dim3(kElemtThreads), p, planes, v.C, v.S, tpp);
+      cuda::launch(affine_planes_kernel<scalar_t, kWithGrad, 1>, grid, dim3(kElemtThreads), p,
+                   planes, v.C, v.S, tpp);
     }
     return;
   }
@@ -443,7 +461,8 @@ void launch_affine(const AffineArgs<scalar_t>& p, const ChannelView& v) {
   const int bx = cuda::pow2_at_least(cols, cuda::kWarpSize);
   const int by = kElemtThreads / bx;
   const int64_t tiles = cuda::ceil_div(cols, bx);
-  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(), "bnext: too many channels for the CUDA kernels: ", v.C);
+  TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
+              "bnext: too many channels for the CUDA kernels: ", v.C);
   const int64_t gy = std::max<int64_t>(
       1, std::min({cuda::ceil_div(v.rows(), by), cuda::ceil_div(target, tiles), kMaxGridY}));
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(gy));
@@ -456,27 +475,29 @@ void launch_affine(const AffineArgs<scalar_t>& p, const ChannelView& v) {
 }
 
 template <bool kWithGrad>
-Tensor affine_map(const Tensor& g, const Tensor& x, const Tensor& mean, const Tensor& a, const Tensor& k,
-                  const Tensor& c) {
+Tensor affine_map(const Tensor& g, const Tensor& x, const Tensor& mean, const Tensor& a,
+                  const Tensor& k, const Tensor& c) {
   Tensor out = empty_same_layout(x, x.scalar_type());
   if (x.numel() == 0) return out;
   const ChannelView v = channel_view(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_affine_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const AffineArgs<scalar_t> p{kWithGrad ? g.const_data_ptr<scalar_t>() : nullptr,
-                                 x.const_data_ptr<scalar_t>(),
-                                 out.mutable_data_ptr<scalar_t>(),
-                                 mean.const_data_ptr<T>(),
-                                 kWithGrad ? a.const_data_ptr<T>() : nullptr,
-                                 k.const_data_ptr<T>(),
-                                 c.const_data_ptr<T>()};
-    launch_affine<scalar_t, kWithGrad>(p, v);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_affine_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const AffineArgs<scalar_t> p{kWithGrad ? g.const_data_ptr<scalar_t>() : nullptr,
+                                     x.const_data_ptr<scalar_t>(),
+                                     out.mutable_data_ptr<scalar_t>(),
+                                     mean.const_data_ptr<T>(),
+                                     kWithGrad ? a.const_data_ptr<T>() : nullptr,
+                                     k.const_data_ptr<T>(),
+                                     c.const_data_ptr<T>()};
+        launch_affine<scalar_t, kWithGrad>(p, v);
+      });
   return out;
 }
 
 inline void check_same_device(const char* op, const Tensor& dy, const Tensor& x) {
-  TORCH_CHECK(dy.device() == x.device(), op, ": expected grad_out on ", x.device(), ", got ", dy.device());
+  TORCH_CHECK(dy.device() == x.device(), op, ": expected grad_out on ", x.device(), ", got ",
+              dy.device());
 }
 
 }  // namespace cuda_kernels
@@ -489,37 +510,43 @@ std::tuple<Tensor, Tensor> CudaBackend::stats(const Tensor& x) {
   // Every channel is written by the kernels.
   Tensor mean = at::empty({x.size(1)}, options);
   Tensor var = at::empty({x.size(1)}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_stats_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const cuda_kernels::StatsReducer<scalar_t> r{{x.const_data_ptr<scalar_t>()}, mean.mutable_data_ptr<T>(),
-                                                 var.mutable_data_ptr<T>()};
-    cuda_kernels::reduce(r, channel_view(x), x);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_stats_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const cuda_kernels::StatsReducer<scalar_t> r{
+            {x.const_data_ptr<scalar_t>()}, mean.mutable_data_ptr<T>(), var.mutable_data_ptr<T>()};
+        cuda_kernels::reduce(r, channel_view(x), x);
+      });
   return {mean, var};
 }
 
-Tensor CudaBackend::elemt(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift) {
+Tensor CudaBackend::elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                          const Tensor& shift) {
   return cuda_kernels::affine_map<false>(Tensor(), x, mean, Tensor(), scale, shift);
 }
 
-std::tuple<Tensor, Tensor> CudaBackend::backward_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean) {
+std::tuple<Tensor, Tensor> CudaBackend::backward_reduce(const Tensor& dy, const Tensor& x,
+                                                        const Tensor& mean) {
   cuda_kernels::check_same_device("bnext::batch_norm_backward_reduce", dy, x);
-  if (x.numel() == 0) return {at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
+  if (x.numel() == 0)
+    return {at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
   Tensor sum_dy = at::empty({x.size(1)}, mean.options());
   Tensor sum_dy_xmu = at::empty({x.size(1)}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_reduce_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const cuda_kernels::GradReducer<scalar_t> r{{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()},
-                                                mean.const_data_ptr<T>(),
-                                                sum_dy.mutable_data_ptr<T>(),
-                                                sum_dy_xmu.mutable_data_ptr<T>()};
-    cuda_kernels::reduce(r, channel_view(x), x);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_reduce_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const cuda_kernels::GradReducer<scalar_t> r{
+            {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()},
+            mean.const_data_ptr<T>(),
+            sum_dy.mutable_data_ptr<T>(),
+            sum_dy_xmu.mutable_data_ptr<T>()};
+        cuda_kernels::reduce(r, channel_view(x), x);
+      });
   return {sum_dy, sum_dy_xmu};
 }
 
-Tensor CudaBackend::backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& a,
-                                   const Tensor& k, const Tensor& c) {
+Tensor CudaBackend::backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                   const Tensor& a, const Tensor& k, const Tensor& c) {
   cuda_kernels::check_same_device("bnext::batch_norm_backward_elemt", dy, x);
   return cuda_kernels::affine_map<true>(dy, x, mean, a, k, c);
 }

@@ -3,6 +3,4 @@
 
 #include "batch_norm/schemas.h"
 
-TORCH_LIBRARY_FRAGMENT(bnext, m) {
-  bnext::batch_norm::define_schemas(m);
-}
+TORCH_LIBRARY_FRAGMENT(bnext, m) { bnext::batch_norm::define_schemas(m); }

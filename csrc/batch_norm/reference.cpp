@@ -35,9 +35,8 @@ Tensor affine(Tensor y, const Tensor& x, const Tensor& weight, const Tensor& bia
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const Tensor& weight,
-                                         const Tensor& bias, double eps, const Tensor& r,
-                                         const Tensor& d) {
+std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                         double eps, const Tensor& r, const Tensor& d) {
   const Tensor xo = opmath(x);
   const auto dims = reduce_dims(x);
   const Tensor mean = xo.mean(dims, /*keepdim=*/true);

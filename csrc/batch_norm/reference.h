@@ -18,9 +18,9 @@ using at::Tensor;
 // (y, mean, biased var) with the batch statistics. With r and d (Batch
 // Renorm), y = weight * ((x - mean) / sigma_B * r + d) + bias, r and d
 // constants.
-std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const Tensor& weight,
-                                         const Tensor& bias, double eps,
-                                         const Tensor& r = Tensor(), const Tensor& d = Tensor());
+std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                         double eps, const Tensor& r = Tensor(),
+                                         const Tensor& d = Tensor());
 
 // y with given (constant) statistics.
 Tensor infer(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,

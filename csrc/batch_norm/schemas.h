@@ -37,7 +37,8 @@ inline void define_schemas(torch::Library& m) {
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, int count) -> ()");
+      "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, float? momentum, int count) "
+      "-> ()");
   // The count as a one-value tensor on the device (the global batch size of a
   // distributed step, known there only after a collective).
   m.def(

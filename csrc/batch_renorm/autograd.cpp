@@ -67,9 +67,9 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
   }
 };
 
-Grads batch_renorm_backward_autograd(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
-                        const Tensor& var, const OptTensor& weight, const Tensor& r,
-                        const Tensor& d, double eps) {
+Grads batch_renorm_backward_autograd(const Tensor& grad_out, const Tensor& input,
+                                     const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                     const Tensor& r, const Tensor& d, double eps) {
   check_reverse_mode_only("bnext::batch_renorm_backward", {&grad_out, &input, &mean, &var, &r, &d},
                           {&weight});
   const auto g = BackwardFunction::apply(grad_out, input, mean, var, weight, r, d, eps);
@@ -139,9 +139,9 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
       check_no_grad_needed(ctx, r_max_edge + 1, op, "d_max");
     }
     const auto saved = ctx->get_saved_variables();
-    const auto g = call_backward(backward_handle(), grads[0], saved[0], saved[2], saved[3],
-                                 optional_of(saved[1]), saved[4], saved[5],
-                                 ctx->saved_data["eps"].toDouble());
+    const auto g =
+        call_backward(backward_handle(), grads[0], saved[0], saved[2], saved[3],
+                      optional_of(saved[1]), saved[4], saved[5], ctx->saved_data["eps"].toDouble());
     const auto in = input_grads(ctx, g, 3, has_weight, has_bias);
     return {in[0], Tensor(), Tensor(), in[1], in[2], Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -156,31 +156,31 @@ TrainResult train_autograd_impl(const char* op, const Tensor& input, const Tenso
     const Tensor& b = value_or_undefined(bias);
     batch_norm::check_args(op, input, w, b, running_mean, running_var);
     auto [mean, var] = bn_reference::stats(input);
-    auto [r, d] = limits.tensors()
-                      ? reference::correction(mean, var, running_mean, running_var, eps,
-                                                     limits.r_max_t, limits.d_max_t)
-                      : reference::correction(mean, var, running_mean, running_var, eps,
-                                                     limits.r_max, limits.d_max);
+    auto [r, d] = limits.tensors() ? reference::correction(mean, var, running_mean, running_var,
+                                                           eps, limits.r_max_t, limits.d_max_t)
+                                   : reference::correction(mean, var, running_mean, running_var,
+                                                           eps, limits.r_max, limits.d_max);
     const Tensor out = std::get<0>(bn_reference::train(input, w, b, eps, r, d));
     return {out, mean.detach(), var.detach(), r, d};
   }
   auto out = TrainFunction::apply(input, running_mean, running_var, weight, bias, eps,
-                                  optional_of(limits.r_max_t), optional_of(limits.d_max_t),
-                                  limits);
+                                  optional_of(limits.r_max_t), optional_of(limits.d_max_t), limits);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 TrainResult batch_renorm_train_autograd(const Tensor& input, const Tensor& running_mean,
-                           const Tensor& running_var, const OptTensor& weight,
-                           const OptTensor& bias, double eps, double r_max, double d_max) {
-  return train_autograd_impl("bnext::batch_renorm_train", input, running_mean, running_var,
-                             weight, bias, eps, {r_max, d_max, Tensor(), Tensor()});
+                                        const Tensor& running_var, const OptTensor& weight,
+                                        const OptTensor& bias, double eps, double r_max,
+                                        double d_max) {
+  return train_autograd_impl("bnext::batch_renorm_train", input, running_mean, running_var, weight,
+                             bias, eps, {r_max, d_max, Tensor(), Tensor()});
 }
 
 TrainResult batch_renorm_train_scheduled_autograd(const Tensor& input, const Tensor& running_mean,
-                                  const Tensor& running_var, const OptTensor& weight,
-                                  const OptTensor& bias, double eps, const Tensor& r_max,
-                                  const Tensor& d_max) {
+                                                  const Tensor& running_var,
+                                                  const OptTensor& weight, const OptTensor& bias,
+                                                  double eps, const Tensor& r_max,
+                                                  const Tensor& d_max) {
   return train_autograd_impl("bnext::batch_renorm_train_scheduled", input, running_mean,
                              running_var, weight, bias, eps, {0.0, 0.0, r_max, d_max});
 }

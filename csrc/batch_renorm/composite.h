@@ -104,8 +104,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
                                   data_or_null<scalar_t>(rmax_t), data_or_null<scalar_t>(dmax_t)};
     std::tie(out, mean, var) = batch_norm::stats_normalize<K, scalar_t>(
         x, scale, shift, [=] C10_HOST_DEVICE(int64_t c, scalar_t mean_c, scalar_t var_c) {
-          const auto rd = renorm_correction(mean_c, var_c, rm_p[c], rv_p[c], eps_, limits.r(),
-                                            limits.d());
+          const auto rd =
+              renorm_correction(mean_c, var_c, rm_p[c], rv_p[c], eps_, limits.r(), limits.d());
           const scalar_t w_c = batch_norm::load_or(w_p, c, scalar_t(1));
           const auto co = forward_coeffs(inv_std(var_c, eps_), w_c * rd.r,
                                          batch_norm::load_or(b_p, c, scalar_t(0)) + w_c * rd.d);
@@ -122,8 +122,8 @@ template <class K>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_renorm_train(
     const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
     const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max) {
-  return train_with_limits<K>("bnext::batch_renorm_train", input, running_mean, running_var,
-                              weight, bias, eps, r_max, d_max, Tensor(), Tensor());
+  return train_with_limits<K>("bnext::batch_renorm_train", input, running_mean, running_var, weight,
+                              bias, eps, r_max, d_max, Tensor(), Tensor());
 }
 
 template <class K>
@@ -136,14 +136,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_renorm_train_scheduled(
 }
 
 template <class K>
-std::tuple<Tensor, Tensor, Tensor> batch_renorm_backward(const Tensor& grad_out, const Tensor& input,
-                                            const Tensor& mean, const Tensor& var,
-                                            const OptTensor& weight, const Tensor& r,
-                                            const Tensor& d, double eps) {
+std::tuple<Tensor, Tensor, Tensor> batch_renorm_backward(const Tensor& grad_out,
+                                                         const Tensor& input, const Tensor& mean,
+                                                         const Tensor& var, const OptTensor& weight,
+                                                         const Tensor& r, const Tensor& d,
+                                                         double eps) {
   check_input("bnext::batch_renorm_backward", input, 2);
   batch_norm::check_channel_vectors("bnext::batch_renorm_backward", input, {&r, &d});
-  return batch_norm::backward<K>(grad_out, input, mean, var, value_or_undefined(weight), r, d,
-                                 eps, /*training=*/true);
+  return batch_norm::backward<K>(grad_out, input, mean, var, value_or_undefined(weight), r, d, eps,
+                                 /*training=*/true);
 }
 
 template <class K>

@@ -8,9 +8,7 @@
 namespace bnext {
 namespace batch_renorm {
 
-TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
-  register_kernels<batch_norm::CudaBackend>(m);
-}
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) { register_kernels<batch_norm::CudaBackend>(m); }
 
 }  // namespace batch_renorm
 }  // namespace bnext

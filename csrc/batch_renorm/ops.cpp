@@ -3,6 +3,4 @@
 
 #include "batch_renorm/schemas.h"
 
-TORCH_LIBRARY_FRAGMENT(bnext, m) {
-  bnext::batch_renorm::define_schemas(m);
-}
+TORCH_LIBRARY_FRAGMENT(bnext, m) { bnext::batch_renorm::define_schemas(m); }

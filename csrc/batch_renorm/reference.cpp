@@ -21,17 +21,15 @@ std::tuple<Tensor, Tensor> renorm_ratios(const Tensor& mean, const Tensor& var,
 }  // namespace
 
 std::tuple<Tensor, Tensor> correction(const Tensor& mean, const Tensor& var,
-                                             const Tensor& running_mean,
-                                             const Tensor& running_var, double eps, double r_max,
-                                             double d_max) {
+                                      const Tensor& running_mean, const Tensor& running_var,
+                                      double eps, double r_max, double d_max) {
   auto [ratio, offset] = renorm_ratios(mean, var, running_mean, running_var, eps);
   return {ratio.clamp(1.0 / r_max, r_max), offset.clamp(-d_max, d_max)};
 }
 
 std::tuple<Tensor, Tensor> correction(const Tensor& mean, const Tensor& var,
-                                             const Tensor& running_mean,
-                                             const Tensor& running_var, double eps,
-                                             const Tensor& r_max, const Tensor& d_max) {
+                                      const Tensor& running_mean, const Tensor& running_var,
+                                      double eps, const Tensor& r_max, const Tensor& d_max) {
   auto [ratio, offset] = renorm_ratios(mean, var, running_mean, running_var, eps);
   const Tensor r_hi = r_max.detach().to(ratio.options());
   const Tensor d_hi = d_max.detach().to(offset.options());

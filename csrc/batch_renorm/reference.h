@@ -17,14 +17,12 @@ using at::Tensor;
 // Batch Renorm's (r, d) for batch statistics and running statistics (all
 // (C,) vectors), as the kernels compute them; not differentiable.
 std::tuple<Tensor, Tensor> correction(const Tensor& mean, const Tensor& var,
-                                             const Tensor& running_mean,
-                                             const Tensor& running_var, double eps, double r_max,
-                                             double d_max);
+                                      const Tensor& running_mean, const Tensor& running_var,
+                                      double eps, double r_max, double d_max);
 // The same with r_max and d_max as 0-dim tensors (a schedule's values).
 std::tuple<Tensor, Tensor> correction(const Tensor& mean, const Tensor& var,
-                                             const Tensor& running_mean,
-                                             const Tensor& running_var, double eps,
-                                             const Tensor& r_max, const Tensor& d_max);
+                                      const Tensor& running_mean, const Tensor& running_var,
+                                      double eps, const Tensor& r_max, const Tensor& d_max);
 
 }  // namespace reference
 }  // namespace batch_renorm

@@ -1,7 +1,7 @@
 #include "common/autograd_util.h"
 
-#include <ATen/FuncTorchTLS.h>
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <c10/util/Exception.h>
 
 namespace bnext {
@@ -72,8 +72,8 @@ bool records_graph(std::initializer_list<const Tensor*> inputs) {
 
 void check_no_grad_needed(AutogradContext* ctx, size_t edge, const char* op, const char* name) {
   // The wording of torch's not_implemented() derivatives.
-  TORCH_CHECK(!ctx->needs_input_grad(edge), "the derivative for '", name,
-              "' is not implemented (", op, ")");
+  TORCH_CHECK(!ctx->needs_input_grad(edge), "the derivative for '", name, "' is not implemented (",
+              op, ")");
 }
 
 void check_not_differentiated(const char* op, std::initializer_list<const Tensor*> inputs) {
@@ -128,8 +128,8 @@ variable_list backward_of_backward(const ReferenceForward& forward, const variab
     slot.push_back(j);
   }
   if (outputs.empty() || wrt.empty()) return result;
-  const variable_list h = torch::autograd::grad(outputs, wrt, weights, /*retain_graph=*/create_graph,
-                                                create_graph, /*allow_unused=*/true);
+  const variable_list h = torch::autograd::grad(
+      outputs, wrt, weights, /*retain_graph=*/create_graph, create_graph, /*allow_unused=*/true);
   for (size_t k = 0; k < slot.size(); ++k) result[slot[k]] = h[k];
   return result;
 }
@@ -137,16 +137,15 @@ variable_list backward_of_backward(const ReferenceForward& forward, const variab
 std::array<Tensor, 3> norm_backward_of_backward(const ReferenceForward& forward,
                                                 const Tensor& grad_out, const Tensor& input,
                                                 const Tensor& weight, at::IntArrayRef param_shape,
-                                                at::ScalarType param_dtype,
-                                                const variable_list& gg,
+                                                at::ScalarType param_dtype, const variable_list& gg,
                                                 std::array<bool, 3> wanted) {
   TORCH_INTERNAL_ASSERT(gg.size() == 2 || gg.size() == 3);
   const auto options = weight.defined() ? weight.options() : input.options().dtype(param_dtype);
   const Tensor w = weight.defined() ? weight : at::ones(param_shape, options);
   const Tensor b = at::zeros(param_shape, options);
-  const auto h = backward_of_backward(
-      forward, {input, w, b}, grad_out, {gg[0], gg[1], gg.size() == 3 ? gg[2] : Tensor()},
-      {wanted[0], wanted[1], wanted[2], false});
+  const auto h = backward_of_backward(forward, {input, w, b}, grad_out,
+                                      {gg[0], gg[1], gg.size() == 3 ? gg[2] : Tensor()},
+                                      {wanted[0], wanted[1], wanted[2], false});
   return {h[0], h[1], h[2]};
 }
 

@@ -38,9 +38,7 @@ c10::TypedOperatorHandle<Signature> op(const char* name, const char* overload = 
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
 }
 
-inline OptTensor optional_of(const Tensor& t) {
-  return t.defined() ? OptTensor(t) : std::nullopt;
-}
+inline OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
@@ -109,8 +107,7 @@ variable_list backward_of_backward(const ReferenceForward& forward, const variab
 std::array<Tensor, 3> norm_backward_of_backward(const ReferenceForward& forward,
                                                 const Tensor& grad_out, const Tensor& input,
                                                 const Tensor& weight, at::IntArrayRef param_shape,
-                                                at::ScalarType param_dtype,
-                                                const variable_list& gg,
+                                                at::ScalarType param_dtype, const variable_list& gg,
                                                 std::array<bool, 3> wanted);
 
 // (grad_input, grad_weight, grad_bias) as autograd wants them: undefined

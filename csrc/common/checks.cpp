@@ -18,8 +18,8 @@ void check_input(const char* op, const at::Tensor& input, int64_t min_dim) {
               " dimensions, got ", input.dim(), "D input of size ", input.sizes());
 }
 
-void check_param(const char* op, const char* name, const at::Tensor& param,
-                 const at::Tensor& input, int64_t numel, bool check_dtype) {
+void check_param(const char* op, const char* name, const at::Tensor& param, const at::Tensor& input,
+                 int64_t numel, bool check_dtype) {
   if (!param.defined()) return;
   TORCH_CHECK(param.numel() == numel, name, " should contain ", numel, " elements not ",
               param.numel(), " (", op, ": input of size ", input.sizes(), ")");
@@ -28,9 +28,9 @@ void check_param(const char* op, const char* name, const at::Tensor& param,
   if (!check_dtype) return;
   const auto dt = param.scalar_type();
   const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(dt == input.scalar_type() || (reduced && dt == at::kFloat), op, ": expected ",
-              name, " of dtype ", input.scalar_type(),
-              reduced ? " (or float32)" : "", " like the input, got ", dt);
+  TORCH_CHECK(dt == input.scalar_type() || (reduced && dt == at::kFloat), op, ": expected ", name,
+              " of dtype ", input.scalar_type(), reduced ? " (or float32)" : "",
+              " like the input, got ", dt);
 }
 
 }  // namespace bnext

@@ -19,8 +19,8 @@ void check_input(const char* op, const at::Tensor& input, int64_t min_dim);
 // on the input's device, of the input's dtype or float32 for half/bfloat16
 // input (mixed precision; not checked with check_dtype = false). Undefined
 // tensors pass.
-void check_param(const char* op, const char* name, const at::Tensor& param,
-                 const at::Tensor& input, int64_t numel, bool check_dtype = true);
+void check_param(const char* op, const char* name, const at::Tensor& param, const at::Tensor& input,
+                 int64_t numel, bool check_dtype = true);
 
 template <typename T>
 inline const T* data_or_null(const at::Tensor& t) {

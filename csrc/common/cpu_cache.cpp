@@ -28,7 +28,8 @@ int64_t read_last_level_cache_bytes() {
 }
 
 int64_t stream_threshold_bytes() {
-  if (const char* env = std::getenv("BNEXT_STREAM_MIN_BYTES")) return std::strtoll(env, nullptr, 10);
+  if (const char* env = std::getenv("BNEXT_STREAM_MIN_BYTES"))
+    return std::strtoll(env, nullptr, 10);
   return read_last_level_cache_bytes() / 2;
 }
 

@@ -42,7 +42,8 @@ void run_moments(const scalar_t* p, int64_t stride, int64_t len, acc_t<scalar_t>
   constexpr int64_t L = kLanes<scalar_t>;
   V acc[R];
   for (int j = 0; j < R; ++j) {
-    acc[j] = sum_any_order(p + j * stride, len, [](const V& a, const V& v, int64_t) { return a + v; });
+    acc[j] =
+        sum_any_order(p + j * stride, len, [](const V& a, const V& v, int64_t) { return a + v; });
   }
   hsums<scalar_t>(acc, R, mean);
   for (int j = 0; j < R; ++j) {

@@ -53,8 +53,8 @@ template <typename scalar_t>
 inline at::vec::Vectorized<scalar_t> narrow(const Vec<scalar_t>& lo, const Vec<scalar_t>& hi) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    return at::vec::Vectorized<scalar_t>(
-        reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(static_cast<__m512>(hi), static_cast<__m512>(lo))));
+    return at::vec::Vectorized<scalar_t>(reinterpret_cast<__m512i>(
+        _mm512_cvtne2ps_pbh(static_cast<__m512>(hi), static_cast<__m512>(lo))));
   }
 #endif
   return at::vec::convert_from_float<scalar_t>(lo, hi);
@@ -72,7 +72,8 @@ inline Vec<scalar_t> load_acc(const scalar_t* p, int64_t n = kLanes<scalar_t>) {
       return out;
     }
     // A masked load of the reduced type (it holds twice kLanes values), widened.
-    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
+    return std::get<0>(
+        at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
   }
 }
 
@@ -254,14 +255,16 @@ inline std::pair<Vec<scalar_t>, Vec<scalar_t>> load_acc2_any_order(const scalar_
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     const __m512i v = _mm512_loadu_si512(p);
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
-            _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+    return {
+        _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+        _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+    return {
+        _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+        _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
   }
 #endif
   return load_acc2(p);

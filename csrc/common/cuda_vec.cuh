@@ -13,7 +13,9 @@ constexpr int kVecBytes = 16;
 
 template <typename scalar_t>
 constexpr int vec_size() {
-  return kVecBytes / static_cast<int>(sizeof(scalar_t)) > 0 ? kVecBytes / static_cast<int>(sizeof(scalar_t)) : 1;
+  return kVecBytes / static_cast<int>(sizeof(scalar_t)) > 0
+             ? kVecBytes / static_cast<int>(sizeof(scalar_t))
+             : 1;
 }
 
 template <typename T, int N>

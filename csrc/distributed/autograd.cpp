@@ -24,11 +24,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_ga
   check_not_differentiated(name, {&means, &vars});
   for (const OptTensor* t : {&weight, &bias, &running_mean, &running_var, &r_max, &d_max})
     if (present(*t)) check_not_differentiated(name, {&t->value()});
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-          const Tensor&, const Tensor&, const Tensor&, at::ScalarType, const OptTensor&,
-          const OptTensor&, double, const OptTensor&, const OptTensor&, const OptTensor&,
-          const OptTensor&)>(name);
+  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, at::ScalarType, const OptTensor&,
+      const OptTensor&, double, const OptTensor&, const OptTensor&, const OptTensor&,
+      const OptTensor&)>(name);
   return call_below_autograd(handle, means, vars, counts, dtype, weight, bias, eps, running_mean,
                              running_var, r_max, d_max);
 }
@@ -40,11 +39,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_coeffs_autograd(
   check_not_differentiated(name, {&sum_dy, &sum_dy_xmu, &var});
   for (const OptTensor* t : {&weight, &r, &d})
     if (present(*t)) check_not_differentiated(name, {&t->value()});
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                    const OptTensor&, const OptTensor&,
-                                                    const OptTensor&, double, const Tensor&)>(
-          name);
+  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+      const OptTensor&, double, const Tensor&)>(name);
   return call_below_autograd(handle, sum_dy, sum_dy_xmu, var, weight, r, d, eps, count);
 }
 

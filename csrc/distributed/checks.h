@@ -20,10 +20,9 @@ using OptTensor = std::optional<Tensor>;
 inline void check_channel_vector(const char* op, const char* name, const Tensor& t, int64_t C,
                                  at::Device device) {
   if (!t.defined()) return;
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " of shape (", C,
-              ",), got ", t.sizes());
-  TORCH_CHECK(t.device() == device, op, ": expected ", name, " on ", device, ", got ",
-              t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": expected ", name, " of shape (", C, ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == device, op, ": expected ", name, " on ", device, ", got ", t.device());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name,
               ", got ", t.scalar_type());
 }
@@ -39,8 +38,8 @@ inline void check_gather_stats_args(const Tensor& means_in, const Tensor& vars_i
               means_in.sizes(), " and ", vars_in.sizes());
   const int64_t W = means_in.size(0);
   const int64_t C = means_in.size(1);
-  TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == W, op,
-              ": expected one count per row (", W, "), got shape ", counts_in.sizes());
+  TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == W, op, ": expected one count per row (",
+              W, "), got shape ", counts_in.sizes());
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
               ": expected dtype float32 or float64 (the opmath dtype), got ", dtype);
   const at::Device device = means_in.device();
@@ -53,9 +52,10 @@ inline void check_gather_stats_args(const Tensor& means_in, const Tensor& vars_i
   TORCH_CHECK(rm_in.defined() == rv_in.defined() && rmax_in.defined() == dmax_in.defined() &&
                   (!rmax_in.defined() || rm_in.defined()),
               op, ": Batch Renorm needs running_mean, running_var, r_max and d_max together");
-  const std::pair<const char*, const Tensor*> vectors[] = {
-      {"weight", &value_or_undefined(weight)}, {"bias", &value_or_undefined(bias)},
-      {"running_mean", &rm_in}, {"running_var", &rv_in}};
+  const std::pair<const char*, const Tensor*> vectors[] = {{"weight", &value_or_undefined(weight)},
+                                                           {"bias", &value_or_undefined(bias)},
+                                                           {"running_mean", &rm_in},
+                                                           {"running_var", &rv_in}};
   for (const auto& [name, t] : vectors) check_channel_vector(op, name, *t, C, device);
 }
 
@@ -63,17 +63,18 @@ inline void check_backward_coeffs_args(const Tensor& sum_dy_in, const Tensor& su
                                        const Tensor& var_in, const OptTensor& weight,
                                        const OptTensor& r_in, const OptTensor& d_in) {
   const char* op = "bnext::batch_norm_backward_coeffs";
-  TORCH_CHECK(sum_dy_in.dim() == 1, op, ": expected sum_dy of shape (C,), got ",
-              sum_dy_in.sizes());
+  TORCH_CHECK(sum_dy_in.dim() == 1, op, ": expected sum_dy of shape (C,), got ", sum_dy_in.sizes());
   const int64_t C = sum_dy_in.size(0);
   const at::Device device = sum_dy_in.device();
   const auto dtype = sum_dy_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
               ": expected float32 or float64 sums (the opmath dtype), got ", dtype);
-  const std::pair<const char*, const Tensor*> vectors[] = {
-      {"sum_dy", &sum_dy_in}, {"sum_dy_xmu", &sum_dy_xmu_in}, {"var", &var_in},
-      {"weight", &value_or_undefined(weight)}, {"r", &value_or_undefined(r_in)},
-      {"d", &value_or_undefined(d_in)}};
+  const std::pair<const char*, const Tensor*> vectors[] = {{"sum_dy", &sum_dy_in},
+                                                           {"sum_dy_xmu", &sum_dy_xmu_in},
+                                                           {"var", &var_in},
+                                                           {"weight", &value_or_undefined(weight)},
+                                                           {"r", &value_or_undefined(r_in)},
+                                                           {"d", &value_or_undefined(d_in)}};
   for (const auto& [name, t] : vectors) check_channel_vector(op, name, *t, C, device);
 }
 

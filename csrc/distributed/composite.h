@@ -38,10 +38,9 @@ inline Tensor device_count(const char* op, const Tensor& count, at::Device devic
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_gather_stats(
-    const Tensor& means_in, const Tensor& vars_in, const Tensor& counts_in,
-    at::ScalarType dtype, const OptTensor& weight, const OptTensor& bias, double eps,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& r_max,
-    const OptTensor& d_max) {
+    const Tensor& means_in, const Tensor& vars_in, const Tensor& counts_in, at::ScalarType dtype,
+    const OptTensor& weight, const OptTensor& bias, double eps, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& r_max, const OptTensor& d_max) {
   const char* op = "bnext::batch_norm_gather_stats";
   check_gather_stats_args(means_in, vars_in, counts_in, dtype, weight, bias, running_mean,
                           running_var, r_max, d_max);
@@ -76,9 +75,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_ga
     const scalar_t* b_p = data_or_null<scalar_t>(b);
     const scalar_t* rm_p = data_or_null<scalar_t>(rm);
     const scalar_t* rv_p = data_or_null<scalar_t>(rv);
-    const batch_renorm::Limits<scalar_t> limits{scalar_t(1), scalar_t(0),
-                                                data_or_null<scalar_t>(rmax_t),
-                                                data_or_null<scalar_t>(dmax_t)};
+    const batch_renorm::Limits<scalar_t> limits{
+        scalar_t(1), scalar_t(0), data_or_null<scalar_t>(rmax_t), data_or_null<scalar_t>(dmax_t)};
     scalar_t* mean_p = mean.mutable_data_ptr<scalar_t>();
     scalar_t* var_p = var.mutable_data_ptr<scalar_t>();
     scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
@@ -137,17 +135,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_coeffs(
   Tensor a = at::empty({C}, options), k = at::empty({C}, options), c_ = at::empty({C}, options);
   Tensor grad_weight = at::empty({C}, options);
   AT_DISPATCH_FLOATING_TYPES(dtype, "bnext_backward_coeffs", [&] {
-    const batch_norm::BackwardStep<scalar_t> step{
-        var.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w), data_or_null<scalar_t>(r),
-        data_or_null<scalar_t>(d), grad_weight.mutable_data_ptr<scalar_t>(),
-        a.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
-        c_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps), /*training=*/true};
+    const batch_norm::BackwardStep<scalar_t> step{var.const_data_ptr<scalar_t>(),
+                                                  data_or_null<scalar_t>(w),
+                                                  data_or_null<scalar_t>(r),
+                                                  data_or_null<scalar_t>(d),
+                                                  grad_weight.mutable_data_ptr<scalar_t>(),
+                                                  a.mutable_data_ptr<scalar_t>(),
+                                                  k.mutable_data_ptr<scalar_t>(),
+                                                  c_.mutable_data_ptr<scalar_t>(),
+                                                  static_cast<scalar_t>(eps),
+                                                  /*training=*/true};
     const scalar_t* sdy_p = sum_dy.const_data_ptr<scalar_t>();
     const scalar_t* sdx_p = sum_dy_xmu.const_data_ptr<scalar_t>();
     const int64_t* count_p = count.const_data_ptr<int64_t>();
-    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
-      step(c, sdy_p[c], sdx_p[c], count_p[0]);
-    });
+    K::for_each_channel(
+        C, [=] C10_HOST_DEVICE(int64_t c) { step(c, sdy_p[c], sdx_p[c], count_p[0]); });
   });
   return {a, k, c_, grad_weight};
 }

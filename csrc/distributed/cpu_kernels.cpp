@@ -8,9 +8,7 @@
 namespace bnext {
 namespace distributed {
 
-TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  register_kernels<batch_norm::CpuBackend>(m);
-}
+TORCH_LIBRARY_IMPL(bnext, CPU, m) { register_kernels<batch_norm::CpuBackend>(m); }
 
 }  // namespace distributed
 }  // namespace bnext

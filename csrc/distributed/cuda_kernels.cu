@@ -8,9 +8,7 @@
 namespace bnext {
 namespace distributed {
 
-TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
-  register_kernels<batch_norm::CudaBackend>(m);
-}
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) { register_kernels<batch_norm::CudaBackend>(m); }
 
 }  // namespace distributed
 }  // namespace bnext

@@ -3,6 +3,4 @@
 
 #include "distributed/schemas.h"
 
-TORCH_LIBRARY_FRAGMENT(bnext, m) {
-  bnext::distributed::define_schemas(m);
-}
+TORCH_LIBRARY_FRAGMENT(bnext, m) { bnext::distributed::define_schemas(m); }

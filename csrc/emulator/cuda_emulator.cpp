@@ -81,8 +81,8 @@ void fiber_main() {
 std::string describe(const Block& b, const char* what) {
   std::ostringstream os;
   os << "bnext emulator: " << what << " in block (" << b.block_idx.x << ", " << b.block_idx.y
-     << ", " << b.block_idx.z << ") of a (" << b.block.x << ", " << b.block.y << ", "
-     << b.block.z << ") block";
+     << ", " << b.block_idx.z << ") of a (" << b.block.x << ", " << b.block.y << ", " << b.block.z
+     << ") block";
   return os.str();
 }
 
@@ -162,9 +162,10 @@ void run_block(Block& b) {
     if (ran || released) continue;
     for (const Fiber& f : b.fibers) {
       if (f.state != State::kDone) {
-        throw std::runtime_error(describe(
-            b, "deadlock: some threads wait at __syncthreads() while others wait in a warp "
-               "shuffle"));
+        throw std::runtime_error(
+            describe(b,
+                     "deadlock: some threads wait at __syncthreads() while others wait in a warp "
+                     "shuffle"));
       }
     }
     return;
@@ -218,7 +219,8 @@ void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, u
   if (mask != 0xffffffffu) {
     throw std::runtime_error(describe(b, "a shuffle with a partial mask (not emulated)"));
   }
-  if (src_lane < 0 || src_lane >= kWarpSize || warp0 + src_lane >= static_cast<int>(b.fibers.size())) {
+  if (src_lane < 0 || src_lane >= kWarpSize ||
+      warp0 + src_lane >= static_cast<int>(b.fibers.size())) {
     throw std::runtime_error(describe(b, "a shuffle reads a lane that does not exist"));
   }
   unsigned char* slots = b.slots.data() + static_cast<std::size_t>(warp0) * kMaxShuffleBytes;

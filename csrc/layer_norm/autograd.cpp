@@ -22,9 +22,10 @@ namespace {
 
 using namespace bnext::autograd_util;
 
-using LayerNormBwdSig = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double,
-    std::array<bool, 2>);
+using LayerNormBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                           const Tensor&, const Tensor&,
+                                                           const OptTensor&, double,
+                                                           std::array<bool, 2>);
 using RmsNormBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                  const OptTensor&, double, bool);
 
@@ -39,7 +40,9 @@ const c10::TypedOperatorHandle<RmsNormBwdSig>& rms_norm_bwd_handle() {
 }
 
 // The normalised dims are those past the statistics' (batch) dims.
-int64_t normalized_dims(const Tensor& input, const Tensor& stat) { return input.dim() - stat.dim(); }
+int64_t normalized_dims(const Tensor& input, const Tensor& stat) {
+  return input.dim() - stat.dim();
+}
 
 // ------------------------------------------------ backward passes, differentiable
 
@@ -113,9 +116,11 @@ struct RmsNormBackwardFunction : public torch::autograd::Function<RmsNormBackwar
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_autograd(
-    const Tensor& grad_out, const Tensor& input, const Tensor& mean, const Tensor& rstd,
-    const OptTensor& weight, double eps, std::array<bool, 2> output_mask) {
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_autograd(const Tensor& grad_out,
+                                                           const Tensor& input, const Tensor& mean,
+                                                           const Tensor& rstd,
+                                                           const OptTensor& weight, double eps,
+                                                           std::array<bool, 2> output_mask) {
   check_reverse_mode_only("bnext::layer_norm_bwd", {&grad_out, &input, &mean, &rstd}, {&weight});
   const auto g =
       LayerNormBackwardFunction::apply(grad_out, input, mean, rstd, weight, eps, output_mask);
@@ -136,9 +141,9 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                at::IntArrayRef normalized_shape, const OptTensor& weight,
                                const OptTensor& bias, double eps) {
-    static const auto fwd = op<std::tuple<Tensor, Tensor, Tensor>(
-        const Tensor&, at::IntArrayRef, const OptTensor&, const OptTensor&, double)>(
-        "bnext::layer_norm_fwd");
+    static const auto fwd =
+        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, at::IntArrayRef, const OptTensor&,
+                                              const OptTensor&, double)>("bnext::layer_norm_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mean, rstd] = fwd.call(input, normalized_shape, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, rstd});
@@ -156,10 +161,9 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool want_weight = has_weight && ctx->needs_input_grad(1);
     const bool want_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
-    auto [dx, dw, db] = call_backward(layer_norm_bwd_handle(), grads[0], saved[0], saved[2],
-                                      saved[3], optional_of(saved[1]),
-                                      ctx->saved_data["eps"].toDouble(),
-                                      std::array<bool, 2>{want_weight, want_bias});
+    auto [dx, dw, db] = call_backward(
+        layer_norm_bwd_handle(), grads[0], saved[0], saved[2], saved[3], optional_of(saved[1]),
+        ctx->saved_data["eps"].toDouble(), std::array<bool, 2>{want_weight, want_bias});
     if (want_bias) {
       // Without a weight the kernel returns the input's dtype for the bias gradient.
       db = db.to(ctx->saved_data["bias_dtype"].toScalarType());
@@ -188,32 +192,33 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool want_weight = ctx->saved_data["has_weight"].toBool() && ctx->needs_input_grad(1);
-    auto [dx, dw] = call_backward(rms_norm_bwd_handle(), grads[0], saved[0], saved[2],
-                                  optional_of(saved[1]), ctx->saved_data["eps"].toDouble(),
-                                  want_weight);
+    auto [dx, dw] =
+        call_backward(rms_norm_bwd_handle(), grads[0], saved[0], saved[2], optional_of(saved[1]),
+                      ctx->saved_data["eps"].toDouble(), want_weight);
     return {ctx->needs_input_grad(0) ? dx : Tensor(), Tensor(), want_weight ? dw : Tensor(),
             Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& input,
-                                                       at::IntArrayRef normalized_shape,
-                                                       const OptTensor& weight,
-                                                       const OptTensor& bias, double eps) {
+                                                           at::IntArrayRef normalized_shape,
+                                                           const OptTensor& weight,
+                                                           const OptTensor& bias, double eps) {
   if (use_reference({&input}, {&weight, &bias})) {
     const Tensor& w = value_or_undefined(weight);
     const Tensor& b = value_or_undefined(bias);
     check_forward("bnext::layer_norm_fwd", input, normalized_shape, w, b, ParamDtype::kLikeInput);
-    auto [out, mean, rstd] = reference::layer_norm(
-        input, static_cast<int64_t>(normalized_shape.size()), w, b, eps);
+    auto [out, mean, rstd] =
+        reference::layer_norm(input, static_cast<int64_t>(normalized_shape.size()), w, b, eps);
     return {out, mean.detach(), rstd.detach()};
   }
   auto out = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& input, at::IntArrayRef normalized_shape,
-                                             const OptTensor& weight, double eps) {
+std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& input,
+                                                 at::IntArrayRef normalized_shape,
+                                                 const OptTensor& weight, double eps) {
   // Complex input is not a performance case: torch's formula, composite.
   if (input.is_complex() || use_reference({&input}, {&weight})) {
     const Tensor& w = value_or_undefined(weight);

@@ -20,10 +20,10 @@ using at::Tensor;
 
 // The input seen as M rows of N contiguous values, N = prod(normalized_shape).
 struct RowProblem {
-  Tensor x;                          // contiguous input
-  Tensor dy;                         // contiguous grad_out (backward only)
-  Tensor w;                          // contiguous opmath weight, or undefined
-  Tensor b;                          // contiguous opmath bias, or undefined
+  Tensor x;   // contiguous input
+  Tensor dy;  // contiguous grad_out (backward only)
+  Tensor w;   // contiguous opmath weight, or undefined
+  Tensor b;   // contiguous opmath bias, or undefined
   int64_t M = 0;
   int64_t N = 0;
   std::vector<int64_t> stat_shape;   // leading (batch) dims: shape of mean/rstd
@@ -38,7 +38,8 @@ enum class ParamDtype { kLikeInput, kAnyFloat };
 namespace detail {
 
 inline void check_param_shape(const char* op, const char* name, const Tensor& param,
-                       const Tensor& input, at::IntArrayRef normalized_shape, ParamDtype rule) {
+                              const Tensor& input, at::IntArrayRef normalized_shape,
+                              ParamDtype rule) {
   if (!param.defined()) return;
   TORCH_CHECK(param.sizes() == normalized_shape, "Expected ", name,
               " to be of same shape as normalized_shape, but got ", name, " of shape ",
@@ -46,11 +47,9 @@ inline void check_param_shape(const char* op, const char* name, const Tensor& pa
   check_param(op, name, param, input, param.numel(),
               /*check_dtype=*/rule == ParamDtype::kLikeInput);
   if (rule == ParamDtype::kAnyFloat) {
-    TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(param.scalar_type()) ||
-                                    (input.is_complex() && param.is_complex()),
-                                "\"", op,
-                                "\" not implemented for a ", name, " of dtype ",
-                                param.scalar_type());
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        at::isFloatingType(param.scalar_type()) || (input.is_complex() && param.is_complex()), "\"",
+        op, "\" not implemented for a ", name, " of dtype ", param.scalar_type());
   }
 }
 
@@ -58,7 +57,7 @@ inline void check_param_shape(const char* op, const char* name, const Tensor& pa
 // own dtype: an integer input with a float weight is a RuntimeError (mixed
 // dtypes), without a weight a NotImplementedError.
 inline void check_param_dtype_first(const char* op, const Tensor& input, const Tensor& weight,
-                             const Tensor& bias, ParamDtype rule) {
+                                    const Tensor& bias, ParamDtype rule) {
   if (rule == ParamDtype::kAnyFloat) return;
   for (const Tensor* t : {&weight, &bias}) {
     TORCH_CHECK(!t->defined() || at::isFloatingType(input.scalar_type()) ||
@@ -87,7 +86,7 @@ inline void fill_view(RowProblem& p, const Tensor& input, int64_t axis) {
 // Every argument check of the forward ops, also used by their reference
 // paths (autograd.cpp).
 inline void check_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
-                   const Tensor& weight, const Tensor& bias, ParamDtype rule) {
+                          const Tensor& weight, const Tensor& bias, ParamDtype rule) {
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(nd >= 1,
               "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
@@ -104,8 +103,9 @@ inline void check_forward(const char* op, const Tensor& input, at::IntArrayRef n
   detail::check_param_shape(op, "bias", bias, input, normalized_shape, rule);
 }
 
-inline RowProblem prepare_forward(const char* op, const Tensor& input, at::IntArrayRef normalized_shape,
-                           const Tensor& weight, const Tensor& bias, ParamDtype rule) {
+inline RowProblem prepare_forward(const char* op, const Tensor& input,
+                                  at::IntArrayRef normalized_shape, const Tensor& weight,
+                                  const Tensor& bias, ParamDtype rule) {
   check_forward(op, input, normalized_shape, weight, bias, rule);
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   RowProblem p;
@@ -120,12 +120,12 @@ inline RowProblem prepare_forward(const char* op, const Tensor& input, at::IntAr
 // `stat` (mean or rstd) carries the batch dims, so the normalized dims are
 // input's dims past stat.dim().
 inline RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
-                            const Tensor& stat, const Tensor& weight, ParamDtype rule) {
+                                   const Tensor& stat, const Tensor& weight, ParamDtype rule) {
   check_input(op, input, 0);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
                   grad_out.device() == input.device(),
-              op, ": expected grad_out like the input (", input.sizes(), ", ", input.dtype(),
-              ", ", input.device(), "), got ", grad_out.sizes(), ", ", grad_out.dtype(), ", ",
+              op, ": expected grad_out like the input (", input.sizes(), ", ", input.dtype(), ", ",
+              input.device(), "), got ", grad_out.sizes(), ", ", grad_out.dtype(), ", ",
               grad_out.device());
   const auto opmath = opmath_dtype(input.scalar_type());
   TORCH_CHECK(stat.dim() <= input.dim() && stat.sizes() == input.sizes().slice(0, stat.dim()) &&

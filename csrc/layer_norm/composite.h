@@ -42,11 +42,10 @@ inline Tensor in_input_layout(const Tensor& out, const Tensor& input) {
 // A requested parameter gradient of `param_shape`, in `dtype`, from an opmath
 // column sum; not requested gives an empty (0,) tensor, as the fake kernels do.
 inline Tensor finish_param_grad(const Tensor& column_sum, bool requested, const RowProblem& p,
-                         at::ScalarType dtype) {
+                                at::ScalarType dtype) {
   if (!requested) return at::empty({0}, p.x.options().dtype(dtype));
   return column_sum.view(p.param_shape).to(dtype);
 }
-
 
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
@@ -115,8 +114,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
 
 template <class K>
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& input,
-                                        const Tensor& rstd, const OptTensor& weight,
-                                        double /*eps*/, bool weight_grad) {
+                                        const Tensor& rstd, const OptTensor& weight, double /*eps*/,
+                                        bool weight_grad) {
   const char* op = "bnext::rms_norm_bwd";
   const typename K::DeviceGuard guard(input.device());
   const Tensor& w = value_or_undefined(weight);
@@ -125,7 +124,8 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
   Tensor dx = at::empty(input.sizes(), p.x.options());
   Tensor dw_col = weight_grad ? at::zeros({p.N}, rstd.options()) : Tensor();
   Tensor no_db;
-  if (p.M > 0) K::template backward<false>(p, Tensor(), rstd.contiguous(), weight_grad, dx, dw_col, no_db);
+  if (p.M > 0)
+    K::template backward<false>(p, Tensor(), rstd.contiguous(), weight_grad, dx, dw_col, no_db);
   return {in_input_layout(dx, input),
           finish_param_grad(dw_col, weight_grad, p, param_grad_dtype(w, input))};
 }

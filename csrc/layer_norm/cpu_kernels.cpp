@@ -85,8 +85,8 @@ void rows_sum_sq(const scalar_t* p, int64_t n, acc_t<scalar_t>* out) {
   using V = Vec<scalar_t>;
   V acc[R];
   for (int j = 0; j < R; ++j) {
-    acc[j] = cpu::sum_any_order(p + j * n, n,
-                                [](const V& a, const V& v, int64_t) { return at::vec::fmadd(v, v, a); });
+    acc[j] = cpu::sum_any_order(
+        p + j * n, n, [](const V& a, const V& v, int64_t) { return at::vec::fmadd(v, v, a); });
   }
   cpu::hsums<scalar_t>(acc, R, out);
 }
@@ -341,25 +341,25 @@ void backward_rows(const RowProblem& p, const Tensor& mean, const Tensor& rstd, 
 
 template <bool kCentred>
 void CpuBackend::forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd",
-                                  [&] { forward_rows<scalar_t, kCentred>(p, eps, out, mean, rstd); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd",
+      [&] { forward_rows<scalar_t, kCentred>(p, eps, out, mean, rstd); });
 }
 
 template <bool kCentred>
 void CpuBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
                           Tensor& dx, Tensor& dw_col, Tensor& db_col) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd", [&] {
-    if (columns) {
-      backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
-    } else {
-      backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd", [&] {
+        if (columns) {
+          backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
+        } else {
+          backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
+        }
+      });
 }
 
-TORCH_LIBRARY_IMPL(bnext, CPU, m) {
-  register_kernels<CpuBackend>(m);
-}
+TORCH_LIBRARY_IMPL(bnext, CPU, m) { register_kernels<CpuBackend>(m); }
 
 }  // namespace layer_norm
 }  // namespace bnext

@@ -8,9 +8,7 @@
 namespace bnext {
 namespace layer_norm {
 
-TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
-  register_kernels<CudaBackend>(m);
-}
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) { register_kernels<CudaBackend>(m); }
 
 }  // namespace layer_norm
 }  // namespace bnext

@@ -330,9 +330,8 @@ __global__ void __launch_bounds__(kMaxLongRowThreads)
   using T = at::opmath_type<scalar_t>;
   for (int64_t r = blockIdx.x; r < a.M; r += gridDim.x) {
     const auto acc = lane_stats<kCentred, VEC>(a, r, threadIdx.x, blockDim.x);
-    const Pair<T> stats = block_reduce_broadcast(acc, StatsOp<kCentred>{}, [&](const auto& total) {
-      return row_stats(total, a.N, a.eps);
-    });
+    const Pair<T> stats = block_reduce_broadcast(
+        acc, StatsOp<kCentred>{}, [&](const auto& total) { return row_stats(total, a.N, a.eps); });
     if (threadIdx.x == 0) store_stats<kCentred>(a, r, stats);
     normalize_row<VEC>(a, r, stats, threadIdx.x, blockDim.x);
   }
@@ -350,8 +349,8 @@ struct ColumnSums {
 
 struct ColumnSumsOp {
   template <typename T, int VEC, bool kCentred>
-  __device__ __forceinline__ ColumnSums<T, VEC, kCentred> operator()(const ColumnSums<T, VEC, kCentred>& a,
-                                                                     const ColumnSums<T, VEC, kCentred>& b) const {
+  __device__ __forceinline__ ColumnSums<T, VEC, kCentred> operator()(
+      const ColumnSums<T, VEC, kCentred>& a, const ColumnSums<T, VEC, kCentred>& b) const {
     ColumnSums<T, VEC, kCentred> out;
 #pragma unroll
     for (int i = 0; i < ColumnSums<T, VEC, kCentred>::kValues; ++i) out.v[i] = a.v[i] + b.v[i];
@@ -370,15 +369,14 @@ __device__ __forceinline__ ColumnSums<T, VEC, kCentred> zero_sums() {
 // Row `part` of out_dw / out_db (leading dimension N) gets the VEC sums of
 // columns c0, ...
 template <typename T, int VEC, bool kCentred>
-__device__ __forceinline__ void store_sums(const ColumnSums<T, VEC, kCentred>& s, T* out_dw, T* out_db,
-                                          int64_t offset) {
+__device__ __forceinline__ void store_sums(const ColumnSums<T, VEC, kCentred>& s, T* out_dw,
+                                           T* out_db, int64_t offset) {
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     out_dw[offset + e] = s.v[e];
     if constexpr (kCentred) out_db[offset + e] = s.v[VEC + e];
   }
 }
-
 
 template <typename scalar_t>
 struct BackwardArgs {
@@ -437,8 +435,9 @@ struct LaneColumns {
 // then a compile-time constant, so the LaneColumns it indexes stay in
 // registers rather than local memory.
 template <int VEC, int KV, int kInputs, typename scalar_t, class F>
-__device__ __forceinline__ void visit_lane_vectors(const scalar_t* const (&in)[kInputs], int64_t nvec,
-                                                   int64_t first, int64_t step, F&& f) {
+__device__ __forceinline__ void visit_lane_vectors(const scalar_t* const (&in)[kInputs],
+                                                   int64_t nvec, int64_t first, int64_t step,
+                                                   F&& f) {
   constexpr int kUnroll = std::min(unroll_for<VEC>(), KV);
 #pragma unroll
   for (int k0 = 0; k0 < KV; k0 += kUnroll) {
@@ -463,9 +462,9 @@ __device__ __forceinline__ void visit_lane_vectors(const scalar_t* const (&in)[k
 // with KV > 0 also the row's terms of the thread's column sums, from the same
 // loaded dy and x.
 template <bool kCentred, int VEC, int KV, typename scalar_t>
-__device__ __forceinline__ void row_dx(const BackwardArgs<scalar_t>& a, int64_t r,
-                                       const Pair<at::opmath_type<scalar_t>>& sums, int64_t first, int64_t step,
-                                       LaneColumns<at::opmath_type<scalar_t>, VEC, kCentred, KV>& cols) {
+__device__ __forceinline__ void row_dx(
+    const BackwardArgs<scalar_t>& a, int64_t r, const Pair<at::opmath_type<scalar_t>>& sums,
+    int64_t first, int64_t step, LaneColumns<at::opmath_type<scalar_t>, VEC, kCentred, KV>& cols) {
   using T = at::opmath_type<scalar_t>;
   const T m = row_mean<kCentred>(a, r);
   const T rstd = a.rstd[r];
@@ -514,8 +513,8 @@ __device__ __forceinline__ void zero_columns(LaneColumns<T, VEC, kCentred, KV>& 
 // vector k at a time to keep it small. Lane g of warp 0 writes row
 // blockIdx.x of the partials.
 template <typename T, int VEC, bool kCentred, int KV>
-__device__ __forceinline__ void store_group_columns(const LaneColumns<T, VEC, kCentred, KV>& cols, T* dw_row,
-                                                    T* db_row, int64_t nvec, int group) {
+__device__ __forceinline__ void store_group_columns(const LaneColumns<T, VEC, kCentred, KV>& cols,
+                                                    T* dw_row, T* db_row, int64_t nvec, int group) {
   using S = ColumnSums<T, VEC, kCentred>;
   constexpr int kWarps = kShortRowThreads / cuda::kWarpSize;
   __shared__ S scratch[kWarps * cuda::kWarpSize];
@@ -555,8 +554,8 @@ __global__ void __launch_bounds__(kShortRowThreads)
     if (valid) row_dx<kCentred, VEC, KV>(a, r, sums, g, group, cols);
   });
   if constexpr (KV > 0) {
-    store_group_columns(cols, a.dw_parts + blockIdx.x * a.N, kCentred ? a.db_parts + blockIdx.x * a.N : nullptr,
-                        a.N / VEC, group);
+    store_group_columns(cols, a.dw_parts + blockIdx.x * a.N,
+                        kCentred ? a.db_parts + blockIdx.x * a.N : nullptr, a.N / VEC, group);
   }
 }
 
@@ -580,8 +579,8 @@ __global__ void __launch_bounds__(kMaxLongRowThreads)
     for (int k = 0; k < KV; ++k) {
       const int64_t j = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
       if (j < nvec) {
-        store_sums(cols.v[k], a.dw_parts + blockIdx.x * a.N, kCentred ? a.db_parts + blockIdx.x * a.N : nullptr,
-                   j * VEC);
+        store_sums(cols.v[k], a.dw_parts + blockIdx.x * a.N,
+                   kCentred ? a.db_parts + blockIdx.x * a.N : nullptr, j * VEC);
       }
     }
   }
@@ -607,8 +606,8 @@ struct ColumnArgs {
 // by a fixed tree. Writes row `part` of out_dw / out_db.
 template <typename scalar_t, bool kCentred, int VEC>
 __global__ void __launch_bounds__(kColumnThreads)
-    column_partials_kernel(ColumnArgs<scalar_t> a, int64_t rows_per_part, at::opmath_type<scalar_t>* out_dw,
-                           at::opmath_type<scalar_t>* out_db) {
+    column_partials_kernel(ColumnArgs<scalar_t> a, int64_t rows_per_part,
+                           at::opmath_type<scalar_t>* out_dw, at::opmath_type<scalar_t>* out_db) {
   using T = at::opmath_type<scalar_t>;
   using S = ColumnSums<T, VEC, kCentred>;
   __shared__ S scratch[kColumnThreads];
@@ -622,7 +621,7 @@ __global__ void __launch_bounds__(kColumnThreads)
     const int64_t c0 = (tile * kColumnTile + threadIdx.x) * VEC;
     S sums = zero_sums<T, VEC, kCentred>();
     if (c0 < a.N) {  // N % VEC == 0 on vector paths
-      // Unrolled once already (kUnroll rows); more only costs registers.
+                     // Unrolled once already (kUnroll rows); more only costs registers.
 #pragma unroll 1
       for (int64_t r = r0 + threadIdx.y; r < r1; r += kUnroll * kColumnLanes) {
         Vec<scalar_t, VEC> dy[kUnroll];
@@ -662,7 +661,8 @@ __global__ void __launch_bounds__(kColumnThreads)
 // the 8 lanes merge by a fixed tree.
 template <typename T, bool kCentred, int VEC>
 __global__ void __launch_bounds__(kColumnThreads)
-    column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, T* dw, T* db) {
+    column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, T* dw,
+                        T* db) {
   using S = ColumnSums<T, VEC, kCentred>;
   __shared__ S scratch[kColumnThreads];
   const int64_t tiles = cuda::ceil_div(N, kColumnTile * VEC);
@@ -699,7 +699,8 @@ bool vectorizable(int64_t N, std::initializer_list<const void*> rows,
     if (!cuda::is_aligned(p, cuda::kVecBytes)) return false;
   }
   for (const void* p : params) {
-    if (!cuda::is_aligned(p, kVec * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>)))) return false;
+    if (!cuda::is_aligned(p, kVec * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>))))
+      return false;
   }
   return true;
 }
@@ -723,7 +724,8 @@ inline RowPlan row_plan(int64_t M, int64_t N, int64_t nvec) {
   } else {
     plan.group = 0;
     // About one unrolled batch of vectors per thread.
-    threads = std::max(kMinLongRowThreads, cuda::pow2_at_least(cuda::ceil_div(nvec, 4), kMaxLongRowThreads));
+    threads = std::max(kMinLongRowThreads,
+                       cuda::pow2_at_least(cuda::ceil_div(nvec, 4), kMaxLongRowThreads));
     blocks = M;
   }
   const int64_t resident = std::max<int64_t>(1, cuda::num_sms() * (kThreadsPerSm / threads));
@@ -733,7 +735,8 @@ inline RowPlan row_plan(int64_t M, int64_t N, int64_t nvec) {
 }
 
 template <class Args>
-void launch_rows(void (*short_kernel)(Args, int), void (*long_kernel)(Args, int), const Args& a, int vec) {
+void launch_rows(void (*short_kernel)(Args, int), void (*long_kernel)(Args, int), const Args& a,
+                 int vec) {
   const RowPlan plan = row_plan(a.M, a.N, a.N / vec);
   cuda::launch(plan.short_rows ? short_kernel : long_kernel, plan.grid, plan.block, a, plan.group);
 }
@@ -742,10 +745,11 @@ template <typename scalar_t, bool kCentred>
 void launch_forward(const ForwardArgs<scalar_t>& a) {
   constexpr int kVec = cuda::vec_size<scalar_t>();
   if (vectorizable<scalar_t>(a.N, {a.x, a.y}, {a.w, a.b})) {
-    launch_rows(forward_short_kernel<scalar_t, kCentred, kVec>, forward_long_kernel<scalar_t, kCentred, kVec>, a,
-                kVec);
+    launch_rows(forward_short_kernel<scalar_t, kCentred, kVec>,
+                forward_long_kernel<scalar_t, kCentred, kVec>, a, kVec);
   } else {
-    launch_rows(forward_short_kernel<scalar_t, kCentred, 1>, forward_long_kernel<scalar_t, kCentred, 1>, a, 1);
+    launch_rows(forward_short_kernel<scalar_t, kCentred, 1>,
+                forward_long_kernel<scalar_t, kCentred, 1>, a, 1);
   }
 }
 
@@ -757,7 +761,8 @@ void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_c
   const int64_t tiles = cuda::ceil_div(a.N, kColumnTile * VEC);
   const int64_t grid_x = std::min(tiles, kMaxGridX);
   const int64_t target = 4 * cuda::num_sms();
-  const int64_t max_parts = std::max<int64_t>(1, std::min(cuda::ceil_div(a.M, kMinRowsPerPart), kMaxGridY));
+  const int64_t max_parts =
+      std::max<int64_t>(1, std::min(cuda::ceil_div(a.M, kMinRowsPerPart), kMaxGridY));
   const int64_t rows_per_part =
       cuda::ceil_div(a.M, std::clamp<int64_t>(cuda::ceil_div(target, grid_x), 1, max_parts));
   const int64_t parts = cuda::ceil_div(a.M, rows_per_part);
@@ -765,8 +770,8 @@ void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_c
   T* dw = dw_col.mutable_data_ptr<T>();
   T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
   if (parts == 1) {
-    cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)), block, a,
-                 rows_per_part, dw, db);
+    cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
+                 dim3(static_cast<unsigned>(grid_x)), block, a, rows_per_part, dw, db);
     return;
   }
   // Every partial is written by the first kernel.
@@ -775,8 +780,8 @@ void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_c
   T* dw_p = dw_parts.mutable_data_ptr<T>();
   T* db_p = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
-               dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts)), block, a, rows_per_part, dw_p,
-               db_p);
+               dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts)), block, a,
+               rows_per_part, dw_p, db_p);
   cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)), block,
                static_cast<const T*>(dw_p), static_cast<const T*>(db_p), parts, a.N, dw, db);
 }
@@ -805,8 +810,8 @@ constexpr int kFusedColumnValues = 32;
 // The gridDim.x partial rows merged into dw_col / db_col; with one block the
 // kernel writes them directly, in a single launch.
 template <typename scalar_t, bool kCentred, int VEC, int KV>
-void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& plan, BackwardArgs<scalar_t> a,
-                  Tensor& dw_col, Tensor& db_col) {
+void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& plan,
+                  BackwardArgs<scalar_t> a, Tensor& dw_col, Tensor& db_col) {
   using T = at::opmath_type<scalar_t>;
   T* dw = dw_col.mutable_data_ptr<T>();
   T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
@@ -836,7 +841,8 @@ void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& pl
 // budget's vectors; long rows 4 (the planner gives a thread about 4 vectors
 // up to 512 threads) and all of the budget, at most 16 vectors.
 template <typename scalar_t, bool kCentred, int VEC>
-bool launch_backward_fused(const RowPlan& plan, const BackwardArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) {
+bool launch_backward_fused(const RowPlan& plan, const BackwardArgs<scalar_t>& a, Tensor& dw_col,
+                           Tensor& db_col) {
   if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, float>) {
     return false;
   } else {
@@ -850,25 +856,25 @@ bool launch_backward_fused(const RowPlan& plan, const BackwardArgs<scalar_t>& a,
     if (plan.short_rows) {
       const int64_t kv = cuda::ceil_div(nvec, plan.group);
       if (kv <= 1) {
-        launch_fused<scalar_t, kCentred, VEC, 1>(backward_short_kernel<scalar_t, kCentred, VEC, 1>, plan, a, dw_col,
-                                                 db_col);
+        launch_fused<scalar_t, kCentred, VEC, 1>(backward_short_kernel<scalar_t, kCentred, VEC, 1>,
+                                                 plan, a, dw_col, db_col);
       } else if (kv <= kQuarterKV) {
-        launch_fused<scalar_t, kCentred, VEC, kQuarterKV>(backward_short_kernel<scalar_t, kCentred, VEC, kQuarterKV>,
-                                                          plan, a, dw_col, db_col);
+        launch_fused<scalar_t, kCentred, VEC, kQuarterKV>(
+            backward_short_kernel<scalar_t, kCentred, VEC, kQuarterKV>, plan, a, dw_col, db_col);
       } else if (kv <= kMaxKV) {
-        launch_fused<scalar_t, kCentred, VEC, kMaxKV>(backward_short_kernel<scalar_t, kCentred, VEC, kMaxKV>, plan,
-                                                      a, dw_col, db_col);
+        launch_fused<scalar_t, kCentred, VEC, kMaxKV>(
+            backward_short_kernel<scalar_t, kCentred, VEC, kMaxKV>, plan, a, dw_col, db_col);
       } else {
         return false;
       }
     } else {
       const int64_t kv = cuda::ceil_div(nvec, plan.block.x);
       if (kv <= kLongKV) {
-        launch_fused<scalar_t, kCentred, VEC, kLongKV>(backward_long_kernel<scalar_t, kCentred, VEC, kLongKV>, plan, a,
-                                                       dw_col, db_col);
+        launch_fused<scalar_t, kCentred, VEC, kLongKV>(
+            backward_long_kernel<scalar_t, kCentred, VEC, kLongKV>, plan, a, dw_col, db_col);
       } else if (kv <= kLongMaxKV) {
-        launch_fused<scalar_t, kCentred, VEC, kLongMaxKV>(backward_long_kernel<scalar_t, kCentred, VEC, kLongMaxKV>,
-                                                          plan, a, dw_col, db_col);
+        launch_fused<scalar_t, kCentred, VEC, kLongMaxKV>(
+            backward_long_kernel<scalar_t, kCentred, VEC, kLongMaxKV>, plan, a, dw_col, db_col);
       } else {
         return false;
       }
@@ -880,17 +886,20 @@ bool launch_backward_fused(const RowPlan& plan, const BackwardArgs<scalar_t>& a,
 // dx, and with `columns` dw_col (and db_col): fused where it fits, else the
 // dx kernels alone and then the column kernels.
 template <typename scalar_t, bool kCentred, int VEC>
-void launch_backward_vec(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_col, Tensor& db_col) {
+void launch_backward_vec(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_col,
+                         Tensor& db_col) {
   const RowPlan plan = row_plan(a.M, a.N, a.N / VEC);
   if (columns && launch_backward_fused<scalar_t, kCentred, VEC>(plan, a, dw_col, db_col)) return;
   cuda::launch(plan.short_rows ? backward_short_kernel<scalar_t, kCentred, VEC, 0>
                                : backward_long_kernel<scalar_t, kCentred, VEC, 0>,
                plan.grid, plan.block, a, plan.group);
-  if (columns) column_sums<scalar_t, kCentred>({a.dy, a.x, a.mean, a.rstd, a.M, a.N}, dw_col, db_col);
+  if (columns)
+    column_sums<scalar_t, kCentred>({a.dy, a.x, a.mean, a.rstd, a.M, a.N}, dw_col, db_col);
 }
 
 template <typename scalar_t, bool kCentred>
-void launch_backward(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_col, Tensor& db_col) {
+void launch_backward(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_col,
+                     Tensor& db_col) {
   constexpr int kVec = cuda::vec_size<scalar_t>();
   if (vectorizable<scalar_t>(a.N, {a.dy, a.x, a.dx}, {a.w})) {
     launch_backward_vec<scalar_t, kCentred, kVec>(a, columns, dw_col, db_col);
@@ -904,39 +913,43 @@ void launch_backward(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_c
 // ------------------------------------------------------------------- backend
 
 template <bool kCentred>
-void CudaBackend::forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd_cuda", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const cuda_kernels::ForwardArgs<scalar_t> a{p.x.const_data_ptr<scalar_t>(),
-                                                  out.mutable_data_ptr<scalar_t>(),
-                                                  data_or_null<T>(p.w),
-                                                  kCentred ? data_or_null<T>(p.b) : nullptr,
-                                                  kCentred ? mean.mutable_data_ptr<T>() : nullptr,
-                                                  rstd.mutable_data_ptr<T>(),
-                                                  p.M,
-                                                  p.N,
-                                                  static_cast<T>(eps)};
-      cuda_kernels::launch_forward<scalar_t, kCentred>(a);
-    });
-  }
+void CudaBackend::forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean,
+                          Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const cuda_kernels::ForwardArgs<scalar_t> a{p.x.const_data_ptr<scalar_t>(),
+                                                    out.mutable_data_ptr<scalar_t>(),
+                                                    data_or_null<T>(p.w),
+                                                    kCentred ? data_or_null<T>(p.b) : nullptr,
+                                                    kCentred ? mean.mutable_data_ptr<T>() : nullptr,
+                                                    rstd.mutable_data_ptr<T>(),
+                                                    p.M,
+                                                    p.N,
+                                                    static_cast<T>(eps)};
+        cuda_kernels::launch_forward<scalar_t, kCentred>(a);
+      });
+}
 
 template <bool kCentred>
-void CudaBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns, Tensor& dx,
-                           Tensor& dw_col, Tensor& db_col) {
-    // No rows (the column sums stay the zeros they come as) or rows of no
-    // values (everything is empty): nothing to launch.
-    if (p.M == 0 || p.N == 0) return;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd_cuda", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const scalar_t* dy = p.dy.const_data_ptr<scalar_t>();
-      const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-      const T* mean_p = kCentred ? mean.const_data_ptr<T>() : nullptr;
-      const T* rstd_p = rstd.const_data_ptr<T>();
-      cuda_kernels::launch_backward<scalar_t, kCentred>(
-          {dy, x, mean_p, rstd_p, data_or_null<T>(p.w), dx.mutable_data_ptr<scalar_t>(), p.M, p.N}, columns,
-          dw_col, db_col);
-    });
-  }
+void CudaBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd,
+                           bool columns, Tensor& dx, Tensor& dw_col, Tensor& db_col) {
+  // No rows (the column sums stay the zeros they come as) or rows of no
+  // values (everything is empty): nothing to launch.
+  if (p.M == 0 || p.N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
+                                  "bnext_norm_bwd_cuda", [&] {
+                                    using T = at::opmath_type<scalar_t>;
+                                    const scalar_t* dy = p.dy.const_data_ptr<scalar_t>();
+                                    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+                                    const T* mean_p = kCentred ? mean.const_data_ptr<T>() : nullptr;
+                                    const T* rstd_p = rstd.const_data_ptr<T>();
+                                    cuda_kernels::launch_backward<scalar_t, kCentred>(
+                                        {dy, x, mean_p, rstd_p, data_or_null<T>(p.w),
+                                         dx.mutable_data_ptr<scalar_t>(), p.M, p.N},
+                                        columns, dw_col, db_col);
+                                  });
+}
 
 }  // namespace layer_norm
 }  // namespace bnext

@@ -3,6 +3,4 @@
 
 #include "layer_norm/schemas.h"
 
-TORCH_LIBRARY_FRAGMENT(bnext, m) {
-  bnext::layer_norm::define_schemas(m);
-}
+TORCH_LIBRARY_FRAGMENT(bnext, m) { bnext::layer_norm::define_schemas(m); }

@@ -17,9 +17,7 @@ std::vector<int64_t> trailing_dims(const Tensor& x, int64_t n) {
   return dims;
 }
 
-Tensor opmath(const Tensor& x) {
-  return x.is_complex() ? x : x.to(opmath_dtype(x.scalar_type()));
-}
+Tensor opmath(const Tensor& x) { return x.is_complex() ? x : x.to(opmath_dtype(x.scalar_type())); }
 
 // The statistics, kept with singleton trailing dims, as the op returns them.
 Tensor row_stat(const Tensor& s, int64_t normalized_dims) {
@@ -41,12 +39,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& x, int64_t normalize
   Tensor y = xmu * rstd;
   if (weight.defined()) y = y * opmath(weight);
   if (bias.defined()) y = y + opmath(bias);
-  return {y.to(x.scalar_type()), row_stat(mean, normalized_dims),
-          row_stat(rstd, normalized_dims)};
+  return {y.to(x.scalar_type()), row_stat(mean, normalized_dims), row_stat(rstd, normalized_dims)};
 }
 
-std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, int64_t normalized_dims,
-                                    const Tensor& weight, double eps) {
+std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, int64_t normalized_dims, const Tensor& weight,
+                                    double eps) {
   const Tensor xo = opmath(x);
   const auto dims = trailing_dims(x, normalized_dims);
   const Tensor rstd = (xo.pow(2).mean(dims, /*keepdim=*/true) + eps).rsqrt();

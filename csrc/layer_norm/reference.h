@@ -19,13 +19,12 @@ using at::Tensor;
 
 // (y, mean, rstd), the statistics of the input's leading shape.
 std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& x, int64_t normalized_dims,
-                                              const Tensor& weight, const Tensor& bias,
-                                              double eps);
+                                              const Tensor& weight, const Tensor& bias, double eps);
 
 // (y, rstd). Complex input is normalised as torch does it,
 // x * rsqrt(mean(x^2) + eps) * weight, with complex arithmetic throughout.
-std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, int64_t normalized_dims,
-                                    const Tensor& weight, double eps);
+std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, int64_t normalized_dims, const Tensor& weight,
+                                    double eps);
 
 }  // namespace reference
 }  // namespace layer_norm

@@ -25,7 +25,8 @@ inline void define_schemas(torch::Library& m) {
       "float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-      "float eps, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "float eps, bool[2] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps) "
       "-> (Tensor out, Tensor rstd)");

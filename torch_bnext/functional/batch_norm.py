@@ -52,13 +52,15 @@ def batch_norm_training(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if running_mean is not None:
-        update_running_stats(input, running_mean, running_var, num_batches_tracked, mean, var,
-                             momentum)
+        update_running_stats(
+            input, running_mean, running_var, num_batches_tracked, mean, var, momentum
+        )
     return out
 
 
-def update_running_stats(input, running_mean, running_var, num_batches_tracked, mean, var,
-                         momentum) -> None:
+def update_running_stats(
+    input, running_mean, running_var, num_batches_tracked, mean, var, momentum
+) -> None:
     """Folds this batch's statistics into the running buffers (in place)."""
     if input.numel() > 0:
         count = input.numel() // input.shape[1]
@@ -98,7 +100,9 @@ def batch_norm_eval(input, running_mean, running_var, weight, bias, eps) -> Tens
     """Eval-mode Batch Norm with the running statistics, after torch's checks."""
     if running_mean is None or running_var is None:
         # torch's message and type (its C++ check).
-        raise RuntimeError(f"running_{'mean' if running_mean is None else 'var'} must be defined "
-                           "in evaluation mode")
+        raise RuntimeError(
+            f"running_{'mean' if running_mean is None else 'var'} must be defined "
+            "in evaluation mode"
+        )
     check_eps(eps, False)
     return _ops.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)

@@ -43,9 +43,10 @@ def check_renorm_limits(r_max: Limit, d_max: Limit) -> None:
 def limit_tensors(r_max: Limit, d_max: Limit, device) -> tuple:
     """Both limits as 0-dim tensors, for batch_renorm_train_scheduled (and the
     distributed step): a float becomes a float64 tensor on `device`."""
-    return tuple(v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float64,
-                                                             device=device)
-                 for v in (r_max, d_max))
+    return tuple(
+        v if isinstance(v, Tensor) else torch.full((), v, dtype=torch.float64, device=device)
+        for v in (r_max, d_max)
+    )
 
 
 def batch_renorm_training(
@@ -76,8 +77,13 @@ def batch_renorm_training(
     check_eps(eps, True)
     if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
         out, mean, var, _r, _d = _ops.batch_renorm_train_scheduled(
-            input, running_mean, running_var, weight, bias, eps,
-            *limit_tensors(r_max, d_max, input.device)
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            eps,
+            *limit_tensors(r_max, d_max, input.device),
         )
     else:
         out, mean, var, _r, _d = _ops.batch_renorm_train.default(

@@ -1,5 +1,6 @@
 import numbers
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -9,7 +10,7 @@ _ops = torch.ops.bnext
 _Shape = Union[int, Sequence[int], torch.Size]
 
 
-def _as_shape(normalized_shape: _Shape) -> List[int]:
+def _as_shape(normalized_shape: _Shape) -> list[int]:
     # nn.LayerNorm accepts a bare int; the ops take a list of ints.
     if isinstance(normalized_shape, numbers.Integral):
         return [int(normalized_shape)]

@@ -50,8 +50,22 @@ def _local_sums(grad_out: Tensor, input: Tensor, mean: Tensor):
 
 class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, eps,
-                momentum, r_max, d_max, group, world_size, rank):
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        eps,
+        momentum,
+        r_max,
+        d_max,
+        group,
+        world_size,
+        rank,
+    ):
         channels = input.shape[1]
         opmath = opmath_dtype(input.dtype)
         mean, var = _local_stats(input, opmath)
@@ -62,18 +76,35 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(table, group=group)
         renorm = r_max is not None
         mean, var, count, scale, shift, r, d = _ops.batch_norm_gather_stats(
-            table[:, :channels], table[:, channels:-1], table[:, -1], opmath, weight, bias, eps,
-            running_mean if renorm else None, running_var if renorm else None, r_max, d_max)
-        out = (_ops.batch_norm_elemt(input, mean, scale, shift) if input.numel() > 0
-               else torch.empty_like(input))
+            table[:, :channels],
+            table[:, channels:-1],
+            table[:, -1],
+            opmath,
+            weight,
+            bias,
+            eps,
+            running_mean if renorm else None,
+            running_var if renorm else None,
+            r_max,
+            d_max,
+        )
+        out = (
+            _ops.batch_norm_elemt(input, mean, scale, shift)
+            if input.numel() > 0
+            else torch.empty_like(input)
+        )
         if running_mean is not None:
-            _ops.batch_norm_update_stats_global(running_mean, running_var, num_batches_tracked,
-                                                mean, var, momentum, count)
-        ctx.save_for_backward(input, weight, mean, var, count, r if renorm else None,
-                              d if renorm else None)
+            _ops.batch_norm_update_stats_global(
+                running_mean, running_var, num_batches_tracked, mean, var, momentum, count
+            )
+        ctx.save_for_backward(
+            input, weight, mean, var, count, r if renorm else None, d if renorm else None
+        )
         ctx.eps, ctx.group = eps, group
-        ctx.param_dtypes = (None if weight is None else weight.dtype,
-                            None if bias is None else bias.dtype)
+        ctx.param_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         return out
 
     @staticmethod
@@ -87,13 +118,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             a, k, c, _ = _ops.batch_norm_backward_coeffs(
-                total[:channels], total[channels:], var, weight, r, d, ctx.eps, count)
-            grad_input = (_ops.batch_norm_backward_elemt(grad_out, input, mean, a, k, c)
-                          if input.numel() > 0 else torch.zeros_like(input))
+                total[:channels], total[channels:], var, weight, r, d, ctx.eps, count
+            )
+            grad_input = (
+                _ops.batch_norm_backward_elemt(grad_out, input, mean, a, k, c)
+                if input.numel() > 0
+                else torch.zeros_like(input)
+            )
         # Parameter gradients are this rank's share (DDP sums them over ranks).
         if ctx.needs_input_grad[1]:
             _, _, _, grad_weight = _ops.batch_norm_backward_coeffs(
-                sum_dy, sum_dy_xmu, var, weight, r, d, ctx.eps, count)
+                sum_dy, sum_dy_xmu, var, weight, r, d, ctx.eps, count
+            )
             grad_weight = grad_weight.to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(ctx.param_dtypes[1])
@@ -112,8 +148,9 @@ def world_of(group) -> Optional[tuple]:
     return group, world_size, dist.get_rank(group)
 
 
-def check_sync_input(input: Tensor, num_features: int, weight: Optional[Tensor],
-                     running_mean: Optional[Tensor]) -> None:
+def check_sync_input(
+    input: Tensor, num_features: int, weight: Optional[Tensor], running_mean: Optional[Tensor]
+) -> None:
     """What one rank can see wrong on its own, raised before any collective so
     that the other ranks are not left waiting in it (the layers have checked
     the number of dimensions already, with torch.nn.SyncBatchNorm's check)."""
@@ -147,6 +184,18 @@ def sync_batch_norm_training(
     tensors) over the global batch of `world` = (group, world size, rank)."""
     check_eps(eps, True)
     group, world_size, rank = world
-    return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                       num_batches_tracked, eps, momentum, r_max, d_max, group,
-                                       world_size, rank)
+    return SyncBatchNormFunction.apply(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        eps,
+        momentum,
+        r_max,
+        d_max,
+        group,
+        world_size,
+        rank,
+    )

@@ -28,8 +28,9 @@ class _BatchNormForward:
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         running_mean, running_var, steps = self._updated_buffers()
-        return batch_norm_training(input, running_mean, running_var, self.weight, self.bias,
-                                   self.momentum, self.eps, steps)
+        return batch_norm_training(
+            input, running_mean, running_var, self.weight, self.bias, self.momentum, self.eps, steps
+        )
 
 
 def adopt_tensors(new: nn.Module, old: nn.Module) -> nn.Module:

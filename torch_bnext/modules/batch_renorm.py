@@ -17,10 +17,13 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
     are *before* this step (:math:`\sigma = \sqrt{\mathrm{running\_var} + \epsilon}`):
 
     .. math::
-        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}\Big(\frac{\sqrt{\sigma_B^2 + \epsilon}}{\sigma}\Big), \qquad
-        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\Big(\frac{\mu_B - \mathrm{running\_mean}}{\sigma}\Big)
+        r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}
+            \Big(\frac{\sqrt{\sigma_B^2 + \epsilon}}{\sigma}\Big), \qquad
+        d = \mathrm{clip}_{[-d_{max},\, d_{max}]}
+            \Big(\frac{\mu_B - \mathrm{running\_mean}}{\sigma}\Big)
 
-        y = \mathrm{weight} \cdot \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \mathrm{bias}
+        y = \mathrm{weight} \cdot
+            \Big(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}\, r + d\Big) + \mathrm{bias}
 
     with r and d constants for autograd (the gradient flows through
     :math:`\mu_B` and :math:`\sigma_B` only, as in the paper). The running
@@ -95,12 +98,15 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         any other callable of the step count read once on the host."""
         step = self.num_batches_tracked
         limits = (self.r_max, self.d_max)
-        host_step = (int(step.item()) if any([callable(v) and not isinstance(v, Schedule)
-                                              for v in limits]) else None)
-        return tuple(v(step) if isinstance(v, Schedule)
-                     else float(v(host_step)) if callable(v)
-                     else float(v)
-                     for v in limits)
+        host_step = (
+            int(step.item())
+            if any([callable(v) and not isinstance(v, Schedule) for v in limits])
+            else None
+        )
+        return tuple(
+            v(step) if isinstance(v, Schedule) else float(v(host_step)) if callable(v) else float(v)
+            for v in limits
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -111,9 +117,18 @@ class _BatchRenorm(nn.modules.batchnorm._BatchNorm):
         return self._train_step(input, *self._limits())
 
     def _train_step(self, input: Tensor, r_max, d_max) -> Tensor:
-        return batch_renorm_training(input, self.running_mean, self.running_var, self.weight,
-                                     self.bias, self.momentum, self.eps, r_max, d_max,
-                                     self.num_batches_tracked)
+        return batch_renorm_training(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            r_max,
+            d_max,
+            self.num_batches_tracked,
+        )
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -58,8 +58,17 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         check_sync_input(input, self.num_features, self.weight, self.running_mean)
         running_mean, running_var, steps = self._updated_buffers()
-        return sync_batch_norm_training(input, running_mean, running_var, self.weight, self.bias,
-                                        self.momentum, self.eps, steps, world)
+        return sync_batch_norm_training(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            steps,
+            world,
+        )
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
@@ -70,8 +79,15 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
             module, (cls, _BatchRenorm)
         ):
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, device="meta")
+            converted = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                device="meta",
+            )
             adopt_tensors(converted, module)
             if hasattr(module, "qconfig"):
                 converted.qconfig = module.qconfig
@@ -111,14 +127,23 @@ class SyncBatchRenorm(_BatchRenorm):
         if world is None:
             return super()._train_step(input, r_max, d_max)
         check_sync_input(input, self.num_features, self.weight, self.running_mean)
-        return sync_batch_norm_training(input, self.running_mean, self.running_var, self.weight,
-                                        self.bias, self.momentum, self.eps,
-                                        self.num_batches_tracked, world,
-                                        *limit_tensors(r_max, d_max, input.device))
+        return sync_batch_norm_training(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            self.num_batches_tracked,
+            world,
+            *limit_tensors(r_max, d_max, input.device),
+        )
 
     @classmethod
-    def convert_sync_batchrenorm(cls, module: nn.Module, process_group=None,
-                                 r_max: Limit = 3.0, d_max: Limit = 5.0) -> nn.Module:
+    def convert_sync_batchrenorm(
+        cls, module: nn.Module, process_group=None, r_max: Limit = 3.0, d_max: Limit = 5.0
+    ) -> nn.Module:
         """torch's and our BatchNorm*d / SyncBatchNorm and our BatchRenorm*d
         become this class, recursively, reusing the Parameter and buffer objects."""
         converted = module
@@ -130,11 +155,19 @@ class SyncBatchRenorm(_BatchRenorm):
                 )
             if isinstance(module, _BatchRenorm):
                 r_max, d_max = module.r_max, module.d_max
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            r_max, d_max, process_group, device="meta")
+            converted = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                r_max,
+                d_max,
+                process_group,
+                device="meta",
+            )
             adopt_tensors(converted, module)
         for name, child in module.named_children():
             converted.add_module(
-                name, cls.convert_sync_batchrenorm(child, process_group, r_max, d_max))
+                name, cls.convert_sync_batchrenorm(child, process_group, r_max, d_max)
+            )
         return converted
-

@@ -5,8 +5,10 @@ autograd (csrc/*/autograd.cpp): a Python autograd.Function would cost as much
 as the kernels on small inputs.
 """
 
-from . import batch_norm  # noqa: F401
-from . import batch_renorm  # noqa: F401
-from . import distributed  # noqa: F401
-from . import layer_norm  # noqa: F401
-from . import vmap  # noqa: F401  (batching rules)
+from . import (
+    batch_norm,  # noqa: F401
+    batch_renorm,  # noqa: F401
+    distributed,  # noqa: F401
+    layer_norm,  # noqa: F401
+    vmap,  # noqa: F401  (batching rules)
+)

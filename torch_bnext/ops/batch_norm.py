@@ -11,7 +11,8 @@ def _check_devices(op, input, **tensors):
     for name, t in tensors.items():
         if t is not None and t.device != input.device:
             raise RuntimeError(
-                f"{op}: expected {name} on device {input.device} (the input's device), got {t.device}"
+                f"{op}: expected {name} on device {input.device} (the input's device), "
+                f"got {t.device}"
             )
 
 
@@ -43,8 +44,14 @@ def _train_fake(input, weight, bias, eps):
 
 @torch.library.register_fake("bnext::batch_norm_infer")
 def _infer_fake(input, mean, var, weight, bias, eps):
-    _check_devices("bnext::batch_norm_infer", input, running_mean=mean, running_var=var,
-                   weight=weight, bias=bias)
+    _check_devices(
+        "bnext::batch_norm_infer",
+        input,
+        running_mean=mean,
+        running_var=var,
+        weight=weight,
+        bias=bias,
+    )
     return empty_canonical(input)
 
 
@@ -55,15 +62,23 @@ def _backward_fake(grad_out, input, mean, var, weight, eps, training):
 
 @torch.library.register_fake("bnext::batch_norm_update_stats")
 def _update_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
-    _check_devices("bnext::batch_norm_update_stats", mean, running_mean=running_mean,
-                   running_var=running_var)
+    _check_devices(
+        "bnext::batch_norm_update_stats", mean, running_mean=running_mean, running_var=running_var
+    )
     return None
 
+
 @torch.library.register_fake("bnext::batch_norm_update_stats_global")
-def _update_stats_tensor_fake(running_mean, running_var, num_batches_tracked, mean, var, momentum,
-                              count):
-    _check_devices("bnext::batch_norm_update_stats_global", mean, running_mean=running_mean,
-                   running_var=running_var, count=count)
+def _update_stats_tensor_fake(
+    running_mean, running_var, num_batches_tracked, mean, var, momentum, count
+):
+    _check_devices(
+        "bnext::batch_norm_update_stats_global",
+        mean,
+        running_mean=running_mean,
+        running_var=running_var,
+        count=count,
+    )
     return None
 
 

@@ -20,13 +20,14 @@ def _train_tensor_fake(input, running_mean, running_var, weight, bias, eps, r_ma
     # the output with NaN (GPU); here only what the shapes tell.
     op = "bnext::batch_renorm_train_scheduled"
     for name, t in (("r_max", r_max), ("d_max", d_max)):
-        torch._check(t.dim() == 0, lambda: f"{op}: expected {name} to be a 0-dim tensor")
+        torch._check(t.dim() == 0, lambda name=name: f"{op}: expected {name} to be a 0-dim tensor")
     return (empty_canonical(input),) + tuple(channel_vector(input) for _ in range(4))
 
 
 @torch.library.register_fake("bnext::batch_renorm_backward")
 def _backward_fake(grad_out, input, mean, var, weight, r, d, eps):
     return batch_norm_backward_outputs(input, weight)
+
 
 # Autograd: csrc/batch_renorm/autograd.cpp (r, d and the batch statistics are
 # outputs without gradient).

@@ -11,8 +11,11 @@ def _check_shape(input, normalized_shape):
     torch._check(n >= 1, lambda: "Expected normalized_shape to be at least 1-dimensional")
     torch._check(
         input.dim() >= n and tuple(input.shape[input.dim() - n :]) == tuple(normalized_shape),
-        lambda: f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
-        f"[*, {', '.join(map(str, normalized_shape))}], but got input of size{list(input.shape)}",
+        lambda: (
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, normalized_shape))}], "
+            f"but got input of size{list(input.shape)}"
+        ),
     )
     return input.dim() - n
 
@@ -54,5 +57,6 @@ def _rms_norm_fwd_fake(input, normalized_shape, weight, eps):
 @torch.library.register_fake("bnext::rms_norm_bwd")
 def _rms_norm_bwd_fake(grad_out, input, rstd, weight, eps, weight_grad):
     return torch.empty_like(input), _param_grad(input, rstd.dim(), weight_grad, weight)
+
 
 # Autograd: csrc/layer_norm/autograd.cpp.

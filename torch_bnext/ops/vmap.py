@@ -73,8 +73,11 @@ def _batch_norm_train_vmap(info, in_dims, input, weight, bias, eps):
     x_bdim, w_bdim, b_bdim, _ = in_dims
     B = info.batch_size
     out, mean, var = torch.ops.bnext.batch_norm_train(
-        _fold_channels(input, x_bdim, B), _fold_vector(weight, w_bdim, B),
-        _fold_vector(bias, b_bdim, B), eps)
+        _fold_channels(input, x_bdim, B),
+        _fold_vector(weight, w_bdim, B),
+        _fold_vector(bias, b_bdim, B),
+        eps,
+    )
     return (_unfold(out, B), mean.view(B, -1), var.view(B, -1)), (1, 0, 0)
 
 
@@ -83,7 +86,11 @@ def _batch_norm_infer_vmap(info, in_dims, input, mean, var, weight, bias, eps):
     x_bdim, m_bdim, v_bdim, w_bdim, b_bdim, _ = in_dims
     B = info.batch_size
     out = torch.ops.bnext.batch_norm_infer(
-        _fold_channels(input, x_bdim, B), _fold_vector(mean, m_bdim, B),
-        _fold_vector(var, v_bdim, B), _fold_vector(weight, w_bdim, B),
-        _fold_vector(bias, b_bdim, B), eps)
+        _fold_channels(input, x_bdim, B),
+        _fold_vector(mean, m_bdim, B),
+        _fold_vector(var, v_bdim, B),
+        _fold_vector(weight, w_bdim, B),
+        _fold_vector(bias, b_bdim, B),
+        eps,
+    )
     return _unfold(out, B), 1

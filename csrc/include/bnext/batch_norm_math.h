@@ -45,8 +45,9 @@ struct RenormCorrection {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline RenormCorrection<T> renorm_correction(
-    T batch_mean, T batch_var, T running_mean, T running_var, T eps, T r_max, T d_max) {
+C10_HOST_DEVICE inline RenormCorrection<T> renorm_correction(T batch_mean, T batch_var,
+                                                             T running_mean, T running_var, T eps,
+                                                             T r_max, T d_max) {
   // Limits that come from a tensor on the GPU cannot be checked on the host
   // without a synchronisation: an invalid one (r_max < 1, d_max < 0, NaN)
   // poisons r and d so the output is NaN instead of silently mis-clipped.
@@ -68,8 +69,8 @@ struct BackwardCoeffs {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline BackwardCoeffs<T> backward_coeffs(
-    T invstd, T weight, T sum_dy, T sum_dy_xmu, int64_t count, bool training) {
+C10_HOST_DEVICE inline BackwardCoeffs<T> backward_coeffs(T invstd, T weight, T sum_dy, T sum_dy_xmu,
+                                                         int64_t count, bool training) {
   const T a = weight * invstd;
   if (!training) return {a, T(0), T(0)};
   const T inv_n = T(1) / static_cast<T>(count);

@@ -51,7 +51,7 @@ struct RowBackwardCoeffs {
 
 template <typename T>
 C10_HOST_DEVICE inline RowBackwardCoeffs<T> row_backward_coeffs(T rstd, T sum_g, T sum_g_xmu,
-                                                                 int64_t n, bool centred) {
+                                                                int64_t n, bool centred) {
   const T inv_n = T(1) / static_cast<T>(n);
   return {rstd, -rstd * rstd * sum_g_xmu * inv_n, centred ? -sum_g * inv_n : T(0)};
 }
