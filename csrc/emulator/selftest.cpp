@@ -1,4 +1,4 @@
-// Kernels that check the emulator itself (tests/test_cuda_emulated.py): the
+// Kernels that check the emulator itself (tests/test_emulator.py): the
 // built-ins the real kernels rely on give CUDA's results, and the mistakes a
 // GPU would hang on or leave undefined are reported as errors.
 #ifndef BNEXT_EMULATE_CUDA
