@@ -77,7 +77,10 @@ inline int64_t num_sms() { return at::cuda::getCurrentDeviceProperties()->multiP
 // On the current stream of the current device (which the ops' device guards set).
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
-  kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()> > >(static_cast<Params>(args)...);
+  // clang-format reads .cuh as C++ and would split the launch chevrons.
+  // clang-format off
+  kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(static_cast<Params>(args)...);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
