@@ -513,3 +513,85 @@ def test_gradient_penalty_training_step_matches_torch(cls, shape):
     for g, e in zip(step(ours), step(theirs)):
         assert e.abs().max() > 1e-6  # not a vacuous comparison
         assert_close_rel(g, e, D, cls.__name__, factor=100)
+
+
+# ------------------------------------- forward mode: every tangent, or raise
+
+
+def _not_differentiable_samples():
+    x = rand(4, 3, 5, requires_grad=False)
+    v = lambda: rand(3, requires_grad=False)  # noqa: E731
+    var = torch.rand(3, dtype=D) + 0.5
+    means, variances = rand(2, 3, requires_grad=False), torch.rand(2, 3, dtype=D) + 0.5
+    counts, count = torch.tensor([8, 12]), torch.tensor(20)
+    limits = (torch.tensor(3.0, dtype=D), torch.tensor(5.0, dtype=D))
+    return {
+        "batch_norm_update_stats": (v(), var.clone(), None, x.mean((0, 2)), var, 0.1, 20),
+        "batch_norm_update_stats_global": (v(), var.clone(), None, v(), var, 0.1, count),
+        "batch_norm_gather_stats": (means, variances, counts, D, v(), v(), 1e-5, v(), var) + limits,
+        "batch_norm_backward_coeffs": (v(), v(), var, v(), v(), v(), 1e-5, count),
+    }
+
+
+def _forward_mode_samples():
+    """name -> (arguments, differentiable outputs, positions to give a
+    tangent, None for every floating tensor). Batch Renorm's samples clip r
+    and d (r_max = 1, d_max = 0), where their stop-gradient is exact and
+    finite differences apply; there the running statistics cannot change the
+    output, so a dropped tangent on them is looked for again with wide limits."""
+    samples = {name: (args, outputs, None) for name, (args, _, outputs) in _op_samples().items()}
+    for name, limits in (
+        ("batch_renorm_train", (3.0, 5.0)),
+        ("batch_renorm_train_scheduled", (torch.tensor(3.0, dtype=D), torch.tensor(5.0, dtype=D))),
+    ):
+        args, outputs, _ = samples[name]
+        samples[f"{name}[wide limits]"] = (args[:-2] + limits, outputs, [1, 2])
+    for name, args in _not_differentiable_samples().items():
+        samples[name] = (args, [], None)
+    return samples
+
+
+@pytest.mark.parametrize("name", sorted(_forward_mode_samples()))
+def test_every_forward_mode_tangent_is_right_or_raises(name):
+    """A tangent on any floating tensor argument gives each differentiable
+    output the tangent central finite differences give, or the call raises:
+    a tangent dropped without a word is the bug this rules out."""
+    import torch.autograd.forward_ad as fwAD
+
+    args, outputs, positions = _forward_mode_samples()[name]
+    op = op_overload(name.partition("[")[0])
+    fresh = lambda: [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731
+    if positions is None:
+        positions = [
+            i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()
+        ]
+    for i in positions:
+        tangent = torch.randn_like(args[i])
+        with fwAD.dual_level():
+            call = fresh()
+            call[i] = fwAD.make_dual(call[i], tangent)
+            try:
+                out = op(*call)
+            except RuntimeError as e:
+                assert "differentiable" in str(e) or "forward" in str(e), (name, i, str(e))
+                continue
+            outs = out if isinstance(out, tuple) else (out,)
+            got = [fwAD.unpack_dual(outs[k]).tangent for k in outputs]
+        assert outputs, (
+            f"{name}: argument {i} carries a tangent, the op neither uses nor refuses it"
+        )
+
+        def at(step, i=i, tangent=tangent):
+            call = fresh()
+            call[i] = call[i] + step * tangent
+            out = op(*call)
+            outs = out if isinstance(out, tuple) else (out,)
+            return [outs[k] for k in outputs]
+
+        h = 1e-6
+        for k, g, plus, minus in zip(outputs, got, at(h), at(-h)):
+            fd = (plus - minus) / (2 * h)
+            g = torch.zeros_like(fd) if g is None else g
+            torch.testing.assert_close(
+                g, fd, rtol=1e-5, atol=1e-6, msg=lambda m, k=k, i=i: f"{name} out {k} arg {i}: {m}"
+            )

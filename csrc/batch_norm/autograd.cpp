@@ -149,6 +149,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input
 
 Tensor batch_norm_infer_autograd(const Tensor& input, const Tensor& mean, const Tensor& var,
                                  const OptTensor& weight, const OptTensor& bias, double eps) {
+  // As torch.nn.functional.batch_norm: no derivative for the running
+  // statistics in either mode (InferFunction refuses their gradient).
+  check_no_forward_grad("batch_norm", "running_mean and running_var", {&mean, &var});
   if (use_reference({&input, &mean, &var}, {&weight, &bias})) {
     const Tensor& w = value_or_undefined(weight);
     const Tensor& b = value_or_undefined(bias);

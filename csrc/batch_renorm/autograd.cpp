@@ -150,6 +150,12 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
 TrainResult train_autograd_impl(const char* op, const Tensor& input, const Tensor& running_mean,
                                 const Tensor& running_var, const OptTensor& weight,
                                 const OptTensor& bias, double eps, const LimitArgs& limits) {
+  // r and d are constants of the running statistics and the limits, by
+  // definition: no derivative for either, in either mode (TrainFunction
+  // refuses their gradient).
+  check_no_forward_grad("batch_renorm", "running_mean and running_var",
+                        {&running_mean, &running_var});
+  check_no_forward_grad("batch_renorm", "r_max and d_max", {&limits.r_max_t, &limits.d_max_t});
   if (use_reference({&input, &running_mean, &running_var}, {&weight, &bias})) {
     if (!limits.tensors()) check_limits(op, limits.r_max, limits.d_max);
     const Tensor& w = value_or_undefined(weight);

@@ -8,6 +8,9 @@ namespace bnext {
 namespace autograd_util {
 namespace {
 
+// Level 0 is the only forward-AD level core autograd and functorch's jvp use.
+bool has_forward_grad(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+
 // A forward-mode tangent, or a functorch wrapper: vmap's batched tensors
 // reach autograd kernels still wrapped, and our kernels have no batching rule.
 bool needs_reference(const Tensor& t) {
@@ -17,8 +20,7 @@ bool needs_reference(const Tensor& t) {
       keys.has(c10::DispatchKey::FuncTorchGradWrapper)) {
     return true;
   }
-  // Level 0 is the only forward-AD level core autograd and functorch's jvp use.
-  return t._fw_grad(/*level=*/0).defined();
+  return has_forward_grad(t);
 }
 
 // Whether a functorch transform (grad, vjp, jvp, vmap, ...) is active. Asked
@@ -80,6 +82,19 @@ void check_not_differentiated(const char* op, std::initializer_list<const Tensor
   TORCH_CHECK(!records_graph(inputs), op,
               " is not differentiable: it was called with an input that requires grad. "
               "Call it under torch.no_grad() or with detached inputs.");
+  for (const Tensor* t : inputs) {
+    TORCH_CHECK(!has_forward_grad(*t), op,
+                " is not differentiable: it was called with an input that carries a "
+                "forward-mode tangent. Call it with the primal values (unpack_dual).");
+  }
+}
+
+void check_no_forward_grad(const char* op, const char* what,
+                           std::initializer_list<const Tensor*> inputs) {
+  for (const Tensor* t : inputs) {
+    TORCH_CHECK(!has_forward_grad(*t), op, " is not differentiable wrt ", what,
+                ", they cannot have forward grad defined");
+  }
 }
 
 variable_list backward_of_backward(const ReferenceForward& forward, const variable_list& inputs,

@@ -80,9 +80,16 @@ auto call_backward(const c10::TypedOperatorHandle<Signature>& handle, const Args
 void check_no_grad_needed(AutogradContext* ctx, size_t edge, const char* op, const char* name);
 
 // Raises, before any work, when an argument of a non-differentiable operator
-// requires grad (and grad mode is on): never an output that silently has no
-// gradient.
+// requires grad (and grad mode is on) or carries a forward-mode tangent:
+// never an output that silently has no gradient or tangent.
 void check_not_differentiated(const char* op, std::initializer_list<const Tensor*> inputs);
+
+// Raises torch's error for arguments that have no forward-mode derivative
+// ("<what> ... they cannot have forward grad defined", as batch_norm words it
+// for its running statistics) when one carries a tangent: the reference
+// composites take them as constants and would drop it without a word.
+void check_no_forward_grad(const char* op, const char* what,
+                           std::initializer_list<const Tensor*> inputs);
 
 // The derivative of a backward pass (double backward), derived by autograd
 // from a reference forward. With y = forward(inputs) and the backward pass
