@@ -1,12 +1,16 @@
-"""Build torch_bnext._C: the bnext operator library (C++ CPU kernels, plus CUDA
-kernels when a CUDA toolkit is present).
+"""Build torch_bnext._C, the bnext operator library (plus its CUDA kernels when
+a CUDA toolkit is present), and torch_bnext._cpu_<variant>: the CPU kernels
+once per instruction set, of which _C loads the best the running CPU has
+(tools/csrc_sources.py lists the sources and the variants).
 
 Environment:
   BNEXT_CUDA=1|0            force / forbid the CUDA build (default: when a CUDA toolkit
                             is found and torch sees a GPU; a CPU-only machine that merely
                             has nvcc builds the CPU kernels only, in a fraction of the time)
   TORCH_CUDA_ARCH_LIST      GPU architectures (default: the visible GPUs, else "8.0;9.0")
-  BNEXT_CPU_CAPABILITY      avx512 | avx2 | default (default: what this machine's CPU has)
+  BNEXT_CPU_VARIANTS        CPU variants to build, comma-separated (default: every one
+                            the compiler accepts on x86-64, `default` alone elsewhere;
+                            `default` is always built)
   MAX_JOBS                  parallel compile jobs (ninja)
 """
 
@@ -72,6 +76,7 @@ def want_cuda():
 WITH_CUDA = want_cuda()
 
 import torch  # noqa: E402  (after CUDA_HOME is settled)
+from torch.utils import cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     BuildExtension,
     CppExtension,
@@ -79,38 +84,52 @@ from torch.utils.cpp_extension import (  # noqa: E402
 )
 
 
-def cpu_capability_flags():
-    """ATen's Vectorized<T> picks its instruction set from these macros; the
-    compiler flags must match them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        flags = set()
-    wanted = os.environ.get("BNEXT_CPU_CAPABILITY")
-    if wanted is None:
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-            wanted = "avx512"
-        elif {"avx2", "fma"} <= flags:
-            wanted = "avx2"
-        else:
-            wanted = "default"
-    # bfloat16 rounding in one instruction where the building CPU has it.
-    bf16 = ["-mavx512bf16"] if wanted == "avx512" and "avx512_bf16" in flags else []
-    return {
-        "avx512": [
-            "-mavx512f",
-            "-mavx512bw",
-            "-mavx512vl",
-            "-mavx512dq",
-            "-mfma",
-            "-DCPU_CAPABILITY=AVX512",
-            "-DCPU_CAPABILITY_AVX512",
-        ]
-        + bf16,
-        "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-        "default": ["-DCPU_CAPABILITY=DEFAULT"],
-    }[wanted]
+def compiler_accepts(flags):
+    """Whether the C++ compiler accepts `flags` (an older one may lack
+    -mavx512bf16)."""
+    import subprocess
+    import tempfile
+
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    cxx = os.environ.get("CXX") or compiler.compiler_so[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        flags = [f for f in flags if not f.startswith("-D")]
+        cmd = [cxx, *flags, "-c", src, "-o", os.path.join(tmp, "probe.o")]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def cpu_variants():
+    """The CPU variants to build (names from csrc_sources.CPU_VARIANTS)."""
+    import platform
+
+    wanted = os.environ.get("BNEXT_CPU_VARIANTS")
+    if wanted:
+        names = {w.strip() for w in wanted.split(",") if w.strip()} | {"default"}
+        unknown = names - set(csrc_sources.CPU_VARIANTS)
+        if unknown:
+            sys.exit(
+                f"BNEXT_CPU_VARIANTS: unknown variant(s) {sorted(unknown)}; "
+                f"known: {list(csrc_sources.CPU_VARIANTS)}"
+            )
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        names = set(csrc_sources.CPU_VARIANTS)
+    else:
+        names = {"default"}
+    return [
+        n
+        for n in csrc_sources.CPU_VARIANTS
+        if n in names and (n == "default" or compiler_accepts(csrc_sources.CPU_VARIANTS[n]))
+    ]
+
+
+CPU_VARIANTS = cpu_variants()
 
 
 def cuda_wheel_include_dirs():
@@ -137,6 +156,7 @@ def write_build_info(package_dir):
         '"""Written by setup.py at build time: what torch_bnext._C was compiled against."""\n\n'
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"CUDA_KERNELS = {WITH_CUDA!r}\n"
+        f"CPU_VARIANTS = {tuple(CPU_VARIANTS)!r}\n"
     )
     old = open(path).read() if os.path.exists(path) else None
     if old != text:  # unchanged: leave its timestamp alone
@@ -160,11 +180,24 @@ class Build(BuildExtension):
 
     def build_extensions(self):
         super().build_extensions()
+        if self.inplace:
+            self.remove_stale_libraries()
         # Next to the library: in the tree (in-place and editable builds) and
         # in the wheel's folder (build_py has already copied the package).
         write_build_info(os.path.join(ROOT, "torch_bnext"))
         if not self.inplace and os.path.isdir(os.path.join(self.build_lib, "torch_bnext")):
             write_build_info(os.path.join(self.build_lib, "torch_bnext"))
+
+    def remove_stale_libraries(self):
+        """Python prefers _C.cpython-311-*.so to _C.abi3.so: a library left by
+        an older build (or of a variant no longer built) would shadow or join
+        the new ones."""
+        built = {os.path.basename(self.get_ext_fullpath(e.name)) for e in self.extensions}
+        package = os.path.join(ROOT, "torch_bnext")
+        for name in os.listdir(package):
+            ours = name.startswith(("_C.", "_cpu_")) and name.endswith(".so")
+            if ours and name not in built:
+                os.remove(os.path.join(package, name))
 
 
 def headers():
@@ -180,21 +213,58 @@ def extension_sources(cuda):
     return [os.path.join("csrc", s) for s in csrc_sources.extension_sources(cuda)]
 
 
-def extension():
-    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    # at::parallel_for is inlined into our code: with torch built on OpenMP
-    # (AT_PARALLEL_OPENMP), it runs on one thread unless we compile with -fopenmp.
-    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"] + cpu_capability_flags()
-    link_flags = ["-fopenmp"]
+INCLUDE_DIRS = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+# at::parallel_for is inlined into our code: with torch built on OpenMP
+# (AT_PARALLEL_OPENMP), it runs on one thread unless we compile with -fopenmp.
+# Py_LIMITED_API: module.cpp, the only file that includes Python.h, keeps to the
+# stable ABI, so one build serves every later Python (an abi3 wheel:
+# torch_bnext/_C.abi3.so, tagged cp310-abi3 with torch 2.14). torch >= 2.6
+# defines the macro itself for py_limited_api extensions, at the oldest Python
+# it supports; older ones leave it to us.
+PY_LIMITED_API = getattr(cpp_extension, "min_supported_cpython", None)
+LIMITED_API_FLAGS = [] if PY_LIMITED_API else ["-DPy_LIMITED_API=0x03090000"]
+PY_LIMITED_API = PY_LIMITED_API or "0x03090000"
+ABI3_TAG = f"cp{int(PY_LIMITED_API[2:4], 16)}{int(PY_LIMITED_API[4:6], 16)}"
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"] + LIMITED_API_FLAGS
+LINK_FLAGS = ["-fopenmp"]
+
+
+def cpu_variant_extension(variant):
+    """torch_bnext._cpu_<variant>: the CPU kernels for one instruction set.
+    Its symbols are hidden and bound inside it (-Bsymbolic): the variants and
+    _C each hold a copy of the same inline functions, compiled for different
+    instruction sets, and no copy may stand in for another."""
+    units = csrc_sources.unit_sources(
+        csrc_sources.cpu_kernel_sources(), os.path.join(ROOT, "build", "cpu_variants", variant)
+    )
+    return CppExtension(
+        f"torch_bnext._cpu_{variant}",
+        [os.path.relpath(u, ROOT) for u in units],
+        include_dirs=INCLUDE_DIRS,
+        depends=headers(),
+        extra_compile_args={
+            "cxx": CXX_FLAGS + ["-fvisibility=hidden"] + csrc_sources.CPU_VARIANTS[variant]
+        },
+        # -z defs: every symbol resolved at link time (a host source missing
+        # from csrc_sources.CPU_KERNEL_HOST_SOURCES fails the build here).
+        extra_link_args=LINK_FLAGS + ["-Wl,-Bsymbolic", "-Wl,-z,defs"],
+        py_limited_api=True,
+    )
+
+
+def operator_library():
+    """torch_bnext._C: schemas, autograd, CUDA kernels, and the loader of the
+    CPU variants (csrc/module.cpp). No -m flag: it runs on any CPU of the
+    target architecture."""
     if not WITH_CUDA:
         return CppExtension(
             "torch_bnext._C",
             extension_sources(cuda=False),
-            include_dirs=include_dirs,
+            include_dirs=INCLUDE_DIRS,
             depends=headers(),
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-            py_limited_api=False,
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=LINK_FLAGS + ["-ldl"],
+            py_limited_api=True,
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # Without a visible GPU, torch would build for every architecture it knows.
@@ -204,16 +274,18 @@ def extension():
         "torch_bnext._C",
         extension_sources(cuda=True),
         depends=headers(),
-        include_dirs=include_dirs + cuda_wheel_include_dirs(),
+        include_dirs=INCLUDE_DIRS + cuda_wheel_include_dirs(),
         define_macros=[("BNEXT_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=link_flags,
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags},
+        extra_link_args=LINK_FLAGS + ["-ldl"],
+        py_limited_api=True,
     )
 
 
 # The package's metadata (name, version, dependencies) is pyproject.toml's
 # [project] table; this file adds only the extension.
 setup(
-    ext_modules=[extension()],
+    ext_modules=[operator_library()] + [cpu_variant_extension(v) for v in CPU_VARIANTS],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
 )

@@ -23,22 +23,6 @@ import csrc_sources  # noqa: E402  (the extension's source list, shared with set
 ASAN = os.environ.get("BNEXT_EMULATOR_ASAN") == "1"
 
 
-def unit_sources(build):
-    """The emulator's sources, each through a one-line unit named after its
-    path: cpp_extension names objects by file name alone, and several op
-    families have a reference.cpp."""
-    units = []
-    for rel in csrc_sources.emulator_sources():
-        unit = os.path.join(build, "units", rel.replace(os.sep, "__"))
-        text = f'#include "{os.path.join(CSRC, rel)}"\n'
-        os.makedirs(os.path.dirname(unit), exist_ok=True)
-        if not os.path.exists(unit) or open(unit).read() != text:  # keep ninja's timestamps
-            with open(unit, "w") as f:
-                f.write(text)
-        units.append(unit)
-    return units
-
-
 @functools.cache
 def load():
     """Compiles (ninja recompiles what a changed source or header touches) and
@@ -50,7 +34,9 @@ def load():
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
     cpp_extension.load(
         name="bnext_emu_asan" if ASAN else "bnext_emu",
-        sources=unit_sources(build),
+        sources=csrc_sources.unit_sources(
+            csrc_sources.emulator_sources(), os.path.join(build, "units")
+        ),
         extra_include_paths=[CSRC, os.path.join(CSRC, "include")],
         # Hidden symbols: this library repeats names of torch_bnext._C's.
         extra_cflags=["-O2", "-DBNEXT_EMULATE_CUDA", "-fvisibility=hidden"] + sanitize,

@@ -64,7 +64,16 @@ def _tracked_build_inputs():
 
     try:
         files = subprocess.run(
-            ["git", "ls-files", "csrc", "setup.py", "pyproject.toml", "MANIFEST.in", "torch_bnext"],
+            [
+                "git",
+                "ls-files",
+                "csrc",
+                "tools",
+                "setup.py",
+                "pyproject.toml",
+                "MANIFEST.in",
+                "torch_bnext",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -99,3 +108,50 @@ def test_sdist_carries_every_source_and_header(tmp_path):
     missing = [f for f in files if f not in names]
     assert not missing, f"missing from the sdist: {missing}"
     assert not any(n.endswith((".so", "_build_info.py")) for n in names)
+
+
+def test_the_libraries_use_the_stable_python_abi():
+    """One build serves every Python the torch supports (abi3): the file names
+    say so, and Python finds them under any interpreter's suffix list."""
+    import importlib.machinery
+
+    package = os.path.dirname(torch_bnext.__file__)
+    libraries = [f for f in os.listdir(package) if f.endswith(".so")]
+    assert libraries and all(f.endswith(".abi3.so") for f in libraries), libraries
+    assert ".abi3.so" in importlib.machinery.EXTENSION_SUFFIXES
+
+
+@pytest.mark.slow
+def test_the_wheel_is_tagged_abi3(tmp_path):
+    """pip's wheel (from the same build folder, so mostly a link step) is
+    tagged cpXY-abi3 for the oldest Python that this torch supports, and
+    carries every library."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            "-w",
+            str(tmp_path),
+            ROOT,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=1800,
+        env=dict(os.environ, BNEXT_CUDA="1" if torch_bnext.HAS_CUDA_KERNELS else "0"),
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    assert "-abi3-" in wheel.name, wheel.name
+    assert wheel.name.split("-")[2].startswith("cp3"), wheel.name
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    assert "torch_bnext/_C.abi3.so" in names
+    assert any(n.startswith("torch_bnext/_cpu_default.") for n in names)

@@ -6,7 +6,7 @@ from . import (
     functional,
     ops,  # noqa: F401  (fake kernels; autograd is registered in C++)
 )
-from ._extension import HAS_CUDA_KERNELS
+from ._extension import HAS_CUDA_KERNELS, cpu_capability
 from .convert import convert_model, revert_model
 from .modules import (
     BatchNorm1d,
@@ -40,6 +40,7 @@ __all__ = [
     "SyncBatchNorm",
     "SyncBatchRenorm",
     "convert_model",
+    "cpu_capability",
     "functional",
     "onnx_translations",
     "renorm_schedule",

@@ -22,7 +22,7 @@ if BUILT_AGAINST is not None and BUILT_AGAINST != torch.__version__:
     )
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.bnext.* as a side effect)
+    from . import _C  # registers torch.ops.bnext.* as a side effect
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     raise ImportError(
         "torch_bnext's compiled extension (torch_bnext._C) is not built or does not load "
@@ -31,3 +31,15 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 # True when the kernels for CUDA tensors were compiled in.
 HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("bnext::batch_norm_train", "CUDA")
+
+
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels in use were compiled for:
+    ``"avx512_bf16"``, ``"avx512"``, ``"avx2"`` or ``"default"``.
+
+    Chosen when torch_bnext is imported, as ATen chooses its own kernels
+    (``torch.backends.cpu.get_cpu_capability()``): the best variant that the
+    CPU executes and that was built. ``ATEN_CPU_CAPABILITY=avx2`` (or
+    ``default``) set before the import lowers both ATen's choice and ours;
+    ``BNEXT_CPU_VARIANT`` lowers ours alone."""
+    return _C.CPU_CAPABILITY

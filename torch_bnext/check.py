@@ -304,7 +304,8 @@ def main(argv=None) -> int:
         print("cuda: no GPU visible or torch_bnext built without CUDA kernels", file=sys.stderr)
         return 2
     print(
-        f"torch_bnext self-check: torch {torch.__version__}, devices {devices}"
+        f"torch_bnext self-check: torch {torch.__version__}, devices {devices}, "
+        f"CPU kernels {tb.cpu_capability()}"
         f"{', quick' if args.quick else ''}"
     )
     failures, start = 0, time.perf_counter()
