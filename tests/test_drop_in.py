@@ -12,6 +12,9 @@ import torch_bnext
 from torch_bnext import functional as ours_F
 
 ops = torch.ops.bnext
+# Before 2.11 torch let some mistakes through, or raised another type for them;
+# torch_bnext raises as the newer releases do, whatever torch it runs with.
+OLDER_TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11)
 
 
 def both(call):
@@ -32,7 +35,10 @@ def test_batch_norm_eps_is_validated_like_torch(training, eps):
     theirs, ours = both(
         lambda f, _: f.batch_norm(x, rm.clone(), rv.clone(), training=training, eps=eps)
     )
-    assert theirs is ValueError and ours is ValueError
+    assert ours is ValueError
+    # torch_bnext follows the newer torch; older ones returned nan/inf (2.8.0
+    # did, tools/torch_range.sh), which no caller wants.
+    assert theirs is ValueError or OLDER_TORCH, theirs
     with pytest.raises(ValueError, match="eps"):
         torch_bnext.BatchNorm1d(3, eps=eps).train(training)(x)
     with pytest.raises(ValueError, match="eps"):
