@@ -7,7 +7,7 @@ from . import (
     ops,  # noqa: F401  (fake kernels; autograd is registered in C++)
 )
 from ._extension import HAS_CUDA_KERNELS, cpu_capability
-from .convert import convert_model, revert_model
+from .convert import conversion_report, convert_model, revert_model
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -16,7 +16,9 @@ from .modules import (
     BatchRenorm2d,
     BatchRenorm3d,
     LayerNorm,
+    LayerNorm2d,
     RMSNorm,
+    RMSNorm2d,
     SyncBatchNorm,
     SyncBatchRenorm,
 )
@@ -34,11 +36,14 @@ __all__ = [
     "BatchRenorm3d",
     "HAS_CUDA_KERNELS",
     "LayerNorm",
+    "LayerNorm2d",
     "LinearRamp",
     "RMSNorm",
+    "RMSNorm2d",
     "Schedule",
     "SyncBatchNorm",
     "SyncBatchRenorm",
+    "conversion_report",
     "convert_model",
     "cpu_capability",
     "functional",

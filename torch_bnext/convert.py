@@ -2,6 +2,7 @@
 
 from torch import nn
 
+from . import zoo
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -16,6 +17,12 @@ from .modules import (
 )
 from .modules.batch_norm import adopt_tensors
 from .modules.batch_renorm import _BatchRenorm
+from .modules.layer_norm import LayerNorm2d, RMSNorm2d
+from .modules.zoo import CastingRMSNorm, FrozenBatchNorm2d
+
+# A layer converted from a zoo's class keeps that module here (a plain
+# attribute: no state_dict key, not a child) for revert_model.
+_ORIGINAL = "_bnext_original"
 
 _BATCH_NORM = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -113,6 +120,13 @@ def _sync_target(module: nn.Module, norm: str, sync: bool):
     return cls if type(module) in sources else None
 
 
+def _zoo_converts(module: nn.Module, norm: str, layernorm: bool) -> bool:
+    entry = zoo.lookup(module)
+    if entry is None:
+        return False
+    return layernorm if entry.kind == "row" else norm == "batchnorm"
+
+
 def convert_model(
     module: nn.Module,
     norm: str = "batchnorm",
@@ -131,7 +145,13 @@ def convert_model(
     `kwargs` (e.g. r_max, d_max, momentum) go to the new layers' constructors;
     eps, momentum and affine are otherwise taken from the replaced layer.
     With layernorm=True, torch.nn.LayerNorm and torch.nn.RMSNorm are replaced
-    by torch_bnext.LayerNorm and RMSNorm too.
+    by torch_bnext.LayerNorm and RMSNorm too, and so are the zoos' LayerNorm
+    and RMSNorm classes that torch_bnext.zoo.REGISTRY lists (timm's LayerNorm,
+    LayerNorm2d, RmsNorm, RmsNorm2d; torchvision's LayerNorm2d; transformers'
+    Llama, Mistral, Qwen, Phi-3, Gemma and T5 RMSNorms), each by a layer of
+    the same semantics. torchvision's FrozenBatchNorm2d converts with
+    norm="batchnorm". conversion_report(model) lists what was converted and
+    what was left, and why.
     With sync=True the Batch Norm layers become torch_bnext.SyncBatchNorm
     (norm="batchrenorm": SyncBatchRenorm) on `process_group` (None: the
     default group); torch's nn.SyncBatchNorm layers become ours in any case,
@@ -160,6 +180,9 @@ def convert_model(
         out = _swap_batch_norm(module, cls, kwargs)
     elif layernorm and type(module) in (nn.LayerNorm, nn.RMSNorm):
         out = _swap_row_norm(module)
+    elif _zoo_converts(module, norm, layernorm):
+        out = zoo.lookup(module).convert(module)
+        object.__setattr__(out, _ORIGINAL, module)
     else:
         out = module
     for name, child in module.named_children():
@@ -220,6 +243,18 @@ def _revert_row_norm(module: nn.Module) -> nn.Module:
     return new
 
 
+def _revert_to_original(module: nn.Module) -> nn.Module:
+    """The zoo's module that was converted, holding our layer's current
+    Parameter and buffer objects (a .to() may have replaced buffers) and mode."""
+    original = getattr(module, _ORIGINAL)
+    for name in original._parameters:
+        original._parameters[name] = module._parameters.get(name, original._parameters[name])
+    for name in original._buffers:
+        original._buffers[name] = module._buffers.get(name, original._buffers[name])
+    original.train(module.training)
+    return original
+
+
 def revert_model(module: nn.Module) -> nn.Module:
     """The inverse of convert_model: return `module` with every torch_bnext
     layer replaced by the torch.nn layer it stands in for, in place on the
@@ -230,14 +265,16 @@ def revert_model(module: nn.Module) -> nn.Module:
     computation; in training torch's layer is Batch Norm, without r and d);
     SyncBatchNorm and SyncBatchRenorm -> nn.SyncBatchNorm (process_group
     kept; the same caveat for Renorm); LayerNorm -> nn.LayerNorm; RMSNorm ->
-    nn.RMSNorm.
+    nn.RMSNorm; a layer converted from a zoo's class -> that class.
 
     The very Parameter and buffer objects are kept (optimisers, tied weights
     and the state_dict keys are unchanged), as are train/eval mode, device and
     dtype. Useful to hand a trained model to tools that know only torch's
     layers, or to a deployment without torch_bnext's operators."""
     cls = _REVERT_BATCH_NORM.get(type(module))
-    if cls is not None:
+    if hasattr(module, _ORIGINAL):
+        out = _revert_to_original(module)
+    elif cls is not None:
         out = _revert_batch_norm(module, cls)
     elif type(module) in (LayerNorm, RMSNorm):
         out = _revert_row_norm(module)
@@ -248,3 +285,116 @@ def revert_model(module: nn.Module) -> nn.Module:
         if new_child is not child:
             out.add_module(name, new_child)
     return out
+
+
+# torch.nn's norms with no torch_bnext counterpart, and why.
+_NO_KERNEL = (
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+_OURS = (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    LayerNorm,
+    LayerNorm2d,
+    RMSNorm,
+    RMSNorm2d,
+    CastingRMSNorm,
+    FrozenBatchNorm2d,
+    SyncBatchNorm,
+    SyncBatchRenorm,
+)
+_TORCH_NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+_TORCH_CONVERTIBLE = {
+    nn.BatchNorm1d: "convert_model converts it",
+    nn.BatchNorm2d: "convert_model converts it",
+    nn.BatchNorm3d: "convert_model converts it",
+    nn.SyncBatchNorm: "convert_model converts it",
+    nn.LayerNorm: "convert_model(..., layernorm=True) converts it",
+    nn.RMSNorm: "convert_model(..., layernorm=True) converts it",
+}
+
+
+class ConversionReport(list):
+    """Rows of (class, converted, left, note), one per norm class met in the
+    model, as conversion_report returns them; str() is a table."""
+
+    def __str__(self) -> str:
+        header = ("class", "converted", "left", "note")
+        rows = [header] + [(c, str(n), str(k), note) for c, n, k, note in self]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(
+            f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows
+        )
+
+
+def _norm_like(module: nn.Module) -> bool:
+    # A leaf: blocks named after their norm (Conv2dNormActivation) are not one.
+    return "norm" in type(module).__name__.lower() and next(module.children(), None) is None
+
+
+_TORCH_SOURCE = {
+    **_REVERT_BATCH_NORM,
+    LayerNorm: nn.LayerNorm,
+    RMSNorm: nn.RMSNorm,
+}
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """What convert_model did to `model` (or would leave): one row per norm
+    class found, counting layers converted to torch_bnext and layers left, with
+    the reason they were left. A class is reported by the name of the class
+    the model held before conversion. "Norm-like" means a class whose name
+    contains "norm": such a layer unknown to torch_bnext.zoo.REGISTRY is left
+    alone, since its semantics are not verified."""
+    counts: dict[str, list] = {}
+
+    def count(name: str, converted: bool, note: str) -> None:
+        row = counts.setdefault(name, [0, 0, note])
+        row[0 if converted else 1] += 1
+        if converted and not row[1]:
+            row[2] = note
+        elif not converted:
+            row[2] = note
+
+    for module in model.modules():
+        if hasattr(module, _ORIGINAL):
+            original = type(getattr(module, _ORIGINAL))
+            count(zoo.qualified_name(original), True, f"-> torch_bnext.{type(module).__name__}")
+        elif isinstance(module, _OURS):
+            ours = f"torch_bnext.{type(module).__name__}"
+            source = _TORCH_SOURCE.get(type(module))
+            if source is None:
+                count(ours, True, "built as torch_bnext's")
+            else:
+                count(f"torch.nn.{source.__name__}", True, f"-> {ours}")
+        elif zoo.lookup(module) is not None:
+            entry = zoo.lookup(module)
+            how = "layernorm=True" if entry.kind == "row" else "norm='batchnorm'"
+            count(zoo.qualified_name(type(module)), False, f"known: convert with {how}")
+        elif type(module) in _TORCH_CONVERTIBLE:
+            count(f"torch.nn.{type(module).__name__}", False, _TORCH_CONVERTIBLE[type(module)])
+        elif type(module).__module__.startswith("torch.nn.") and isinstance(module, _NO_KERNEL):
+            count(f"torch.nn.{type(module).__name__}", False, "no torch_bnext kernel for it")
+        elif isinstance(module, _TORCH_NORMS) and not type(module).__module__.startswith("torch."):
+            base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+            note = f"a subclass of torch.nn.{base.__name__}: its forward may differ, left alone"
+            count(zoo.qualified_name(type(module)), False, note)
+        elif _norm_like(module):
+            count(
+                zoo.qualified_name(type(module)),
+                False,
+                "not in torch_bnext.zoo.REGISTRY: semantics not verified, left alone",
+            )
+    return ConversionReport(sorted((name, *row) for name, row in counts.items()))

@@ -1,6 +1,6 @@
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .layer_norm import LayerNorm, RMSNorm
+from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
 from .sync_batch_norm import SyncBatchNorm, SyncBatchRenorm
 
 __all__ = [
@@ -11,7 +11,9 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "LayerNorm",
+    "LayerNorm2d",
     "RMSNorm",
+    "RMSNorm2d",
     "SyncBatchNorm",
     "SyncBatchRenorm",
 ]

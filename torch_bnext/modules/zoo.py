@@ -1,0 +1,81 @@
+"""Layers that reproduce the semantics of norm classes from model zoos
+(transformers, torchvision) that torch.nn has no class for. What each stands
+in for, and how exactly, is in torch_bnext/zoo.py."""
+
+import torch
+from torch import Tensor, nn
+
+from ..functional.batch_norm import batch_norm
+from ..functional.layer_norm import rms_norm
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class CastingRMSNorm(nn.Module):
+    """RMSNorm over the last dimension with the dtype rules of a transformers
+    RMSNorm class (statistics always in float32):
+
+    - ``"llama"`` (LlamaRMSNorm, MistralRMSNorm, Qwen2/Qwen3RMSNorm, ...):
+      normalise in float32, cast to the input dtype, then multiply by the
+      weight (the result has the promoted dtype of input and weight);
+    - ``"gemma"`` (GemmaRMSNorm, ...): ``(normalised * (1 + weight)).type_as(x)``
+      in float32, one rounding at the end;
+    - ``"t5"`` (T5LayerNorm): normalise in float32, cast to the weight's dtype
+      when it is half or bfloat16, then multiply by the weight.
+
+    ``weight`` is the converted layer's very Parameter; the epsilon is kept
+    under the original attribute name too (``variance_epsilon`` or ``eps``)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, style: str, eps_attr: str = "eps"):
+        super().__init__()
+        if style not in ("llama", "gemma", "t5"):
+            raise ValueError(f"unknown style {style!r}; expected 'llama', 'gemma' or 't5'")
+        self.weight = weight
+        self.eps = float(eps)
+        self.style = style
+        self.eps_attr = eps_attr
+        if eps_attr != "eps":
+            setattr(self, eps_attr, self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, shape = self.weight, self.weight.shape
+        if self.style == "gemma":
+            return rms_norm(x, shape, 1.0 + w.float(), self.eps)
+        if x.dtype == w.dtype == torch.float32:
+            # No cast on the way: the fused kernel computes exactly this.
+            return rms_norm(x, shape, w, self.eps)
+        if self.style == "llama":
+            return w * rms_norm(x, shape, None, self.eps)
+        # t5: the float32 result is cast to a half weight's dtype, else kept.
+        if w.dtype in _HALF:
+            return w * rms_norm(x, shape, None, self.eps).to(w.dtype)
+        return w * rms_norm(x.float(), shape, None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, style={self.style!r}"
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch Norm with fixed statistics and affine parameters, all buffers, as
+    torchvision.ops.FrozenBatchNorm2d (detection backbones): always the eval
+    computation, in training mode too; no num_batches_tracked. As there, the
+    result has the promoted dtype of input and buffers (bfloat16 activations
+    with float32 buffers give float32)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(torch.promote_types(x.dtype, self.weight.dtype))
+        return batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
