@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_reductions_give_cuda_results(emu):
@@ -23,8 +26,92 @@ def test_reductions_give_cuda_results(emu):
     assert col[:4].tolist() == [(x + 1) * 36 for x in range(4)]
 
 
-def test_runs_blocks_in_order(emu):
-    assert emu.selftest("block_order")[:7].tolist() == [0, 1, 2, 3, 4, 5, 6]
+def test_runs_blocks_one_at_a_time_in_the_schedules_order(emu):
+    # Block (x, y) of a (3, 2) grid records how many blocks ran before it.
+    order = emu.selftest("block_order")[:6].tolist()
+    if emu.schedule() == "forward":
+        assert order == [0, 1, 2, 3, 4, 5]
+    elif emu.schedule() == "reverse":
+        assert order == [5, 4, 3, 2, 1, 0]
+    assert sorted(order) == [0, 1, 2, 3, 4, 5]  # random: one at a time all the same
+
+
+def test_a_missing_barrier_shows_under_the_reverse_schedule(emu):
+    """Thread 0 writes a shared value and the others read it with no barrier
+    between: the forward order hides the bug, the reverse order exposes it
+    (on a GPU it is a race)."""
+    before = emu.schedule()
+    try:
+        emu.set_schedule("forward")
+        assert emu.selftest("missing_barrier").tolist() == [42.0] * 8
+        emu.set_schedule("reverse")
+        assert emu.selftest("missing_barrier").tolist() == [42.0] + [0.0] * 7
+    finally:
+        emu.set_schedule(before)
+
+
+def _representative_results(emu):
+    """Every kernel family once: Batch Norm NCHW and channels-last, LayerNorm
+    short and long rows, RMSNorm, forward and backward."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 7, 9, 11, generator=gen).to(memory_format=fmt)
+        w, b = torch.randn(7, generator=gen), torch.randn(7, generator=gen)
+        y, mean, invstd = emu.batch_norm_train(x, w, b, 1e-5)
+        dy = torch.randn(x.shape, generator=gen).to(memory_format=fmt)
+        out += [y, mean, invstd, *emu.batch_norm_backward(dy, x, mean, invstd, w, 1e-5, True)]
+    for cols in (33, 5000):
+        x = torch.randn(6, cols, generator=gen)
+        w, b = torch.randn(cols, generator=gen), torch.randn(cols, generator=gen)
+        dy = torch.randn(6, cols, generator=gen)
+        y, mean, rstd = emu.layer_norm_fwd(x, [cols], w, b, 1e-5)
+        out += [y, mean, rstd, *emu.layer_norm_bwd(dy, x, mean, rstd, w, 1e-5, [True, True])]
+        y, rstd = emu.rms_norm_fwd(x, [cols], w, 1e-5)
+        out += [y, rstd, *emu.rms_norm_bwd(dy, x, rstd, w, 1e-5, True)]
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random:1", "random:2", "random:3"])
+def test_results_are_bitwise_identical_under_every_schedule(emu, schedule):
+    before = emu.schedule()
+    try:
+        emu.set_schedule("forward")
+        want = _representative_results(emu)
+        name, _, seed = schedule.partition(":")
+        emu.set_schedule(name, int(seed or 0))
+        got = _representative_results(emu)
+    finally:
+        emu.set_schedule(before)
+    assert len(got) == len(want) > 20
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"result {i} differs under {schedule}"
+
+
+@pytest.mark.slow
+def test_emulated_suite_under_random_schedules():
+    """The emulated tests (one SM count) under two seeded random orders."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-m",
+            "not slow",
+            "-k",
+            "not sms132",
+            "tests/test_cuda_emulated_batch_norm.py",
+            "tests/test_cuda_emulated_layer_norm.py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3000,
+        cwd=ROOT,
+        env=dict(os.environ, BNEXT_EMU_SCHEDULES="random:1,random:2"),
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -43,8 +130,6 @@ def test_reports_what_a_gpu_would_hang_on_or_refuse(case, message, emu):
 
 
 # ------------------------------------------------ memory bounds (AddressSanitizer)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One SM count of the Batch Norm cases and the Layer Norm cases that reach every
 # launch plan without the slowest shapes: ASan makes the emulator ~5x slower.
 ASAN_SELECTION = [
@@ -68,7 +153,14 @@ def _asan_env():
         lib = ""
     if not os.path.isabs(lib) or not os.path.exists(lib):
         pytest.skip("no AddressSanitizer runtime (gcc's libasan.so)")
-    return dict(os.environ, BNEXT_EMULATOR_ASAN="1", LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
+    # One schedule: bounds do not depend on the order the threads run in.
+    return dict(
+        os.environ,
+        BNEXT_EMULATOR_ASAN="1",
+        BNEXT_EMU_SCHEDULES="forward",
+        LD_PRELOAD=lib,
+        ASAN_OPTIONS="detect_leaks=0",
+    )
 
 
 @pytest.mark.slow  # builds the library with ASan (a minute), then runs 100 cases 5x slower

@@ -18,6 +18,8 @@ ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
 [ $# -gt 0 ] || { echo "usage: $0 TORCH_VERSION..." >&2; exit 2; }
 
+# The variants built, for the build and for the tests that check them.
+export BNEXT_CPU_VARIANTS=${BNEXT_CPU_VARIANTS:-avx2}
 status=0
 summary=()
 for version in "$@"; do
@@ -35,7 +37,7 @@ for version in "$@"; do
       result="install failed"
   fi
   if [ -z "$result" ]; then
-    (cd "$work" && BNEXT_CUDA=0 BNEXT_CPU_VARIANTS=${BNEXT_CPU_VARIANTS:-avx2} MAX_JOBS=${MAX_JOBS:-2} \
+    (cd "$work" && BNEXT_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
       venv/bin/python setup.py build_ext --inplace) >>"$log" 2>&1 || result="build failed"
   fi
   if [ -z "$result" ]; then

@@ -1,15 +1,20 @@
-// The fiber scheduler behind cuda_emulator.h. One launch runs its blocks in
-// order (x fastest, as blockIdx enumerates them); inside a block every thread
-// is a ucontext fiber with its own stack. A fiber runs until it reaches a
-// barrier (__syncthreads, or the two halves of a warp shuffle) or returns; the
-// scheduler releases a barrier once every live thread that must reach it has,
-// and reports an error when the threads wait at different barriers.
+// The fiber scheduler behind cuda_emulator.h. One launch runs its blocks one
+// at a time, in the order the schedule gives (forward: x fastest, as blockIdx
+// enumerates them); inside a block every thread is a ucontext fiber with its
+// own stack. A fiber runs until it reaches a barrier (__syncthreads, or the
+// two halves of a warp shuffle) or returns; at each step the ready fibers run
+// in the schedule's order. The scheduler releases a barrier once every live
+// thread that must reach it has, and reports an error when the threads wait at
+// different barriers.
 #include "emulator/cuda_emulator.h"
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <exception>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -50,6 +55,8 @@ struct Block {
 };
 
 Block* g_block = nullptr;
+Schedule g_schedule = Schedule::kForward;
+std::mt19937_64 g_rng;
 int64_t g_num_sms = 4;
 int64_t g_launches = 0;
 std::vector<std::unique_ptr<char[]>> g_stacks;
@@ -133,6 +140,15 @@ bool release_block(Block& b) {
   return true;
 }
 
+// 0..n-1 in the schedule's order (a fresh permutation at each call when random).
+const std::vector<int>& schedule_order(std::vector<int>& order, int n) {
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (g_schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
+  if (g_schedule == Schedule::kRandom) std::shuffle(order.begin(), order.end(), g_rng);
+  return order;
+}
+
 void run_block(Block& b) {
   const unsigned threads = b.block.x * b.block.y * b.block.z;
   b.fibers.assign(threads, Fiber());
@@ -148,9 +164,11 @@ void run_block(Block& b) {
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, &fiber_main, 0);
   }
+  std::vector<int> order;
   for (;;) {
     bool ran = false;
-    for (Fiber& f : b.fibers) {
+    for (const int i : schedule_order(order, static_cast<int>(threads))) {
+      Fiber& f = b.fibers[i];
       if (f.state != State::kReady) continue;
       b.current = &f;
       swapcontext(&b.scheduler, &f.context);
@@ -247,13 +265,15 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   b.body = &body;
   g_block = &b;
   try {
-    for (unsigned z = 0; z < grid.z; ++z) {
-      for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) {
-          b.block_idx = {x, y, z};
-          run_block(b);
-        }
-      }
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    std::vector<uint64_t> order(blocks);
+    std::iota(order.begin(), order.end(), uint64_t{0});
+    if (g_schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
+    if (g_schedule == Schedule::kRandom) std::shuffle(order.begin(), order.end(), g_rng);
+    for (const uint64_t i : order) {
+      b.block_idx = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                     static_cast<unsigned>(i / (uint64_t(grid.x) * grid.y))};
+      run_block(b);
     }
   } catch (...) {
     g_block = nullptr;
@@ -261,6 +281,12 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   }
   g_block = nullptr;
 }
+
+void set_schedule(Schedule schedule, uint64_t seed) {
+  g_schedule = schedule;
+  g_rng.seed(seed);
+}
+Schedule schedule() { return g_schedule; }
 
 int64_t num_sms() { return g_num_sms; }
 void set_num_sms(int64_t n) {

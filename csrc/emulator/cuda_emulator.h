@@ -16,10 +16,17 @@
 // barrier that some threads skip (divergence), a shuffle whose source lane has
 // exited or does not exist, a launch configuration CUDA refuses.
 //
-// Not emulated: memory-model races between blocks (blocks run in order, so a
-// last-block-merges pattern always sees every partial), shared memory being
-// uninitialised (statics start as zero), timing. The GPU remains the judge of
-// those; this is for the arithmetic, the indexing and the launch plans.
+// A GPU promises no order among the threads of a block between barriers, nor
+// among blocks: the schedule (set_schedule) runs the blocks of a launch, and
+// the ready threads of a block at each step, in forward, reverse or seeded
+// random order. A kernel that relies on an order (a missing __syncthreads()
+// after one thread writes what others read) gives other results under
+// another schedule; the tests run the kernels under several.
+//
+// Not emulated: memory-model races between blocks (blocks run one at a time,
+// so a last-block-merges pattern always sees every partial), shared memory
+// being uninitialised (statics start as zero), timing. The GPU remains the
+// judge of those; this is for the arithmetic, the indexing and the launch plans.
 #pragma once
 
 #ifndef BNEXT_EMULATE_CUDA
@@ -64,6 +71,11 @@ void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, u
 // Runs `body` once per thread of the grid; throws std::runtime_error for a
 // configuration CUDA would refuse, a divergent barrier or a bad shuffle.
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);
+
+// The order in which blocks, and the ready threads of a block, are run.
+enum class Schedule { kForward, kReverse, kRandom };
+void set_schedule(Schedule schedule, uint64_t seed);
+Schedule schedule();
 
 // The emulated device's multiprocessor count, which launch plans read.
 int64_t num_sms();

@@ -10,6 +10,9 @@
 
 #include <torch/library.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "batch_norm/cuda_kernels.cuh"
 #include "batch_norm/schemas.h"
 #include "batch_renorm/composite.h"
@@ -29,6 +32,27 @@ void set_num_sms_op(int64_t n) { set_num_sms(n); }
 int64_t num_sms_op() { return num_sms(); }
 int64_t launch_count_op() { return launch_count(); }
 
+void set_schedule_op(const std::string& name, int64_t seed) {
+  const Schedule kind = name == "forward"   ? Schedule::kForward
+                        : name == "reverse" ? Schedule::kReverse
+                        : name == "random"  ? Schedule::kRandom
+                                            : throw std::invalid_argument(
+                                                  "bnext emulator: schedule is forward, reverse or "
+                                                  "random, got " +
+                                                  name);
+  set_schedule(kind, static_cast<uint64_t>(seed));
+}
+std::string schedule_op() {
+  switch (schedule()) {
+    case Schedule::kReverse:
+      return "reverse";
+    case Schedule::kRandom:
+      return "random";
+    default:
+      return "forward";
+  }
+}
+
 }  // namespace
 }  // namespace emu
 }  // namespace bnext
@@ -42,6 +66,9 @@ TORCH_LIBRARY(bnext_emu, m) {
   m.def("set_num_sms(int n) -> ()", &bnext::emu::set_num_sms_op);
   m.def("num_sms() -> int", &bnext::emu::num_sms_op);
   m.def("launch_count() -> int", &bnext::emu::launch_count_op);
+  // The order of blocks and of a block's ready threads (cuda_emulator.h).
+  m.def("set_schedule(str name, int seed=0) -> ()", &bnext::emu::set_schedule_op);
+  m.def("schedule() -> str", &bnext::emu::schedule_op);
 }
 
 TORCH_LIBRARY_IMPL(bnext_emu, CPU, m) {

@@ -43,6 +43,17 @@ __global__ void block_order_kernel(double* out) {
   if (threadIdx.x == 0) out[blockIdx.y * gridDim.x + blockIdx.x] = atomicAdd(out + 6, 1.0);
 }
 
+// Thread 0 publishes a value without the barrier the readers need after it:
+// right only when thread 0 happens to run first (the forward schedule).
+__global__ void missing_barrier_kernel(double* out) {
+  __shared__ double published;
+  if (threadIdx.x == 0) published = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) published = 42;
+  // (the __syncthreads() that belongs here is missing)
+  out[threadIdx.x] = published;
+}
+
 // Both halves pass one barrier each, but not the same one: undefined on a GPU.
 __global__ void divergent_barrier_kernel(double* out) {
   if (threadIdx.x < 16) {
@@ -85,6 +96,8 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(column_kernel, dim3(1), dim3(4, 8), p);
   } else if (name == "block_order") {
     cuda::launch(block_order_kernel, dim3(3, 2), dim3(32), p);
+  } else if (name == "missing_barrier") {
+    cuda::launch(missing_barrier_kernel, dim3(1), dim3(8), p);
   } else if (name == "divergent_barrier") {
     cuda::launch(divergent_barrier_kernel, dim3(1), dim3(64), p);
   } else if (name == "exited_lane") {
