@@ -55,10 +55,22 @@ def library(name):
     return path
 
 
-def python(code, env=(), timeout=600, prefix=()):
+def fresh_environment(env, cache_dir):
+    """os.environ with `env` applied. Inductor's on-disk cache does not tell
+    kernels compiled for one ATEN_CPU_CAPABILITY from another's: sharing it
+    with a run under another capability gave NaNs and compile errors in
+    torch.compile tests (torch 2.14.1), so each subprocess gets its own."""
     environ = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY",)}
     environ.pop("BNEXT_CPU_VARIANT", None)
     environ.update(env)
+    environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    return environ
+
+
+def python(code, env=(), timeout=600, prefix=(), cache_dir=None):
+    import tempfile
+
+    environ = fresh_environment(env, cache_dir or tempfile.mkdtemp(prefix="inductor-"))
     environ["PYTHONPATH"] = os.pathsep.join([ROOT, *sys.path[1:]])
     return subprocess.run(
         [*prefix, sys.executable, "-c", code],
@@ -122,7 +134,7 @@ def test_each_variant_passes_the_self_check(env, want):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env,want", list(_settings())[:3])
-def test_each_variant_passes_the_cpu_parity_tests(env, want):
+def test_each_variant_passes_the_cpu_parity_tests(env, want, tmp_path):
     """The whole CPU parity suites of Batch Norm and LayerNorm/RMSNorm under
     each lowered variant."""
     result = subprocess.run(
@@ -142,7 +154,7 @@ def test_each_variant_passes_the_cpu_parity_tests(env, want):
         text=True,
         timeout=1800,
         cwd=ROOT,
-        env=dict(os.environ, **env),
+        env=fresh_environment(env, tmp_path),
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
