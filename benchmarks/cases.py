@@ -26,6 +26,11 @@ BN_SHAPES = {
         (64, 1024),
     ],
 }
+# ConvNeXt-T's LayerNorm2d stages (batch 32, and 128 on a GPU).
+LN2D_SHAPES = {
+    "cpu": [(32, 96, 56, 56), (32, 192, 28, 28), (32, 384, 14, 14), (32, 768, 7, 7)],
+    "cuda": [(128, 96, 56, 56), (128, 192, 28, 28), (128, 384, 14, 14), (128, 768, 7, 7)],
+}
 LN_SHAPES = {
     "cpu": [(8192, 1024), (2048, 4096), (64, 1024)],
     "cuda": [(32768, 1024), (16384, 4096), (65536, 8192), (4096, 12288), (64, 1024)],
@@ -43,6 +48,7 @@ SUBSET_SHAPES = {
         "batchrenorm": [(32, 64, 56, 56), (8, 512, 7, 7)],
         "layernorm": [(8192, 1024), (64, 1024)],
         "rmsnorm": [(8192, 1024), (64, 1024)],
+        "layernorm2d": [(32, 96, 56, 56), (32, 768, 7, 7)],
     },
     "cuda": {
         "batchnorm": [(128, 64, 112, 112), (128, 1024, 14, 14), (8, 512, 7, 7)],
@@ -50,6 +56,7 @@ SUBSET_SHAPES = {
         # The issue's LLM targets (16384 x 4096, 65536 x 8192 in bf16) and a small block.
         "layernorm": [(16384, 4096), (65536, 8192), (64, 1024)],
         "rmsnorm": [(16384, 4096), (65536, 8192), (64, 1024)],
+        "layernorm2d": [(128, 96, 56, 56), (128, 768, 7, 7)],
     },
 }
 
@@ -155,9 +162,23 @@ def _batch_norm_modules(shape, dtype, device, renorm=False):
     return ours.to(device), native.to(device)
 
 
+class PermutedLayerNorm2d(nn.LayerNorm):
+    """What timm's and torchvision's LayerNorm2d run: permute to channels-last,
+    torch's layer_norm, permute back."""
+
+    def forward(self, x):
+        y = nn.functional.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        )
+        return y.permute(0, 3, 1, 2)
+
+
 def _norm_modules(op, shape, dtype, device):
     import torch_bnext
 
+    if op == "layernorm2d":
+        ours = torch_bnext.LayerNorm2d(shape[1], eps=1e-6)
+        return ours.to(device, dtype), PermutedLayerNorm2d(shape[1], eps=1e-6).to(device, dtype)
     hidden = shape[-1]
     if op == "layernorm":
         return torch_bnext.LayerNorm(hidden).to(device, dtype), nn.LayerNorm(hidden).to(
@@ -176,12 +197,16 @@ def available_ops():
         ops.append("layernorm")
     if hasattr(torch_bnext, "RMSNorm"):
         ops.append("rmsnorm")
+    if hasattr(torch_bnext, "LayerNorm2d"):
+        ops.append("layernorm2d")
     return ops
 
 
 def default_shapes(op, device, full=True):
     if not full:
         return SUBSET_SHAPES[device][op]
+    if op == "layernorm2d":
+        return LN2D_SHAPES[device]
     return (BN_SHAPES if op in ("batchnorm", "batchrenorm") else LN_SHAPES)[device]
 
 
@@ -191,7 +216,7 @@ def build_cases(ops, device, dtypes, shapes: Optional[list] = None, passes=None,
     passes = passes or (PASSES if full else SUBSET_PASSES)
     cases = []
     for op in ops:
-        is_bn = op in ("batchnorm", "batchrenorm")
+        is_bn = op in ("batchnorm", "batchrenorm", "layernorm2d")
         for shape in shapes or default_shapes(op, device, full):
             layouts = (
                 ["contiguous", "channels_last"] if is_bn and len(shape) == 4 else ["contiguous"]

@@ -197,6 +197,22 @@ CASES = {
         lambda: torch.randn(2, 3, 8),
         "RMSNormalization",
     ),
+    # Over dim 1: Transpose -> the row node -> Transpose.
+    "layernorm2d": (
+        lambda: B.LayerNorm2d(6),
+        lambda: torch.randn(2, 6, 5, 4),
+        "LayerNormalization",
+    ),
+    "layernorm2d_channels_last": (
+        lambda: B.LayerNorm2d(6),
+        lambda: _cl(torch.randn(2, 6, 5, 4)),
+        "LayerNormalization",
+    ),
+    "rmsnorm2d": (
+        lambda: B.RMSNorm2d(6, eps=1e-5),
+        lambda: torch.randn(2, 6, 3, 7),
+        "RMSNormalization",
+    ),
 }
 
 

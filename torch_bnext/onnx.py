@@ -191,6 +191,15 @@ def _rms_norm_fwd(g, input, normalized_shape, weight, eps):
     return _cast(g, y, dtype), g.op("Reshape", rstd, _leading_shape(g, input, axis))
 
 
+def _channels_first(g, translate, input, *args):
+    # The _2d ops (normalised over dim 1): the row translation between two
+    # Transposes; the statistics already have the transposed leading shape.
+    rank = g.rank(input)
+    rows = g.op("Transpose", input, perm=[0, *range(2, rank), 1])
+    y, *stats = translate(g, rows, [-1], *args)
+    return (g.op("Transpose", y, perm=[0, rank - 1, *range(1, rank - 1)]), *stats)
+
+
 def _refuse_training_op(name):
     def refuse(*args, **kwargs):
         raise RuntimeError(_TRAINING_MESSAGE.format(op=name))
@@ -259,7 +268,8 @@ def onnx_translations(opset_version: int = 18) -> dict:
     """The ``custom_translation_table`` for torch.onnx.export(dynamo=True):
     {torch.ops.bnext.<op>.default: ONNX translation} for the operators of
     eval mode (batch_norm_infer; batch_norm_train, which Batch Norm with
-    track_running_stats=False uses in eval; layer_norm_fwd; rms_norm_fwd),
+    track_running_stats=False uses in eval; layer_norm_fwd; rms_norm_fwd; their
+    dim-1 forms layer_norm_2d_fwd, rms_norm_2d_fwd),
     plus entries for the training-only operators (batch_renorm_train,
     batch_norm_update_stats) that fail with a message asking for model.eval().
 
@@ -294,11 +304,21 @@ def onnx_translations(opset_version: int = 18) -> dict:
             _check_exporting_opset(opset_version)
         return _rms_norm_fwd(g, input, normalized_shape, weight, eps)
 
+    def layer_norm_2d_fwd(input, weight=None, bias=None, eps: float = 1e-6):
+        return _channels_first(g, _layer_norm_fwd, input, weight, bias, eps)
+
+    def rms_norm_2d_fwd(input, weight=None, eps: float = 1e-6):
+        if opset_version >= _FIRST_RMS_NORMALIZATION_OPSET:
+            _check_exporting_opset(opset_version)
+        return _channels_first(g, _rms_norm_fwd, input, weight, eps)
+
     table = {
         _ops.batch_norm_infer.default: batch_norm_infer,
         _ops.batch_norm_train.default: batch_norm_train,
         _ops.layer_norm_fwd.default: layer_norm_fwd,
         _ops.rms_norm_fwd.default: rms_norm_fwd,
+        _ops.layer_norm_2d_fwd.default: layer_norm_2d_fwd,
+        _ops.rms_norm_2d_fwd.default: rms_norm_2d_fwd,
     }
     for name in _TRAINING_OPS:
         packet = getattr(_ops, name)

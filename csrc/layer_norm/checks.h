@@ -142,6 +142,106 @@ inline RowProblem prepare_backward(const char* op, const Tensor& grad_out, const
   return p;
 }
 
+// ------------------------------------------------- channels-first (the _2d ops)
+
+// An (N, C, *) input normalised over dim 1, seen as B = N planes of C rows of
+// S = prod(*) contiguous values: the statistics of position (b, s) are over
+// x[b, :, s], C values S apart. Only NCHW-like layouts come here; an input
+// whose channels are innermost goes to the row kernels (channel_rows).
+struct ChannelProblem {
+  Tensor x;   // contiguous input
+  Tensor dy;  // contiguous grad_out (backward only)
+  Tensor w;   // contiguous opmath (C,) weight, or undefined
+  Tensor b;   // contiguous opmath (C,) bias, or undefined
+  int64_t B = 0;
+  int64_t C = 0;
+  int64_t S = 0;
+};
+
+// The input with dim 1 moved last: contiguous exactly when its channels are
+// innermost (channels_last, or nothing past dim 1), when the row kernels
+// read it in place.
+inline Tensor channel_rows(const Tensor& t) {
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < t.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  return t.permute(perm);
+}
+
+// Undoes channel_rows: a tensor laid out as rows of C back to (N, C, *).
+inline Tensor from_channel_rows(const Tensor& rows) {
+  std::vector<int64_t> perm{0, rows.dim() - 1};
+  for (int64_t d = 1; d + 1 < rows.dim(); ++d) perm.push_back(d);
+  return rows.permute(perm);
+}
+
+// The shape of the statistics: the input's without dim 1.
+inline std::vector<int64_t> channel_stat_shape(const Tensor& input) {
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.erase(shape.begin() + 1);
+  return shape;
+}
+
+inline void check_channel_forward(const char* op, const Tensor& input, const Tensor& weight,
+                                  const Tensor& bias, ParamDtype rule) {
+  detail::check_param_dtype_first(op, input, weight, bias, rule);
+  check_input(op, input, 2);
+  const std::vector<int64_t> channels{input.size(1)};
+  detail::check_param_shape(op, "weight", weight, input, channels, rule);
+  detail::check_param_shape(op, "bias", bias, input, channels, rule);
+}
+
+// Checks of the _2d backward ops, shared by both layouts: grad_out like the
+// input, statistics of the input's shape without dim 1.
+inline void check_channel_backward(const char* op, const Tensor& grad_out, const Tensor& input,
+                                   const Tensor& stat, const Tensor& weight, ParamDtype rule) {
+  check_input(op, input, 2);
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
+                  grad_out.device() == input.device(),
+              op, ": expected grad_out like the input (", input.sizes(), ", ", input.dtype(), ", ",
+              input.device(), "), got ", grad_out.sizes(), ", ", grad_out.dtype(), ", ",
+              grad_out.device());
+  const auto opmath = opmath_dtype(input.scalar_type());
+  const auto stat_shape = channel_stat_shape(input);
+  TORCH_CHECK(stat.sizes() == at::IntArrayRef(stat_shape) && stat.scalar_type() == opmath &&
+                  stat.device() == input.device(),
+              op, ": expected statistics of shape ", at::IntArrayRef(stat_shape), " and dtype ",
+              opmath, " on ", input.device(), ", got ", stat.sizes(), ", ", stat.scalar_type(),
+              ", ", stat.device());
+  const std::vector<int64_t> channels{input.size(1)};
+  detail::check_param_shape(op, "weight", weight, input, channels, rule);
+}
+
+// The (B, C, S) view of an NCHW-like input (any layout but channels-innermost).
+inline ChannelProblem channel_problem(const Tensor& input, const Tensor& grad_out,
+                                      const Tensor& weight, const Tensor& bias) {
+  const auto opmath = opmath_dtype(input.scalar_type());
+  ChannelProblem p;
+  p.x = input.contiguous();
+  if (grad_out.defined()) p.dy = grad_out.contiguous();
+  p.w = detail::opmath_contiguous(weight, opmath);
+  p.b = detail::opmath_contiguous(bias, opmath);
+  p.B = input.size(0);
+  p.C = input.size(1);
+  p.S = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) p.S *= input.size(d);
+  return p;
+}
+
+// The RowProblem of a channels-innermost input: rows of C, the statistics'
+// shape being the input's without dim 1.
+inline RowProblem channel_row_problem(const Tensor& rows, const Tensor& grad_rows,
+                                      const Tensor& weight, const Tensor& bias) {
+  const auto opmath = opmath_dtype(rows.scalar_type());
+  RowProblem p;
+  p.x = rows.contiguous();
+  if (grad_rows.defined()) p.dy = grad_rows.contiguous();
+  p.w = detail::opmath_contiguous(weight, opmath);
+  p.b = detail::opmath_contiguous(bias, opmath);
+  detail::fill_view(p, rows, rows.dim() - 1);
+  return p;
+}
+
 // The dtype of parameter gradients: the weight's, or the input's without one.
 inline at::ScalarType param_grad_dtype(const Tensor& weight, const Tensor& input) {
   return weight.defined() ? weight.scalar_type() : input.scalar_type();

@@ -7,6 +7,12 @@
 //   template <bool kCentred> void backward(p, mean, rstd, columns, dx, dw_col, db_col)
 //       dx; with `columns`, the opmath column sums of dy * xhat (and of dy when
 //       kCentred) added into the zeroed dw_col (db_col)
+//   template <bool kCentred> void channel_forward(p, eps, out, mean, rstd)
+//   template <bool kCentred> void channel_backward(p, mean, rstd, columns, dx, dw_col, db_col)
+//       the same over the C values S apart of every position (b, s) of a
+//       ChannelProblem (the _2d ops on NCHW-like input); out and dx are
+//       contiguous (B, C, S), mean and rstd (B, S); with `columns` the sums
+//       are written (not added) into dw_col (db_col)
 // kCentred = true is LayerNorm, false is RMSNorm (mean 0, no bias).
 #pragma once
 
@@ -130,12 +136,130 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
           finish_param_grad(dw_col, weight_grad, p, param_grad_dtype(w, input))};
 }
 
+// ------------------------------------------------------------- the _2d ops
+// Normalising over dim 1: an input whose channels are innermost is rows of C
+// for the row kernels (no copy); any other is made NCHW-contiguous for the
+// channel kernels. The outputs keep the layout the kernels wrote, as the fake
+// kernels (torch_bnext/ops/layer_norm.py) predict.
+
+template <class K, bool kCentred>
+std::tuple<Tensor, Tensor, Tensor> norm_2d_fwd(const char* op, const Tensor& input,
+                                               const Tensor& weight, const Tensor& bias, double eps,
+                                               ParamDtype rule) {
+  const typename K::DeviceGuard guard(input.device());
+  check_channel_forward(op, input, weight, bias, rule);
+  const auto stat_opts = input.options().dtype(opmath_dtype(input.scalar_type()));
+  Tensor mean = kCentred ? at::empty(channel_stat_shape(input), stat_opts) : Tensor();
+  Tensor rstd = at::empty(channel_stat_shape(input), stat_opts);
+  const Tensor rows = channel_rows(input);
+  if (rows.is_contiguous()) {
+    const RowProblem p = channel_row_problem(rows, Tensor(), weight, bias);
+    Tensor out = at::empty(rows.sizes(), rows.options());
+    if (p.M > 0) K::template forward<kCentred>(p, eps, out, mean, rstd);
+    return {from_channel_rows(out), mean, rstd};
+  }
+  const ChannelProblem p = channel_problem(input, Tensor(), weight, bias);
+  Tensor out = at::empty(input.sizes(), p.x.options());
+  if (p.x.numel() > 0) K::template channel_forward<kCentred>(p, eps, out, mean, rstd);
+  return {out, mean, rstd};
+}
+
+// (dx, dw, db); dw and db are opmath (C,) column sums, undefined unless
+// `columns`.
+template <class K, bool kCentred>
+std::tuple<Tensor, Tensor, Tensor> norm_2d_bwd(const Tensor& grad_out, const Tensor& input,
+                                               const Tensor& mean, const Tensor& rstd,
+                                               const Tensor& weight, bool columns) {
+  const Tensor rows = channel_rows(input);
+  if (rows.is_contiguous()) {
+    const RowProblem p = channel_row_problem(rows, channel_rows(grad_out), weight, Tensor());
+    Tensor dx = at::empty(rows.sizes(), rows.options());
+    Tensor dw = columns ? at::zeros({p.N}, rstd.options()) : Tensor();
+    Tensor db = columns && kCentred ? at::zeros({p.N}, rstd.options()) : Tensor();
+    if (p.M > 0) {
+      K::template backward<kCentred>(p, kCentred ? mean.contiguous() : Tensor(), rstd.contiguous(),
+                                     columns, dx, dw, db);
+    }
+    return {from_channel_rows(dx), dw, db};
+  }
+  const ChannelProblem p = channel_problem(input, grad_out, weight, Tensor());
+  Tensor dx = at::empty(input.sizes(), p.x.options());
+  Tensor dw = columns ? at::empty({p.C}, rstd.options()) : Tensor();
+  Tensor db = columns && kCentred ? at::empty({p.C}, rstd.options()) : Tensor();
+  if (p.x.numel() > 0) {
+    K::template channel_backward<kCentred>(p, kCentred ? mean.contiguous() : Tensor(),
+                                           rstd.contiguous(), columns, dx, dw, db);
+  } else if (columns) {
+    dw.zero_();
+    if (kCentred) db.zero_();
+  }
+  return {dx, dw, db};
+}
+
+// A requested (C,) parameter gradient in `dtype`, else an empty (0,) tensor.
+inline Tensor finish_channel_grad(const Tensor& sum, bool requested, const Tensor& input,
+                                  at::ScalarType dtype) {
+  if (!requested) return at::empty({0}, input.options().dtype(dtype));
+  return sum.to(dtype);
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd(const Tensor& input, const OptTensor& weight,
+                                                     const OptTensor& bias, double eps) {
+  return norm_2d_fwd<K, true>("bnext::layer_norm_2d_fwd", input, value_or_undefined(weight),
+                              value_or_undefined(bias), eps, ParamDtype::kLikeInput);
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> rms_norm_2d_fwd(const Tensor& input, const OptTensor& weight,
+                                           double eps) {
+  auto [out, no_mean, rstd] =
+      norm_2d_fwd<K, false>("bnext::rms_norm_2d_fwd", input, value_or_undefined(weight), Tensor(),
+                            eps, ParamDtype::kAnyFloat);
+  return {out, rstd};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_bwd(const Tensor& grad_out, const Tensor& input,
+                                                     const Tensor& mean, const Tensor& rstd,
+                                                     const OptTensor& weight, double /*eps*/,
+                                                     std::array<bool, 2> output_mask) {
+  const char* op = "bnext::layer_norm_2d_bwd";
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor& w = value_or_undefined(weight);
+  TORCH_CHECK(w.defined() || !output_mask[0], op, ": grad_weight requested without a weight");
+  check_channel_backward(op, grad_out, input, mean, w, ParamDtype::kLikeInput);
+  check_channel_backward(op, grad_out, input, rstd, w, ParamDtype::kLikeInput);
+  auto [dx, dw, db] =
+      norm_2d_bwd<K, true>(grad_out, input, mean, rstd, w, output_mask[0] || output_mask[1]);
+  const auto dtype = param_grad_dtype(w, input);
+  return {dx, finish_channel_grad(dw, output_mask[0], input, dtype),
+          finish_channel_grad(db, output_mask[1], input, dtype)};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> rms_norm_2d_bwd(const Tensor& grad_out, const Tensor& input,
+                                           const Tensor& rstd, const OptTensor& weight,
+                                           double /*eps*/, bool weight_grad) {
+  const char* op = "bnext::rms_norm_2d_bwd";
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor& w = value_or_undefined(weight);
+  TORCH_CHECK(w.defined() || !weight_grad, op, ": grad_weight requested without a weight");
+  check_channel_backward(op, grad_out, input, rstd, w, ParamDtype::kAnyFloat);
+  auto [dx, dw, no_db] = norm_2d_bwd<K, false>(grad_out, input, Tensor(), rstd, w, weight_grad);
+  return {dx, finish_channel_grad(dw, weight_grad, input, param_grad_dtype(w, input))};
+}
+
 template <class K>
 void register_kernels(torch::Library& m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd<K>);
   m.impl("layer_norm_bwd", &layer_norm_bwd<K>);
   m.impl("rms_norm_fwd", &rms_norm_fwd<K>);
   m.impl("rms_norm_bwd", &rms_norm_bwd<K>);
+  m.impl("layer_norm_2d_fwd", &layer_norm_2d_fwd<K>);
+  m.impl("layer_norm_2d_bwd", &layer_norm_2d_bwd<K>);
+  m.impl("rms_norm_2d_fwd", &rms_norm_2d_fwd<K>);
+  m.impl("rms_norm_2d_bwd", &rms_norm_2d_bwd<K>);
 }
 
 }  // namespace layer_norm

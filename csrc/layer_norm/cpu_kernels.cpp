@@ -20,6 +20,7 @@
 #include "common/cpu_vec.h"
 #include "layer_norm/composite.h"
 #include "layer_norm/cpu_backend.h"
+#include "layer_norm/cpu_channel_kernels.h"
 
 namespace bnext {
 namespace layer_norm {
@@ -355,6 +356,27 @@ void CpuBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor&
           backward_rows<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
         } else {
           backward_rows<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
+        }
+      });
+}
+
+template <bool kCentred>
+void CpuBackend::channel_forward(const ChannelProblem& p, double eps, Tensor& out, Tensor& mean,
+                                 Tensor& rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_2d_fwd",
+      [&] { channel_kernels::forward<scalar_t, kCentred>(p, eps, out, mean, rstd); });
+}
+
+template <bool kCentred>
+void CpuBackend::channel_backward(const ChannelProblem& p, const Tensor& mean, const Tensor& rstd,
+                                  bool columns, Tensor& dx, Tensor& dw_col, Tensor& db_col) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_2d_bwd", [&] {
+        if (columns) {
+          channel_kernels::backward<scalar_t, kCentred, true>(p, mean, rstd, dx, dw_col, db_col);
+        } else {
+          channel_kernels::backward<scalar_t, kCentred, false>(p, mean, rstd, dx, dw_col, db_col);
         }
       });
 }

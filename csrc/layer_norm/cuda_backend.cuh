@@ -21,6 +21,14 @@ struct CudaBackend {
   template <bool kCentred>
   static void backward(const RowProblem& p, const Tensor& mean, const Tensor& rstd, bool columns,
                        Tensor& dx, Tensor& dw_col, Tensor& db_col);
+
+  template <bool kCentred>
+  static void channel_forward(const ChannelProblem& p, double eps, Tensor& out, Tensor& mean,
+                              Tensor& rstd);
+
+  template <bool kCentred>
+  static void channel_backward(const ChannelProblem& p, const Tensor& mean, const Tensor& rstd,
+                               bool columns, Tensor& dx, Tensor& dw_col, Tensor& db_col);
 };
 
 }  // namespace layer_norm

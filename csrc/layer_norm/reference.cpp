@@ -52,6 +52,17 @@ std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, int64_t normalized_dims, co
   return {y.to(x.scalar_type()), row_stat(rstd, normalized_dims)};
 }
 
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d(const Tensor& x, const Tensor& weight,
+                                                 const Tensor& bias, double eps) {
+  auto [y, mean, rstd] = layer_norm(x.movedim(1, -1), 1, weight, bias, eps);
+  return {y.movedim(-1, 1), mean, rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_2d(const Tensor& x, const Tensor& weight, double eps) {
+  auto [y, rstd] = rms_norm(x.movedim(1, -1), 1, weight, eps);
+  return {y.movedim(-1, 1), rstd};
+}
+
 }  // namespace reference
 }  // namespace layer_norm
 }  // namespace bnext

@@ -26,6 +26,12 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& x, int64_t normalize
 std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, int64_t normalized_dims, const Tensor& weight,
                                     double eps);
 
+// The _2d ops: normalised over dim 1 of (N, C, *), statistics of the
+// input's shape without dim 1.
+std::tuple<Tensor, Tensor, Tensor> layer_norm_2d(const Tensor& x, const Tensor& weight,
+                                                 const Tensor& bias, double eps);
+std::tuple<Tensor, Tensor> rms_norm_2d(const Tensor& x, const Tensor& weight, double eps);
+
 }  // namespace reference
 }  // namespace layer_norm
 }  // namespace bnext

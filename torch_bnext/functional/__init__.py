@@ -2,6 +2,13 @@
 
 from .batch_norm import batch_norm
 from .batch_renorm import batch_renorm
-from .layer_norm import layer_norm, rms_norm
+from .layer_norm import layer_norm, layer_norm_2d, rms_norm, rms_norm_2d
 
-__all__ = ["batch_norm", "batch_renorm", "layer_norm", "rms_norm"]
+__all__ = [
+    "batch_norm",
+    "batch_renorm",
+    "layer_norm",
+    "layer_norm_2d",
+    "rms_norm",
+    "rms_norm_2d",
+]

@@ -53,3 +53,29 @@ def rms_norm(
     if eps is None:
         eps = _default_rms_eps(input.dtype)
     return _ops.rms_norm_fwd(input, shape, weight, eps)[0]
+
+
+def layer_norm_2d(
+    input: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Layer Normalization over dim 1 (the channels) of an (N, C, *) input, as
+    the LayerNorm2d of timm and torchvision (ConvNeXt) computes with
+    permute -> layer_norm -> permute, but without the copies. weight and bias
+    are (C,). The output keeps a channels_last input's layout."""
+    return _ops.layer_norm_2d_fwd(input, weight, bias, eps)[0]
+
+
+def rms_norm_2d(
+    input: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """RMS Normalization over dim 1 (the channels) of an (N, C, *) input, as
+    timm's RmsNorm2d (eps=None: the epsilon of the accumulation dtype, as
+    rms_norm)."""
+    if eps is None:
+        eps = _default_rms_eps(input.dtype)
+    return _ops.rms_norm_2d_fwd(input, weight, eps)[0]

@@ -1,6 +1,6 @@
 from torch import Tensor, nn
 
-from ..functional.layer_norm import layer_norm, rms_norm
+from ..functional.layer_norm import layer_norm, layer_norm_2d, rms_norm, rms_norm_2d
 
 
 class LayerNorm(nn.LayerNorm):
@@ -23,14 +23,12 @@ class LayerNorm2d(nn.LayerNorm):
     torchvision's LayerNorm2d (ConvNeXt): ``LayerNorm2d(C)`` normalises each
     pixel's C values. Parameters and state_dict keys are nn.LayerNorm's.
 
-    On channels_last input the channels are contiguous and the row kernel
-    reads them in place; on NCHW input the permuted view is gathered first (as
-    the zoos' permute -> layer_norm -> permute does)."""
+    Our kernels normalise over dim 1 in place of permuting: NCHW input is read
+    as C strided planes, channels_last input as rows of contiguous channels;
+    the output keeps the input's layout."""
 
     def forward(self, input: Tensor) -> Tensor:
-        x = input.permute(0, 2, 3, 1)
-        y = layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
+        return layer_norm_2d(input, self.weight, self.bias, self.eps)
 
 
 class RMSNorm2d(nn.RMSNorm):
@@ -40,7 +38,7 @@ class RMSNorm2d(nn.RMSNorm):
     their promoted dtype)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        x, w = input.permute(0, 2, 3, 1), self.weight
+        w = self.weight
         if w is not None and w.dtype != input.dtype:
-            return (rms_norm(x, self.normalized_shape, None, self.eps) * w).permute(0, 3, 1, 2)
-        return rms_norm(x, self.normalized_shape, w, self.eps).permute(0, 3, 1, 2)
+            return rms_norm_2d(input, None, self.eps) * w.view(-1, *([1] * (input.dim() - 2)))
+        return rms_norm_2d(input, w, self.eps)

@@ -59,4 +59,63 @@ def _rms_norm_bwd_fake(grad_out, input, rstd, weight, eps, weight_grad):
     return torch.empty_like(input), _param_grad(input, rstd.dim(), weight_grad, weight)
 
 
+# The _2d ops normalise over dim 1 of (N, C, *). An input whose channels are
+# innermost is read as rows of C and its outputs keep that layout; any other
+# layout gives contiguous outputs (csrc/layer_norm/composite.h).
+
+
+def _check_2d(input):
+    torch._check(
+        input.dim() >= 2,
+        lambda: f"expected an input with at least 2 dimensions, got {input.dim()}D input",
+    )
+
+
+def _channel_rows(t):
+    return t.permute(0, *range(2, t.dim()), 1)
+
+
+def _like_kernel_output(input):
+    rows = _channel_rows(input)
+    if rows.is_contiguous():
+        inverse = (0, input.dim() - 1, *range(1, input.dim() - 1))
+        return input.new_empty(rows.shape).permute(inverse)
+    return input.new_empty(input.shape)
+
+
+def _channel_stat(input):
+    return input.new_empty((input.shape[0], *input.shape[2:]), dtype=opmath_dtype(input.dtype))
+
+
+def _channel_grad(input, requested, weight):
+    dtype = weight.dtype if weight is not None else input.dtype
+    return input.new_empty((input.shape[1],) if requested else (0,), dtype=dtype)
+
+
+@torch.library.register_fake("bnext::layer_norm_2d_fwd")
+def _layer_norm_2d_fwd_fake(input, weight, bias, eps):
+    _check_2d(input)
+    return _like_kernel_output(input), _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("bnext::layer_norm_2d_bwd")
+def _layer_norm_2d_bwd_fake(grad_out, input, mean, rstd, weight, eps, output_mask):
+    return (
+        _like_kernel_output(input),
+        _channel_grad(input, output_mask[0], weight),
+        _channel_grad(input, output_mask[1], weight),
+    )
+
+
+@torch.library.register_fake("bnext::rms_norm_2d_fwd")
+def _rms_norm_2d_fwd_fake(input, weight, eps):
+    _check_2d(input)
+    return _like_kernel_output(input), _channel_stat(input)
+
+
+@torch.library.register_fake("bnext::rms_norm_2d_bwd")
+def _rms_norm_2d_bwd_fake(grad_out, input, rstd, weight, eps, weight_grad):
+    return _like_kernel_output(input), _channel_grad(input, weight_grad, weight)
+
+
 # Autograd: csrc/layer_norm/autograd.cpp.

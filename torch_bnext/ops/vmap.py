@@ -53,6 +53,54 @@ def _rms_norm_vmap(info, in_dims, input, normalized_shape, weight, eps):
     return (out.to(input.dtype), rstd), (0, 0)
 
 
+def _channel_params(param, bdim, batch_size, spatial):
+    """A (per-sample) (C,) parameter shaped to broadcast over (B, N, C, *spatial)."""
+    p = _to_front(param, bdim, batch_size)
+    return p.reshape(batch_size, 1, -1, *([1] * spatial))
+
+
+def _norm_2d_vmap(op, info, input, x_bdim, params, param_bdims):
+    """The _2d ops batch by folding the vmapped dimension into N."""
+    B = info.batch_size
+    x = _to_front(input, x_bdim, B)
+    folded = x.reshape(-1, *x.shape[2:])
+    if all(d is None for d in param_bdims):
+        outs = op(folded, *params)
+        params = [None] * len(params)
+    else:
+        outs = op(folded, *[None] * len(params))
+    out, *stats = outs
+    out = out.reshape(x.shape)
+    spatial = x.dim() - 3
+    weight, *bias = params
+    if weight is not None:
+        out = out * _channel_params(weight, param_bdims[0], B, spatial)
+    if bias and bias[0] is not None:
+        out = out + _channel_params(bias[0], param_bdims[1], B, spatial)
+    stats = [t.reshape(B, -1, *t.shape[1:]) for t in stats]
+    return (out.to(input.dtype), *stats), (0,) * (1 + len(stats))
+
+
+@torch.library.register_vmap("bnext::layer_norm_2d_fwd")
+def _layer_norm_2d_vmap(info, in_dims, input, weight, bias, eps):
+    x_bdim, w_bdim, b_bdim, _ = in_dims
+
+    def op(x, w, b):
+        return torch.ops.bnext.layer_norm_2d_fwd(x, w, b, eps)
+
+    return _norm_2d_vmap(op, info, input, x_bdim, [weight, bias], [w_bdim, b_bdim])
+
+
+@torch.library.register_vmap("bnext::rms_norm_2d_fwd")
+def _rms_norm_2d_vmap(info, in_dims, input, weight, eps):
+    x_bdim, w_bdim, _ = in_dims
+
+    def op(x, w):
+        return torch.ops.bnext.rms_norm_2d_fwd(x, w, eps)
+
+    return _norm_2d_vmap(op, info, input, x_bdim, [weight], [w_bdim])
+
+
 def _fold_channels(input, bdim, batch_size):
     """(B, N, C, *) -> (N, B*C, *)."""
     x = _to_front(input, bdim, batch_size).movedim(0, 1)
