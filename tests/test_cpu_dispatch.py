@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
+from subprocess_pytest import ROOT, failure_report, run_pytest
 
 import torch_bnext
 from torch_bnext import _build_info
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.dirname(torch_bnext.__file__)
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 BUILT = _build_info.CPU_VARIANTS
@@ -67,10 +67,8 @@ def fresh_environment(env, cache_dir):
     return environ
 
 
-def python(code, env=(), timeout=600, prefix=(), cache_dir=None):
-    import tempfile
-
-    environ = fresh_environment(env, cache_dir or tempfile.mkdtemp(prefix="inductor-"))
+def python(code, cache_dir, env=(), timeout=600, prefix=()):
+    environ = fresh_environment(env, cache_dir)
     environ["PYTHONPATH"] = os.pathsep.join([ROOT, *sys.path[1:]])
     return subprocess.run(
         [*prefix, sys.executable, "-c", code],
@@ -117,7 +115,7 @@ def _settings():
 
 
 @pytest.mark.parametrize("env,want", list(_settings()))
-def test_each_variant_passes_the_self_check(env, want):
+def test_each_variant_passes_the_self_check(env, want, tmp_path):
     """The installed-library self-check (parity with torch.nn over dtypes,
     layouts and odd channel counts, gradcheck, gradgradcheck, opcheck), run
     on the variant the environment selects."""
@@ -126,7 +124,7 @@ def test_each_variant_passes_the_self_check(env, want):
         f"assert tb.cpu_capability() == {want!r}, tb.cpu_capability();"
         "sys.exit(c.main(['--device', 'cpu', '--quick']))"
     )
-    result = python(code, env)
+    result = python(code, tmp_path, env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert f"CPU kernels {want}" in result.stdout
     assert "passed: 0 failure(s)" in result.stdout
@@ -137,26 +135,9 @@ def test_each_variant_passes_the_self_check(env, want):
 def test_each_variant_passes_the_cpu_parity_tests(env, want, tmp_path):
     """The whole CPU parity suites of Batch Norm and LayerNorm/RMSNorm under
     each lowered variant."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-m",
-            "not slow",
-            "tests/test_batch_norm.py",
-            "tests/test_layer_norm.py",
-            "tests/test_batch_renorm.py",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        cwd=ROOT,
-        env=fresh_environment(env, tmp_path),
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    suites = ["tests/test_batch_norm.py", "tests/test_layer_norm.py", "tests/test_batch_renorm.py"]
+    result = run_pytest(["-m", "not slow", *suites], fresh_environment(env, tmp_path), 1800)
+    assert result.returncode == 0, failure_report(result)
 
 
 # AVX-512 in AT&T syntax: its registers (zmm, xmm16-31/ymm16-31, the k masks),
@@ -221,10 +202,10 @@ SMOKE = (
 @pytest.mark.parametrize(
     "cpu,want", [("EPYC-Rome", "avx2"), ("Nehalem", "default")], ids=["avx2-cpu", "sse4-cpu"]
 )
-def test_runs_on_an_emulated_cpu_without_avx512(cpu, want):
+def test_runs_on_an_emulated_cpu_without_avx512(cpu, want, tmp_path):
     """qemu-user runs this very build on a CPU model without AVX-512 (AMD Zen 2)
     or without AVX at all (Nehalem): a kernel compiled for more dies there
     with SIGILL."""
-    result = python(SMOKE, prefix=[QEMU, "-cpu", cpu], timeout=900)
+    result = python(SMOKE, tmp_path, prefix=[QEMU, "-cpu", cpu], timeout=900)
     assert result.returncode == 0, f"rc {result.returncode}: {result.stderr[-3000:]}"
     assert f"variant {want}" in result.stdout

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from subprocess_pytest import ROOT, failure_report, run_pytest
 
 
 def test_reductions_give_cuda_results(emu):
@@ -91,27 +90,10 @@ def test_results_are_bitwise_identical_under_every_schedule(emu, schedule):
 @pytest.mark.slow
 def test_emulated_suite_under_random_schedules():
     """The emulated tests (one SM count) under two seeded random orders."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-m",
-            "not slow",
-            "-k",
-            "not sms132",
-            "tests/test_cuda_emulated_batch_norm.py",
-            "tests/test_cuda_emulated_layer_norm.py",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=3000,
-        cwd=ROOT,
-        env=dict(os.environ, BNEXT_EMU_SCHEDULES="random:1,random:2"),
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    suites = ["tests/test_cuda_emulated_batch_norm.py", "tests/test_cuda_emulated_layer_norm.py"]
+    env = dict(os.environ, BNEXT_EMU_SCHEDULES="random:1,random:2")
+    result = run_pytest(["-m", "not slow", "-k", "not sms132", *suites], env, 3000)
+    assert result.returncode == 0, failure_report(result)
 
 
 @pytest.mark.parametrize(
@@ -183,13 +165,6 @@ def test_kernels_stay_within_their_tensors_under_address_sanitizer():
         timeout=1200,
     )
     assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr, bad.stderr[-2000:]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + ASAN_SELECTION,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    run = run_pytest(ASAN_SELECTION, env, 1800)
+    assert run.returncode == 0, failure_report(run, 3000, 3000)
     assert "AddressSanitizer" not in run.stderr.replace("ASan doesn't fully support", "")

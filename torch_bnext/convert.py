@@ -17,8 +17,6 @@ from .modules import (
 )
 from .modules.batch_norm import adopt_tensors
 from .modules.batch_renorm import _BatchRenorm
-from .modules.layer_norm import LayerNorm2d, RMSNorm2d
-from .modules.zoo import CastingRMSNorm, FrozenBatchNorm2d
 
 # A layer converted from a zoo's class keeps that module here (a plain
 # attribute: no state_dict key, not a child) for revert_model.
@@ -55,27 +53,9 @@ def _swap_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls, kwargs) -> nn
     return adopt_tensors(cls(module.num_features, **{**options, **kwargs}, device="meta"), module)
 
 
-def _swap_row_norm(module: nn.Module) -> nn.Module:
-    # Built on "meta" and handed the very Parameter objects, as for Batch Norm.
-    if type(module) is nn.LayerNorm:
-        new = LayerNorm(
-            module.normalized_shape,
-            eps=module.eps,
-            elementwise_affine=module.elementwise_affine,
-            bias=module.bias is not None or not module.elementwise_affine,
-            device="meta",
-        )
-        new.weight, new.bias = module.weight, module.bias
-    else:
-        new = RMSNorm(
-            module.normalized_shape,
-            eps=module.eps,
-            elementwise_affine=module.elementwise_affine,
-            device="meta",
-        )
-        new.weight = module.weight
-    new.train(module.training)
-    return new
+# Built on "meta" and handed the very Parameter objects, as for Batch Norm; the
+# zoos' LayerNorm and RMSNorm classes convert the same way.
+_ROW_NORM = {nn.LayerNorm: zoo._layer_norm(LayerNorm), nn.RMSNorm: zoo._rms_norm(RMSNorm)}
 
 
 _RENORM_ONLY = ("r_max", "d_max")
@@ -120,11 +100,13 @@ def _sync_target(module: nn.Module, norm: str, sync: bool):
     return cls if type(module) in sources else None
 
 
-def _zoo_converts(module: nn.Module, norm: str, layernorm: bool) -> bool:
+def _zoo_entry(module: nn.Module, norm: str, layernorm: bool):
+    """The registry's entry that converts `module` under these options, or None."""
     entry = zoo.lookup(module)
-    if entry is None:
-        return False
-    return layernorm if entry.kind == "row" else norm == "batchnorm"
+    if entry is None or entry.refuse(module) is not None:
+        return None
+    wanted = layernorm if entry.kind == "row" else norm == "batchnorm"
+    return entry if wanted else None
 
 
 def convert_model(
@@ -147,11 +129,14 @@ def convert_model(
     With layernorm=True, torch.nn.LayerNorm and torch.nn.RMSNorm are replaced
     by torch_bnext.LayerNorm and RMSNorm too, and so are the zoos' LayerNorm
     and RMSNorm classes that torch_bnext.zoo.REGISTRY lists (timm's LayerNorm,
-    LayerNorm2d, RmsNorm, RmsNorm2d; torchvision's LayerNorm2d; transformers'
-    Llama, Mistral, Qwen, Phi-3, Gemma and T5 RMSNorms), each by a layer of
-    the same semantics. torchvision's FrozenBatchNorm2d converts with
-    norm="batchnorm". conversion_report(model) lists what was converted and
-    what was left, and why.
+    LayerNorm2d, RmsNorm, RmsNorm2d and their norm + activation forms
+    LayerNormAct, LayerNormAct2d, RmsNormAct, RmsNormAct2d; torchvision's
+    LayerNorm2d; transformers' Llama, Mistral, Qwen, Phi-3, Gemma and T5
+    RMSNorms), each by a layer of the same semantics; an instance in a
+    configuration not reproduced (timm's fast_norm) is left alone.
+    torchvision's FrozenBatchNorm2d converts with norm="batchnorm".
+    conversion_report(model) lists what was converted and what was left, and
+    why.
     With sync=True the Batch Norm layers become torch_bnext.SyncBatchNorm
     (norm="batchrenorm": SyncBatchRenorm) on `process_group` (None: the
     default group); torch's nn.SyncBatchNorm layers become ours in any case,
@@ -178,10 +163,10 @@ def convert_model(
         out = _swap_batch_norm(module, sync_cls, {**kwargs, "process_group": group})
     elif cls is not None:
         out = _swap_batch_norm(module, cls, kwargs)
-    elif layernorm and type(module) in (nn.LayerNorm, nn.RMSNorm):
-        out = _swap_row_norm(module)
-    elif _zoo_converts(module, norm, layernorm):
-        out = zoo.lookup(module).convert(module)
+    elif layernorm and type(module) in _ROW_NORM:
+        out = _ROW_NORM[type(module)](module)
+    elif (entry := _zoo_entry(module, norm, layernorm)) is not None:
+        out = entry.convert(module)
         object.__setattr__(out, _ORIGINAL, module)
     else:
         out = module
@@ -221,36 +206,22 @@ def _revert_batch_norm(module: nn.modules.batchnorm._BatchNorm, cls) -> nn.Modul
     return adopt_tensors(new, module)  # the very Parameter and buffer objects
 
 
-def _revert_row_norm(module: nn.Module) -> nn.Module:
-    if type(module) is LayerNorm:
-        new = nn.LayerNorm(
-            module.normalized_shape,
-            eps=module.eps,
-            elementwise_affine=module.elementwise_affine,
-            bias=module.bias is not None or not module.elementwise_affine,
-            device="meta",
-        )
-        new.weight, new.bias = module.weight, module.bias
-    else:
-        new = nn.RMSNorm(
-            module.normalized_shape,
-            eps=module.eps,
-            elementwise_affine=module.elementwise_affine,
-            device="meta",
-        )
-        new.weight = module.weight
-    new.train(module.training)
-    return new
+# _ROW_NORM's inverse, built alike.
+_REVERT_ROW_NORM = {LayerNorm: zoo._layer_norm(nn.LayerNorm), RMSNorm: zoo._rms_norm(nn.RMSNorm)}
 
 
 def _revert_to_original(module: nn.Module) -> nn.Module:
     """The zoo's module that was converted, holding our layer's current
-    Parameter and buffer objects (a .to() may have replaced buffers) and mode."""
+    Parameter, buffer and child module objects (a .to() may have replaced
+    buffers; timm's activation is a child) and mode."""
     original = getattr(module, _ORIGINAL)
-    for name in original._parameters:
-        original._parameters[name] = module._parameters.get(name, original._parameters[name])
-    for name in original._buffers:
-        original._buffers[name] = module._buffers.get(name, original._buffers[name])
+    for slots, ours in (
+        (original._parameters, module._parameters),
+        (original._buffers, module._buffers),
+        (original._modules, module._modules),
+    ):
+        for name in slots:
+            slots[name] = ours.get(name, slots[name])
     original.train(module.training)
     return original
 
@@ -276,8 +247,8 @@ def revert_model(module: nn.Module) -> nn.Module:
         out = _revert_to_original(module)
     elif cls is not None:
         out = _revert_batch_norm(module, cls)
-    elif type(module) in (LayerNorm, RMSNorm):
-        out = _revert_row_norm(module)
+    elif type(module) in _REVERT_ROW_NORM:
+        out = _REVERT_ROW_NORM[type(module)](module)
     else:
         out = module
     for name, child in module.named_children():
@@ -292,22 +263,6 @@ _NO_KERNEL = (
     nn.GroupNorm,
     nn.LocalResponseNorm,
     nn.modules.instancenorm._InstanceNorm,
-)
-_OURS = (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    LayerNorm,
-    LayerNorm2d,
-    RMSNorm,
-    RMSNorm2d,
-    CastingRMSNorm,
-    FrozenBatchNorm2d,
-    SyncBatchNorm,
-    SyncBatchRenorm,
 )
 _TORCH_NORMS = (
     nn.modules.batchnorm._NormBase,
@@ -349,6 +304,8 @@ _TORCH_SOURCE = {
     LayerNorm: nn.LayerNorm,
     RMSNorm: nn.RMSNorm,
 }
+# Every layer class of ours, which the report counts as converted.
+_OURS = tuple({*_TORCH_SOURCE, *(entry.ours for entry in zoo.REGISTRY.values())})
 
 
 def conversion_report(model: nn.Module) -> ConversionReport:
@@ -379,10 +336,10 @@ def conversion_report(model: nn.Module) -> ConversionReport:
                 count(ours, True, "built as torch_bnext's")
             else:
                 count(f"torch.nn.{source.__name__}", True, f"-> {ours}")
-        elif zoo.lookup(module) is not None:
-            entry = zoo.lookup(module)
+        elif (entry := zoo.lookup(module)) is not None:
             how = "layernorm=True" if entry.kind == "row" else "norm='batchnorm'"
-            count(zoo.qualified_name(type(module)), False, f"known: convert with {how}")
+            note = entry.refuse(module) or f"known: convert with {how}"
+            count(zoo.qualified_name(type(module)), False, note)
         elif type(module) in _TORCH_CONVERTIBLE:
             count(f"torch.nn.{type(module).__name__}", False, _TORCH_CONVERTIBLE[type(module)])
         elif type(module).__module__.startswith("torch.nn.") and isinstance(module, _NO_KERNEL):

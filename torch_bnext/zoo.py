@@ -10,22 +10,37 @@ inputs in float32 and bfloat16, and converts whole models from the zoos.
 """
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
 from .modules import LayerNorm, RMSNorm
 from .modules.layer_norm import LayerNorm2d, RMSNorm2d
-from .modules.zoo import CastingRMSNorm, FrozenBatchNorm2d
+from .modules.zoo import (
+    CastingRMSNorm,
+    FrozenBatchNorm2d,
+    LayerNormAct,
+    LayerNormAct2d,
+    RMSNormAct,
+    RMSNormAct2d,
+)
+
+
+def _never_refused(m: nn.Module) -> Optional[str]:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class ZooNorm:
-    """One known class: what it computes, and how to build ours from it."""
+    """One known class: what it computes, our class that reproduces it, how
+    to build that from an instance, and which instances it cannot reproduce."""
 
     kind: str  # "row" (converted with layernorm=True) or "batch" (with norm="batchnorm")
     semantics: str
+    ours: type
     convert: Callable[[nn.Module], nn.Module]
+    # Why this instance is left alone (a configuration not reproduced), or None.
+    refuse: Callable[[nn.Module], Optional[str]] = _never_refused
 
 
 def _shared_affine(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -53,11 +68,33 @@ def _layer_norm(cls):
 
 def _rms_norm(cls):
     def convert(m):
-        new = cls(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine)
-        new.to("meta")
+        new = cls(
+            m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, device="meta"
+        )
         return _shared_affine(new, m)
 
     return convert
+
+
+def _then_act(convert):
+    """`convert`, handing over timm's drop and act modules themselves: any
+    activation (and apply_act=False, timm's nn.Identity act) behaves as there."""
+
+    def convert_with_act(m):
+        new = convert(m)
+        new.drop, new.act = m.drop, m.act
+        return new
+
+    return convert_with_act
+
+
+def _timm_fast_norm(m: nn.Module) -> Optional[str]:
+    if getattr(m, "_fast_norm", False):
+        return (
+            "timm's fast_norm is on (timm.layers.set_fast_norm): it normalises in the autocast "
+            "dtype or with apex's kernels, which torch_bnext does not reproduce"
+        )
+    return None
 
 
 def _casting_rms_norm(style: str, eps_attr: str):
@@ -77,11 +114,28 @@ def _frozen_batch_norm(m):
     return new
 
 
-_TIMM_LN = "timm.layers.norm.LayerNorm: nn.LayerNorm's computation (its fast_norm option off)"
-_LN2D = "LayerNorm over dim 1 of NCHW: permute -> F.layer_norm -> permute"
-_TIMM_RMS = (
-    "x * rsqrt(mean(x^2) + eps) * weight computed in the input dtype; ours accumulates in "
-    "float32 and rounds once (equal in float32, closer to exact in bfloat16)"
+_TIMM_LN = "nn.LayerNorm's computation (F.layer_norm)"
+_LN2D = (
+    "LayerNorm over dim 1 of NCHW: permute -> F.layer_norm -> permute; ours returns the input's "
+    "memory layout, where that leaves NCHW input's result channels_last-strided (equal values; "
+    "a dropout after it draws its mask in another order)"
+)
+_F_RMS = (
+    "F.rms_norm: float32 statistics and product, rounded once to the input dtype (a float32 "
+    "weight included), as torch 2.14 computes it"
+)
+_TIMM_RMS2D = (
+    "over dim 1 of NCHW, x * rsqrt(mean(x^2) + eps) * weight computed in the input dtype; ours "
+    "accumulates in float32 and rounds once (equal in float32, closer to exact in bfloat16); a "
+    "weight of another dtype multiplies last, as there (the result has the promoted dtype)"
+)
+_ACT = (
+    "; then timm's own drop and act modules, the very objects: any activation, and "
+    "apply_act=False (an nn.Identity act), behave as there"
+)
+_TIMM = (
+    " (eps: eps). timm's fast_norm path (set_fast_norm: the autocast dtype, or apex) is not "
+    "reproduced: such a layer is left alone"
 )
 _LLAMA = (
     "float32 x * rsqrt(mean(x^2) + eps), cast to the input dtype, then weight * it "
@@ -92,6 +146,12 @@ _T5 = (
     "float32 statistics; the normalised input is cast to the weight's dtype when that is "
     "half/bfloat16, then weight * it (eps: variance_epsilon)"
 )
+
+
+def _timm(semantics: str, ours: type, build, act: bool = False) -> ZooNorm:
+    convert = _then_act(build(ours)) if act else build(ours)
+    return ZooNorm("row", semantics + (_ACT if act else "") + _TIMM, ours, convert, _timm_fast_norm)
+
 
 _llama = _casting_rms_norm("llama", "variance_epsilon")
 _gemma = _casting_rms_norm("gemma", "eps")
@@ -117,20 +177,33 @@ _GEMMA_LIKE = {"gemma": "GemmaRMSNorm", "gemma2": "Gemma2RMSNorm", "gemma3": "Ge
 _T5_LIKE = {"t5": "T5LayerNorm"}
 
 REGISTRY: dict[str, ZooNorm] = {
-    "timm.layers.norm.LayerNorm": ZooNorm("row", _TIMM_LN, _layer_norm(LayerNorm)),
-    "timm.layers.norm.LayerNorm2d": ZooNorm("row", _LN2D, _layer_norm(LayerNorm2d)),
-    "timm.layers.norm.RmsNorm": ZooNorm("row", _TIMM_RMS, _rms_norm(RMSNorm)),
-    "timm.layers.norm.RmsNorm2d": ZooNorm("row", _TIMM_RMS + ", over dim 1", _rms_norm(RMSNorm2d)),
-    "torchvision.models.convnext.LayerNorm2d": ZooNorm("row", _LN2D, _layer_norm(LayerNorm2d)),
+    "timm.layers.norm.LayerNorm": _timm(_TIMM_LN, LayerNorm, _layer_norm),
+    "timm.layers.norm.LayerNorm2d": _timm(_LN2D, LayerNorm2d, _layer_norm),
+    "timm.layers.norm.RmsNorm": _timm(_F_RMS, RMSNorm, _rms_norm),
+    "timm.layers.norm.RmsNorm2d": _timm(_TIMM_RMS2D, RMSNorm2d, _rms_norm),
+    "timm.layers.norm_act.LayerNormAct": _timm(_TIMM_LN, LayerNormAct, _layer_norm, act=True),
+    "timm.layers.norm_act.LayerNormAct2d": _timm(_LN2D, LayerNormAct2d, _layer_norm, act=True),
+    "timm.layers.norm_act.RmsNormAct": _timm(_F_RMS, RMSNormAct, _rms_norm, act=True),
+    "timm.layers.norm_act.RmsNormAct2d": _timm(_TIMM_RMS2D, RMSNormAct2d, _rms_norm, act=True),
+    "torchvision.models.convnext.LayerNorm2d": ZooNorm(
+        "row", _LN2D, LayerNorm2d, _layer_norm(LayerNorm2d)
+    ),
     "torchvision.ops.misc.FrozenBatchNorm2d": ZooNorm(
         "batch",
         "x * (w * rsqrt(running_var + eps)) + (b - running_mean * scale); all buffers, "
         "train or eval",
+        FrozenBatchNorm2d,
         _frozen_batch_norm,
     ),
-    **{_transformers(m, c): ZooNorm("row", _LLAMA, _llama) for m, c in _LLAMA_LIKE.items()},
-    **{_transformers(m, c): ZooNorm("row", _GEMMA, _gemma) for m, c in _GEMMA_LIKE.items()},
-    **{_transformers(m, c): ZooNorm("row", _T5, _t5) for m, c in _T5_LIKE.items()},
+    **{
+        _transformers(m, c): ZooNorm("row", _LLAMA, CastingRMSNorm, _llama)
+        for m, c in _LLAMA_LIKE.items()
+    },
+    **{
+        _transformers(m, c): ZooNorm("row", _GEMMA, CastingRMSNorm, _gemma)
+        for m, c in _GEMMA_LIKE.items()
+    },
+    **{_transformers(m, c): ZooNorm("row", _T5, CastingRMSNorm, _t5) for m, c in _T5_LIKE.items()},
 }
 
 

@@ -1,12 +1,15 @@
 """Layers that reproduce the semantics of norm classes from model zoos
-(transformers, torchvision) that torch.nn has no class for. What each stands
-in for, and how exactly, is in torch_bnext/zoo.py."""
+(transformers, torchvision, timm) that torch.nn has no class for. What each
+stands in for, and how exactly, is in torch_bnext/zoo.py."""
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..functional.batch_norm import batch_norm
 from ..functional.layer_norm import rms_norm
+from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -79,3 +82,41 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class _ThenAct:
+    """The norm's result goes through ``drop`` then ``act``, as in timm's
+    norm + activation layers (timm.layers.norm_act). Converted from one of
+    those, they are timm's very modules, so any activation (one with
+    parameters too) and any drop layer behave as there; both default to
+    nn.Identity, which is also what timm's ``apply_act=False`` holds."""
+
+    def __init__(
+        self, *args, drop: Optional[nn.Module] = None, act: Optional[nn.Module] = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        # In timm's order: the state_dict keys of an act with parameters (PReLU)
+        # come in the same order.
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class LayerNormAct(_ThenAct, LayerNorm):
+    """torch_bnext.LayerNorm, then ``drop`` and ``act``: timm's LayerNormAct."""
+
+
+class LayerNormAct2d(_ThenAct, LayerNorm2d):
+    """torch_bnext.LayerNorm2d (over dim 1 of NCHW), then ``drop`` and ``act``:
+    timm's LayerNormAct2d."""
+
+
+class RMSNormAct(_ThenAct, RMSNorm):
+    """torch_bnext.RMSNorm, then ``drop`` and ``act``: timm's RmsNormAct."""
+
+
+class RMSNormAct2d(_ThenAct, RMSNorm2d):
+    """torch_bnext.RMSNorm2d (over dim 1 of NCHW), then ``drop`` and ``act``:
+    timm's RmsNormAct2d."""
