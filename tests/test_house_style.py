@@ -26,7 +26,9 @@ COMMON = {
 KERNELS = {"cpu_backend.h", "cuda_backend.cuh", "cuda_kernels.cuh", "reference.h", "reference.cpp"}
 FAMILIES = {
     "batch_norm": COMMON | KERNELS,
-    "layer_norm": COMMON | KERNELS,
+    # Its channel kernels (the _2d ops, normalising over dim 1) sit beside
+    # the row kernels, one file per backend.
+    "layer_norm": COMMON | KERNELS | {"cpu_channel_kernels.h", "cuda_channel_kernels.cuh"},
     # Batch Norm's backends with r and d folded into the per-channel
     # coefficients; its own reference is the r/d correction.
     "batch_renorm": COMMON | {"reference.h", "reference.cpp"},

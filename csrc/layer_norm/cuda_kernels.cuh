@@ -953,3 +953,5 @@ void CudaBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor
 
 }  // namespace layer_norm
 }  // namespace bnext
+
+#include "layer_norm/cuda_channel_kernels.cuh"
