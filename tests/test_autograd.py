@@ -349,7 +349,24 @@ def _op_samples():
             [0, 1, 3],
             [0, 1],
         ),
+        # Over dim 1: x's channels are its 3 (x above: (4, 3, 5)).
+        "layer_norm_2d_fwd": ((x, v(), v(), 1e-5), [0, 1, 2], [0]),
+        "layer_norm_2d_bwd": (
+            (g, x, *_channel_stats(x), v(), 1e-5, [True, True]),
+            [0, 1, 4],
+            [0, 1, 2],
+        ),
+        "rms_norm_2d_fwd": ((x, v(), 1e-5), [0, 1], [0]),
+        "rms_norm_2d_bwd": ((g, x, _channel_rms_rstd(x), v(), 1e-5, True), [0, 1, 3], [0, 1]),
     }
+
+
+def _channel_stats(x):
+    return x.mean(1), (x.var(1, unbiased=False) + 1e-5).rsqrt()
+
+
+def _channel_rms_rstd(x):
+    return (x.pow(2).mean(1) + 1e-5).rsqrt()
 
 
 NOT_DIFFERENTIABLE = {
@@ -372,6 +389,8 @@ STATISTICS_OF_X = {
     "batch_renorm_backward": ([2, 3], _bn_stats),
     "layer_norm_bwd": ([2, 3], lambda x: (x.mean(-1), (x.var(-1, unbiased=False) + 1e-5).rsqrt())),
     "rms_norm_bwd": ([2], lambda x: ((x.pow(2).mean(-1) + 1e-5).rsqrt(),)),
+    "layer_norm_2d_bwd": ([2, 3], _channel_stats),
+    "rms_norm_2d_bwd": ([2], lambda x: (_channel_rms_rstd(x),)),
 }
 
 

@@ -67,6 +67,14 @@ inline void check_param_dtype_first(const char* op, const Tensor& input, const T
   }
 }
 
+inline void check_grad_like_input(const char* op, const Tensor& grad_out, const Tensor& input) {
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
+                  grad_out.device() == input.device(),
+              op, ": expected grad_out like the input (", input.sizes(), ", ", input.dtype(), ", ",
+              input.device(), "), got ", grad_out.sizes(), ", ", grad_out.dtype(), ", ",
+              grad_out.device());
+}
+
 inline Tensor opmath_contiguous(const Tensor& t, at::ScalarType opmath) {
   return t.defined() ? t.to(opmath).contiguous() : t;
 }
@@ -122,11 +130,7 @@ inline RowProblem prepare_forward(const char* op, const Tensor& input,
 inline RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
                                    const Tensor& stat, const Tensor& weight, ParamDtype rule) {
   check_input(op, input, 0);
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
-                  grad_out.device() == input.device(),
-              op, ": expected grad_out like the input (", input.sizes(), ", ", input.dtype(), ", ",
-              input.device(), "), got ", grad_out.sizes(), ", ", grad_out.dtype(), ", ",
-              grad_out.device());
+  detail::check_grad_like_input(op, grad_out, input);
   const auto opmath = opmath_dtype(input.scalar_type());
   TORCH_CHECK(stat.dim() <= input.dim() && stat.sizes() == input.sizes().slice(0, stat.dim()) &&
                   stat.scalar_type() == opmath && stat.device() == input.device(),
@@ -196,11 +200,7 @@ inline void check_channel_forward(const char* op, const Tensor& input, const Ten
 inline void check_channel_backward(const char* op, const Tensor& grad_out, const Tensor& input,
                                    const Tensor& stat, const Tensor& weight, ParamDtype rule) {
   check_input(op, input, 2);
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.dtype() == input.dtype() &&
-                  grad_out.device() == input.device(),
-              op, ": expected grad_out like the input (", input.sizes(), ", ", input.dtype(), ", ",
-              input.device(), "), got ", grad_out.sizes(), ", ", grad_out.dtype(), ", ",
-              grad_out.device());
+  detail::check_grad_like_input(op, grad_out, input);
   const auto opmath = opmath_dtype(input.scalar_type());
   const auto stat_shape = channel_stat_shape(input);
   TORCH_CHECK(stat.sizes() == at::IntArrayRef(stat_shape) && stat.scalar_type() == opmath &&
