@@ -100,13 +100,32 @@ def _sync_target(module: nn.Module, norm: str, sync: bool):
     return cls if type(module) in sources else None
 
 
-def _zoo_entry(module: nn.Module, norm: str, layernorm: bool):
-    """The registry's entry that converts `module` under these options, or None."""
+def _zoo_target(module: nn.Module, norm: str, layernorm: bool, sync: bool):
+    """(the registry's entry, our class) that converts `module` under these
+    options, or None."""
     entry = zoo.lookup(module)
     if entry is None or entry.refuse(module) is not None:
         return None
-    wanted = layernorm if entry.kind == "row" else norm == "batchnorm"
-    return entry if wanted else None
+    if entry.targets:
+        cls = entry.targets.get((norm, sync))
+    else:
+        wanted = layernorm if entry.kind == "row" else norm == "batchnorm"
+        cls = entry.ours if wanted else None
+    return None if cls is None else (entry, cls)
+
+
+def _zoo_batch_norm(module: nn.Module, cls, kwargs, process_group) -> nn.Module:
+    """A zoo's subclass of torch's Batch Norm, converted as torch's is, then
+    handed its own child modules (timm's drop and act)."""
+    if issubclass(cls, (SyncBatchNorm, SyncBatchRenorm)):
+        group = process_group
+        if group is None:
+            group = getattr(module, "process_group", None)
+        kwargs = {**kwargs, "process_group": group}
+    out = _swap_batch_norm(module, cls, kwargs)
+    for name, child in module.named_children():
+        out.add_module(name, child)
+    return out
 
 
 def convert_model(
@@ -134,7 +153,11 @@ def convert_model(
     LayerNorm2d; transformers' Llama, Mistral, Qwen, Phi-3, Gemma and T5
     RMSNorms), each by a layer of the same semantics; an instance in a
     configuration not reproduced (timm's fast_norm) is left alone.
-    torchvision's FrozenBatchNorm2d converts with norm="batchnorm".
+    torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d convert
+    with norm="batchnorm"; timm's BatchNormAct2d and SyncBatchNormAct follow
+    `norm`, `sync`, `process_group` and `kwargs` as torch's Batch Norm does
+    (our Batch Norm or Batch Renorm, synchronised or not, then timm's own drop
+    and act modules).
     conversion_report(model) lists what was converted and what was left, and
     why.
     With sync=True the Batch Norm layers become torch_bnext.SyncBatchNorm
@@ -165,8 +188,12 @@ def convert_model(
         out = _swap_batch_norm(module, cls, kwargs)
     elif layernorm and type(module) in _ROW_NORM:
         out = _ROW_NORM[type(module)](module)
-    elif (entry := _zoo_entry(module, norm, layernorm)) is not None:
-        out = entry.convert(module)
+    elif (found := _zoo_target(module, norm, layernorm, sync)) is not None:
+        entry, target = found
+        if entry.targets:
+            out = _zoo_batch_norm(module, target, kwargs, process_group)
+        else:
+            out = entry.convert(module)
         object.__setattr__(out, _ORIGINAL, module)
     else:
         out = module
@@ -215,6 +242,11 @@ def _revert_to_original(module: nn.Module) -> nn.Module:
     Parameter, buffer and child module objects (a .to() may have replaced
     buffers; timm's activation is a child) and mode."""
     original = getattr(module, _ORIGINAL)
+    # Settings that convert_model's kwargs or process_group, or the user since,
+    # may have changed on ours.
+    for name in ("eps", "momentum", "process_group"):
+        if name in vars(original) and hasattr(module, name):
+            setattr(original, name, getattr(module, name))
     for slots, ours in (
         (original._parameters, module._parameters),
         (original._buffers, module._buffers),
@@ -305,7 +337,13 @@ _TORCH_SOURCE = {
     RMSNorm: nn.RMSNorm,
 }
 # Every layer class of ours, which the report counts as converted.
-_OURS = tuple({*_TORCH_SOURCE, *(entry.ours for entry in zoo.REGISTRY.values())})
+_OURS = tuple(
+    {
+        *_TORCH_SOURCE,
+        *(entry.ours for entry in zoo.REGISTRY.values()),
+        *(cls for entry in zoo.REGISTRY.values() for cls in entry.targets.values()),
+    }
+)
 
 
 def conversion_report(model: nn.Module) -> ConversionReport:

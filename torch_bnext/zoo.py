@@ -17,12 +17,17 @@ from torch import nn
 from .modules import LayerNorm, RMSNorm
 from .modules.layer_norm import LayerNorm2d, RMSNorm2d
 from .modules.zoo import (
+    BatchNormAct2d,
+    BatchRenormAct2d,
     CastingRMSNorm,
     FrozenBatchNorm2d,
+    FrozenBatchNormAct2d,
     LayerNormAct,
     LayerNormAct2d,
     RMSNormAct,
     RMSNormAct2d,
+    SyncBatchNormAct,
+    SyncBatchRenormAct,
 )
 
 
@@ -38,9 +43,17 @@ class ZooNorm:
     kind: str  # "row" (converted with layernorm=True) or "batch" (with norm="batchnorm")
     semantics: str
     ours: type
-    convert: Callable[[nn.Module], nn.Module]
+    # Builds `ours` from an instance; None where `targets` is given.
+    convert: Optional[Callable[[nn.Module], nn.Module]] = None
     # Why this instance is left alone (a configuration not reproduced), or None.
     refuse: Callable[[nn.Module], Optional[str]] = _never_refused
+    # For a subclass of torch's Batch Norm (timm's BatchNormAct2d): our class
+    # for each (norm, sync) of convert_model, which builds it as it builds ours
+    # from torch's Batch Norm (eps, momentum, affine, track_running_stats, its
+    # kwargs, the process group) and hands it the zoo layer's own child
+    # modules; `ours` is the one for ("batchnorm", False). A pair not listed
+    # leaves the layer alone.
+    targets: dict[tuple[str, bool], type] = dataclasses.field(default_factory=dict)
 
 
 def _shared_affine(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -106,15 +119,48 @@ def _casting_rms_norm(style: str, eps_attr: str):
     return convert
 
 
-def _frozen_batch_norm(m):
-    new = FrozenBatchNorm2d(m.weight.shape[0], eps=m.eps, device="meta")
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        setattr(new, name, getattr(m, name))
-    new.train(m.training)
-    return new
+def _frozen_batch_norm(cls):
+    def convert(m):
+        new = cls(m.weight.shape[0], eps=m.eps, device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(new, name, getattr(m, name))
+        new.train(m.training)
+        return new
+
+    return convert
 
 
 _TIMM_LN = "nn.LayerNorm's computation (F.layer_norm)"
+_FROZEN = (
+    "x * (w * rsqrt(running_var + eps)) + (b - running_mean * scale); all buffers, train or "
+    "eval; the result has the promoted dtype of input and buffers; a checkpoint's "
+    "num_batches_tracked is dropped on loading, as there"
+)
+_BN_ACT = (
+    "nn.BatchNorm2d's computation, which timm's forward copies: in training, or in eval without "
+    "running statistics (track_running_stats=False), the batch's statistics, else the running "
+    "ones; in training with track_running_stats, running_mean/running_var updated with momentum "
+    "(None: the cumulative average over num_batches_tracked) and num_batches_tracked counted; "
+    "4D input only (timm asserts, ours raises ValueError). Then timm's own drop and act modules, "
+    "the very objects, unfused: the act (any activation, its inplace flag, act_kwargs; "
+    "apply_act=False is an nn.Identity act) runs as timm's module on our Batch Norm's result "
+    "(a fused kernel is issue 20). With sync=True our SyncBatchNorm instead (timm's "
+    "convert_sync_batchnorm makes SyncBatchNormAct of it): see SyncBatchNormAct. "
+)
+_SYNC_BN_ACT = (
+    "nn.SyncBatchNorm's computation (timm's SyncBatchNormAct is nn.SyncBatchNorm, then drop and "
+    "act where it has them) by our SyncBatchNorm: in training over a process group of more than "
+    "one rank the statistics of all ranks' batches (on the CPU with gloo too, where torch's "
+    "refuses), otherwise as BatchNormAct2d; the process group kept unless convert_model is "
+    "given one. Then timm's own drop and act modules, the very objects, unfused, as for "
+    "BatchNormAct2d; one without them (built directly, not by convert_sync_batchnorm) gets "
+    "nn.Identity ones. "
+)
+_RENORM_ACT = (
+    "With norm='batchrenorm' our Batch Renorm instead (BatchRenorm2d, or SyncBatchRenorm), then "
+    "the same drop and act: a deliberate replacement, as convert_model makes of nn.BatchNorm2d; "
+    "track_running_stats=False raises ValueError there, as for nn.BatchNorm2d"
+)
 _LN2D = (
     "LayerNorm over dim 1 of NCHW: permute -> F.layer_norm -> permute; ours returns the input's "
     "memory layout, where that leaves NCHW input's result channels_last-strided (equal values; "
@@ -188,12 +234,37 @@ REGISTRY: dict[str, ZooNorm] = {
     "torchvision.models.convnext.LayerNorm2d": ZooNorm(
         "row", _LN2D, LayerNorm2d, _layer_norm(LayerNorm2d)
     ),
-    "torchvision.ops.misc.FrozenBatchNorm2d": ZooNorm(
+    "timm.layers.norm_act.BatchNormAct2d": ZooNorm(
         "batch",
-        "x * (w * rsqrt(running_var + eps)) + (b - running_mean * scale); all buffers, "
-        "train or eval",
-        FrozenBatchNorm2d,
-        _frozen_batch_norm,
+        _BN_ACT + _RENORM_ACT,
+        BatchNormAct2d,
+        targets={
+            ("batchnorm", False): BatchNormAct2d,
+            ("batchnorm", True): SyncBatchNormAct,
+            ("batchrenorm", False): BatchRenormAct2d,
+            ("batchrenorm", True): SyncBatchRenormAct,
+        },
+    ),
+    "timm.layers.norm_act.SyncBatchNormAct": ZooNorm(
+        "batch",
+        _SYNC_BN_ACT + _RENORM_ACT,
+        SyncBatchNormAct,
+        targets={
+            ("batchnorm", False): SyncBatchNormAct,
+            ("batchnorm", True): SyncBatchNormAct,
+            ("batchrenorm", False): SyncBatchRenormAct,
+            ("batchrenorm", True): SyncBatchRenormAct,
+        },
+    ),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": ZooNorm(
+        "batch",
+        _FROZEN + _ACT,
+        FrozenBatchNormAct2d,
+        _then_act(_frozen_batch_norm(FrozenBatchNormAct2d)),
+    ),
+    # timm's too: timm.layers (create_norm, freeze_batch_norm_2d) uses this very class.
+    "torchvision.ops.misc.FrozenBatchNorm2d": ZooNorm(
+        "batch", _FROZEN, FrozenBatchNorm2d, _frozen_batch_norm(FrozenBatchNorm2d)
     ),
     **{
         _transformers(m, c): ZooNorm("row", _LLAMA, CastingRMSNorm, _llama)

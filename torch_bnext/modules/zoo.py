@@ -9,7 +9,10 @@ from torch import Tensor, nn
 
 from ..functional.batch_norm import batch_norm
 from ..functional.layer_norm import rms_norm
+from .batch_norm import BatchNorm2d
+from .batch_renorm import BatchRenorm2d
 from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
+from .sync_batch_norm import SyncBatchNorm, SyncBatchRenorm
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -80,6 +83,12 @@ class FrozenBatchNorm2d(nn.Module):
             x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # As torchvision's and timm's: a Batch Norm checkpoint (frozen for
+        # fine-tuning) loads strictly, its step count dropped.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
@@ -120,3 +129,35 @@ class RMSNormAct(_ThenAct, RMSNorm):
 class RMSNormAct2d(_ThenAct, RMSNorm2d):
     """torch_bnext.RMSNorm2d (over dim 1 of NCHW), then ``drop`` and ``act``:
     timm's RmsNormAct2d."""
+
+
+# timm's Batch Norm + activation layers, unfused: our Batch Norm kernel, then
+# timm's act module (a fused kernel is issue 20).
+
+
+class BatchNormAct2d(_ThenAct, BatchNorm2d):
+    """torch_bnext.BatchNorm2d, then ``drop`` and ``act``: timm's BatchNormAct2d,
+    which is nn.BatchNorm2d's computation followed by those modules. A subclass
+    of our BatchNorm2d as timm's is of nn.BatchNorm2d: the same constructor
+    arguments, attributes, buffers and state_dict keys."""
+
+
+class BatchRenormAct2d(_ThenAct, BatchRenorm2d):
+    """torch_bnext.BatchRenorm2d, then ``drop`` and ``act``: what
+    convert_model(norm="batchrenorm") makes of timm's BatchNormAct2d."""
+
+
+class SyncBatchNormAct(_ThenAct, SyncBatchNorm):
+    """torch_bnext.SyncBatchNorm, then ``drop`` and ``act``: timm's
+    SyncBatchNormAct (what timm.layers.convert_sync_batchnorm makes of a
+    BatchNormAct2d), and what convert_model(sync=True) makes of a BatchNormAct2d."""
+
+
+class SyncBatchRenormAct(_ThenAct, SyncBatchRenorm):
+    """torch_bnext.SyncBatchRenorm, then ``drop`` and ``act``."""
+
+
+class FrozenBatchNormAct2d(_ThenAct, FrozenBatchNorm2d):
+    """FrozenBatchNorm2d (above), then ``drop`` and ``act``: timm's
+    FrozenBatchNormAct2d (what timm.layers.freeze_batch_norm_2d makes of a
+    BatchNormAct2d)."""
