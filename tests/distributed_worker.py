@@ -32,6 +32,10 @@ CASES = {
     "renorm_2d": ((3, 4, 5), None, True),
     "renorm_2d_channels_last": ((3, 4, 5), torch.channels_last, True),
     "renorm_1d_schedule": ((5,), None, True),
+    # Batch Norm + activation (timm's SyncBatchNormAct, converted) and InPlaceABNSync.
+    "act_silu_2d": ((3, 4, 5), None, False),
+    "act_leaky_relu_2d_channels_last": ((3, 4, 5), torch.channels_last, False),
+    "inplace_abn_2d": ((3, 4, 5), None, False),
 }
 STEPS = 3
 
@@ -61,7 +65,19 @@ def make_layer(case, sync, process_group=None):
     channels = sample[0]
     torch.manual_seed(7)
     momentum = None if case.endswith("momentum_none") else 0.3
-    if renorm:
+    if case.startswith("act_"):
+        act = nn.SiLU() if "silu" in case else nn.LeakyReLU(0.1)
+        if sync:
+            layer = tb.modules.zoo.SyncBatchNormAct(
+                channels, momentum=momentum, process_group=process_group, act=act
+            )
+        else:
+            layer = tb.BatchNormAct2d(channels, momentum=momentum, act_layer=act)
+    elif case.startswith("inplace_abn"):
+        cls = tb.InPlaceABNSync if sync else tb.InPlaceABN
+        extra = dict(group=process_group) if sync else {}
+        layer = cls(channels, momentum=momentum, activation_param=0.1, **extra)
+    elif renorm:
         limits = (
             dict(r_max=tb.LinearRamp(1.0, 1.5, 0, 2), d_max=tb.LinearRamp(0.0, 0.5, 0, 2))
             if case.endswith("schedule")
@@ -100,7 +116,8 @@ def run_steps(case, layer, world, rank=None):
         x.requires_grad_()
         for p in layer.parameters():
             p.grad = None
-        y = layer(x)
+        # In-place layers take a non-leaf input (autograd refuses a leaf).
+        y = layer(x * 1 if case.startswith("inplace") else x)
         y.backward(grad)
         record.append(
             {

@@ -213,6 +213,28 @@ CASES = {
         lambda: torch.randn(2, 6, 3, 7),
         "RMSNormalization",
     ),
+    # Batch Norm + activation: BatchNormalization then the activation's node(s).
+    "bn_act_silu": (
+        lambda: trained(B.BatchNormAct2d(4, act_layer=torch.nn.SiLU), 4, 4, 5, 5),
+        lambda: torch.randn(2, 4, 5, 5),
+        "Sigmoid",
+    ),
+    "bn_act_gelu_tanh": (
+        lambda: trained(B.BatchNormAct2d(4, act_layer="gelu_tanh"), 4, 4, 5, 5),
+        lambda: torch.randn(2, 4, 5, 5),
+        "BatchNormalization",
+    ),
+    "bn_act_relu6_channels_last": (
+        lambda: trained(B.BatchNormAct2d(4, act_layer=torch.nn.ReLU6), 4, 4, 5, 5),
+        lambda: _cl(torch.randn(2, 4, 5, 5)),
+        "Clip",
+    ),
+    # In-place layers export out of place (the same values).
+    "inplace_abn": (
+        lambda: trained(B.InPlaceABN(4, activation="elu", activation_param=0.5), 4, 4, 5, 5),
+        lambda: torch.randn(2, 4, 5, 5),
+        "Elu",
+    ),
 }
 
 

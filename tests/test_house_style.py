@@ -25,7 +25,10 @@ COMMON = {
 # an ATen reference for derivatives beyond the kernels'.
 KERNELS = {"cpu_backend.h", "cuda_backend.cuh", "cuda_kernels.cuh", "reference.h", "reference.cpp"}
 FAMILIES = {
-    "batch_norm": COMMON | KERNELS,
+    # Its CPU kernels' layouts and the passes written once over a functor
+    # (shared with the activation ops) sit beside them, included by
+    # cpu_kernels.cpp only.
+    "batch_norm": COMMON | KERNELS | {"cpu_layout.h", "cpu_passes.h"},
     # Its channel kernels (the _2d ops, normalising over dim 1) sit beside
     # the row kernels, one file per backend.
     "layer_norm": COMMON | KERNELS | {"cpu_channel_kernels.h", "cuda_channel_kernels.cuh"},
@@ -35,6 +38,10 @@ FAMILIES = {
     # Batch Norm's backends between collectives; not differentiable, so no
     # reference.
     "distributed": COMMON,
+    # Batch Norm + activation: Batch Norm's backends with the activation in
+    # their elementwise pass and backward reduce; its reference is the
+    # activation composed from ATen operators.
+    "batch_norm_act": COMMON | {"reference.h", "reference.cpp"},
 }
 
 

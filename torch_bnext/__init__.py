@@ -8,13 +8,19 @@ from . import (
 )
 from ._extension import HAS_CUDA_KERNELS, cpu_capability
 from .convert import conversion_report, convert_model, revert_model
+from .fuse import fuse
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    InPlaceABN,
+    InPlaceABNSync,
     LayerNorm,
     LayerNorm2d,
     RMSNorm,
@@ -31,10 +37,15 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
     "HAS_CUDA_KERNELS",
+    "InPlaceABN",
+    "InPlaceABNSync",
     "LayerNorm",
     "LayerNorm2d",
     "LinearRamp",
@@ -47,6 +58,7 @@ __all__ = [
     "convert_model",
     "cpu_capability",
     "functional",
+    "fuse",
     "onnx_translations",
     "renorm_schedule",
     "revert_model",

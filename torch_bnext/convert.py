@@ -16,6 +16,7 @@ from .modules import (
     SyncBatchRenorm,
 )
 from .modules.batch_norm import adopt_tensors
+from .modules.batch_norm_act import _BatchNormAct
 from .modules.batch_renorm import _BatchRenorm
 
 # A layer converted from a zoo's class keeps that module here (a plain
@@ -134,6 +135,8 @@ def convert_model(
     layernorm: bool = False,
     sync: bool = False,
     process_group=None,
+    *,
+    in_place: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Return `module` with every torch.nn.BatchNorm1d/2d/3d replaced by the
@@ -165,7 +168,14 @@ def convert_model(
     default group); torch's nn.SyncBatchNorm layers become ours in any case,
     keeping their process group unless one is given.
     Layers that are already of the target kind are left as they are.
-    Lazy Batch Norm layers convert once initialised (ValueError before)."""
+    Lazy Batch Norm layers convert once initialised (ValueError before).
+    With in_place=True every converted Batch Norm + activation layer whose
+    activation is invertible (identity, leaky_relu with a positive slope, elu)
+    runs In-Place ABN: its output overwrites its input, and backward needs only
+    the output (one feature map kept instead of two). As with any in-place
+    operation the model must not use a layer's input after the layer: autograd
+    raises if that input was saved for backward, but a forward that reads it
+    again would read the output."""
     if norm not in _TARGETS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(_TARGETS)}")
     misplaced = [k for k in _RENORM_ONLY if k in kwargs and norm != "batchrenorm"]
@@ -197,8 +207,12 @@ def convert_model(
         object.__setattr__(out, _ORIGINAL, module)
     else:
         out = module
+    if in_place and isinstance(out, _BatchNormAct) and out.in_place_possible():
+        out.set_in_place(True)
     for name, child in module.named_children():
-        new_child = convert_model(child, norm, layernorm, sync, process_group, **kwargs)
+        new_child = convert_model(
+            child, norm, layernorm, sync, process_group, in_place=in_place, **kwargs
+        )
         if new_child is not child:
             out.add_module(name, new_child)
     return out

@@ -40,7 +40,12 @@ __all__ = ["onnx_translations", "register_legacy_symbolics"]
 
 _FIRST_RMS_NORMALIZATION_OPSET = 23
 _MIN_OPSET = 17  # LayerNormalization
-_TRAINING_OPS = ("batch_renorm_train", "batch_norm_update_stats")
+_TRAINING_OPS = (
+    "batch_renorm_train",
+    "batch_norm_update_stats",
+    "batch_renorm_act_train",
+    "batch_norm_act_train_",
+)
 _TRAINING_MESSAGE = (
     "{op} is a training-mode operator of torch_bnext and has no ONNX translation: ONNX export "
     "of torch_bnext's Batch Norm / Batch Renorm layers is supported in eval mode only. Call "
@@ -120,6 +125,44 @@ def _batch_norm_train(g, input, weight, bias, eps):
     flat = g.constant([-1], g.INT64)
     mean, var = g.op("Reshape", mean, flat), g.op("Reshape", var, flat)
     return _batch_norm(g, input, mean, var, stat, weight, bias, eps), mean, var
+
+
+def _activation(g, x, activation, param):
+    # The activation (and its parameter) of bnext::batch_norm_act_*, as ONNX
+    # nodes in x's dtype.
+    dtype = g.dtype(x)
+    if activation == "identity":
+        return x
+    if activation == "relu":
+        return g.op("Relu", x)
+    if activation == "leaky_relu":
+        return g.op("LeakyRelu", x, alpha=param)
+    if activation == "elu":
+        return g.op("Elu", x, alpha=param)
+    if activation == "silu":
+        return g.op("Mul", x, g.op("Sigmoid", x))
+    if activation == "hardswish":
+        return g.op("HardSwish", x)
+    if activation == "relu6":
+        return g.op("Clip", x, g.constant(0.0, dtype), g.constant(6.0, dtype))
+    if activation in ("gelu", "gelu_tanh"):
+        if g.opset >= _FIRST_RMS_NORMALIZATION_OPSET:  # Gelu is opset 20's
+            return g.op("Gelu", x, approximate="tanh" if activation == "gelu_tanh" else "none")
+        half = g.op("Mul", x, g.constant(0.5, dtype))
+        if activation == "gelu":
+            inner = g.op("Erf", g.op("Mul", x, g.constant(0.7071067811865476, dtype)))
+        else:
+            cube = g.op("Mul", g.op("Mul", x, x), x)
+            poly = g.op("Add", x, g.op("Mul", cube, g.constant(0.044715, dtype)))
+            inner = g.op("Tanh", g.op("Mul", poly, g.constant(0.7978845608028654, dtype)))
+        return g.op("Mul", half, g.op("Add", inner, g.constant(1.0, dtype)))
+    raise ValueError(f"no ONNX translation for activation {activation!r}")
+
+
+def _then_act(g, y, residual, activation, param):
+    if residual is not None:
+        y = g.op("Add", y, residual)
+    return _activation(g, y, activation, param)
 
 
 def _layer_norm_fwd(g, input, normalized_shape, weight, bias, eps):
@@ -268,7 +311,9 @@ def onnx_translations(opset_version: int = 18) -> dict:
     """The ``custom_translation_table`` for torch.onnx.export(dynamo=True):
     {torch.ops.bnext.<op>.default: ONNX translation} for the operators of
     eval mode (batch_norm_infer; batch_norm_train, which Batch Norm with
-    track_running_stats=False uses in eval; layer_norm_fwd; rms_norm_fwd; their
+    track_running_stats=False uses in eval; their forms with an activation,
+    batch_norm_act_infer / batch_norm_act_train: BatchNormalization, the
+    residual's Add, then the activation's node(s); layer_norm_fwd; rms_norm_fwd; their
     dim-1 forms layer_norm_2d_fwd, rms_norm_2d_fwd),
     plus entries for the training-only operators (batch_renorm_train,
     batch_norm_update_stats) that fail with a message asking for model.eval().
@@ -294,6 +339,32 @@ def onnx_translations(opset_version: int = 18) -> dict:
     def batch_norm_train(input, weight=None, bias=None, eps: float = 1e-5):
         return _batch_norm_train(g, input, weight, bias, eps)
 
+    def batch_norm_act_infer(
+        input,
+        mean,
+        var,
+        weight=None,
+        bias=None,
+        residual=None,
+        eps: float = 1e-5,
+        activation: str = "relu",
+        activation_param: float = 0.0,
+    ):
+        y = _batch_norm_infer(g, input, mean, var, weight, bias, eps)
+        return _then_act(g, y, residual, activation, activation_param)
+
+    def batch_norm_act_train(
+        input,
+        weight=None,
+        bias=None,
+        residual=None,
+        eps: float = 1e-5,
+        activation: str = "relu",
+        activation_param: float = 0.0,
+    ):
+        y, mean, var = _batch_norm_train(g, input, weight, bias, eps)
+        return _then_act(g, y, residual, activation, activation_param), mean, var
+
     def layer_norm_fwd(
         input, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5
     ):
@@ -315,6 +386,8 @@ def onnx_translations(opset_version: int = 18) -> dict:
     table = {
         _ops.batch_norm_infer.default: batch_norm_infer,
         _ops.batch_norm_train.default: batch_norm_train,
+        _ops.batch_norm_act_infer.default: batch_norm_act_infer,
+        _ops.batch_norm_act_train.default: batch_norm_act_train,
         _ops.layer_norm_fwd.default: layer_norm_fwd,
         _ops.rms_norm_fwd.default: rms_norm_fwd,
         _ops.layer_norm_2d_fwd.default: layer_norm_2d_fwd,

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 from torch import nn
 
 from .modules import LayerNorm, RMSNorm
+from .modules.batch_norm_act import BatchNormAct2d
 from .modules.layer_norm import LayerNorm2d, RMSNorm2d
 from .modules.zoo import (
-    BatchNormAct2d,
     BatchRenormAct2d,
     CastingRMSNorm,
     FrozenBatchNorm2d,
@@ -142,10 +142,13 @@ _BN_ACT = (
     "ones; in training with track_running_stats, running_mean/running_var updated with momentum "
     "(None: the cumulative average over num_batches_tracked) and num_batches_tracked counted; "
     "4D input only (timm asserts, ours raises ValueError). Then timm's own drop and act modules, "
-    "the very objects, unfused: the act (any activation, its inplace flag, act_kwargs; "
-    "apply_act=False is an nn.Identity act) runs as timm's module on our Batch Norm's result "
-    "(a fused kernel is issue 20). With sync=True our SyncBatchNorm instead (timm's "
-    "convert_sync_batchnorm makes SyncBatchNormAct of it): see SyncBatchNormAct. "
+    "the very objects: an act the kernels fuse (identity, relu, leaky_relu, elu, silu, gelu, "
+    "gelu_tanh, hardswish, relu6, as torch.nn's or timm's class; its inplace flag is moot) is "
+    "applied in the normalisation's own pass, in float32 for half/bfloat16 input, and its "
+    "derivative recomputed from the input in backward (torch_bnext.BatchNormAct2d); any other act "
+    "(or a drop layer) runs as timm's module on our Batch Norm's result; apply_act=False is an "
+    "nn.Identity act. With sync=True our SyncBatchNorm instead (timm's convert_sync_batchnorm "
+    "makes SyncBatchNormAct of it): see SyncBatchNormAct. "
 )
 _SYNC_BN_ACT = (
     "nn.SyncBatchNorm's computation (timm's SyncBatchNormAct is nn.SyncBatchNorm, then drop and "

@@ -117,16 +117,38 @@ Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const T
 // Batch statistics, then y = (x - mean) * scale + shift, where the per-channel
 // step fn(c, mean_c, var_c) fills scale[c] and shift[c] (and whatever else its
 // caller records, e.g. Batch Renorm's r and d). Returns (y, mean, var).
-template <class K, typename T, class F>
+// `elemt(x, mean, scale, shift)` is the elementwise pass: K::elemt, or one
+// with an activation (batch_norm_act/composite.h).
+// fn(c, mean[c], var[c]). A named type rather than a __host__ __device__
+// lambda: nvcc refuses such a lambda in a function template that has a local
+// type (a caller's `elemt`) among its template arguments.
+template <typename T, class F>
+struct WithStats {
+  F fn;
+  const T* mean;
+  const T* var;
+  C10_HOST_DEVICE void operator()(int64_t c) const { fn(c, mean[c], var[c]); }
+};
+
+template <class K, typename T, class F, class E>
 std::tuple<Tensor, Tensor, Tensor> stats_normalize(const Tensor& x, const Tensor& scale,
-                                                   const Tensor& shift, const F& fn) {
+                                                   const Tensor& shift, const F& fn,
+                                                   const E& elemt) {
   Tensor mean, var;
   std::tie(mean, var) = K::stats(x);
-  const T* mean_p = mean.const_data_ptr<T>();
-  const T* var_p = var.const_data_ptr<T>();
-  K::for_each_channel(x.size(1), [=] C10_HOST_DEVICE(int64_t c) { fn(c, mean_p[c], var_p[c]); });
-  return {K::elemt(x, mean, scale, shift), mean, var};
+  K::for_each_channel(x.size(1),
+                      WithStats<T, F>{fn, mean.const_data_ptr<T>(), var.const_data_ptr<T>()});
+  return {elemt(x, mean, scale, shift), mean, var};
 }
+
+// Batch Norm's elementwise pass, as stats_normalize's `elemt`.
+template <class K>
+struct PlainElemt {
+  Tensor operator()(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                    const Tensor& shift) const {
+    return K::elemt(x, mean, scale, shift);
+  }
+};
 
 // The backward sums, then dx = a * dy + k * (x - mean) + c, where the
 // per-channel step fn(c, sum_dy_c, sum_dy_xmu_c) fills a[c], k[c], c[c] (and
@@ -160,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const O
     const ForwardStep<scalar_t> step{
         data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), scale.mutable_data_ptr<scalar_t>(),
         shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
-    result = stats_normalize<K, scalar_t>(x, scale, shift, step);
+    result = stats_normalize<K, scalar_t>(x, scale, shift, step, PlainElemt<K>{});
   });
   return result;
 }

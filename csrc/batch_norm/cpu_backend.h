@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "bnext/activation.h"
+
 namespace bnext {
 namespace batch_norm {
 
@@ -22,6 +24,22 @@ struct CpuBackend {
                                                     const Tensor& mean);
   static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                const Tensor& a, const Tensor& k, const Tensor& c);
+
+  // With an activation (contract: batch_norm_act/composite.h).
+  static void act_elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                        const Tensor& shift, const Tensor& residual, act::Kind kind, double param,
+                        const Tensor& out);
+  static std::tuple<Tensor, Tensor, Tensor> act_backward_reduce(
+      const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& scale,
+      const Tensor& shift, const Tensor& residual, act::Kind kind, double param);
+  static std::tuple<Tensor, Tensor, Tensor> inplace_backward_reduce(const Tensor& dy,
+                                                                    const Tensor& y,
+                                                                    const Tensor& shift,
+                                                                    const Tensor& inv_scale,
+                                                                    act::Kind kind, double param);
+  static Tensor inplace_backward_elemt(const Tensor& g, const Tensor& y, const Tensor& shift,
+                                       const Tensor& inv_scale, const Tensor& a, const Tensor& k,
+                                       const Tensor& c, act::Kind kind, double param);
 
   // Per-channel work is a few dozen flops: not worth a thread, but worth
   // vectors (channels are independent and write disjoint elements).

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "bnext/activation.h"
+
 #include "common/cuda_launch.cuh"
 
 namespace bnext {
@@ -40,6 +42,29 @@ struct CudaBackend {
                                                     const Tensor& mean);
   static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                const Tensor& a, const Tensor& k, const Tensor& c);
+
+  // With an activation (contract: batch_norm_act/composite.h). Templates
+  // (Unit is never given) so that only a unit that calls them compiles their
+  // kernels, an instantiation per activation: batch_norm_act/cuda_kernels.cu,
+  // not Batch Norm's own cuda_kernels.cu, which includes the same header.
+  template <typename Unit = void>
+  static void act_elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                        const Tensor& shift, const Tensor& residual, act::Kind kind, double param,
+                        const Tensor& out);
+  template <typename Unit = void>
+  static std::tuple<Tensor, Tensor, Tensor> act_backward_reduce(
+      const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& scale,
+      const Tensor& shift, const Tensor& residual, act::Kind kind, double param);
+  template <typename Unit = void>
+  static std::tuple<Tensor, Tensor, Tensor> inplace_backward_reduce(const Tensor& dy,
+                                                                    const Tensor& y,
+                                                                    const Tensor& shift,
+                                                                    const Tensor& inv_scale,
+                                                                    act::Kind kind, double param);
+  template <typename Unit = void>
+  static Tensor inplace_backward_elemt(const Tensor& g, const Tensor& y, const Tensor& shift,
+                                       const Tensor& inv_scale, const Tensor& a, const Tensor& k,
+                                       const Tensor& c, act::Kind kind, double param);
 
   // Per-channel coefficients: a few flops per channel, so one thread each.
   template <typename F>

@@ -1,7 +1,18 @@
 // Batch Norm CUDA kernels and the CudaBackend that launches them: the GPU
-// counterpart of cpu_kernels.cpp. Included by exactly one translation unit of
-// a binary: cuda_kernels.cu (nvcc), or the CPU emulator's module
-// (emulator/module.cpp), which runs these same kernels in the tests.
+// counterpart of cpu_kernels.cpp. Included by the translation units that
+// compile CudaBackend's kernels: cuda_kernels.cu, which defines
+// BNEXT_DEFINE_BATCH_NORM_CUDA_BACKEND for Batch Norm's own functions (the
+// other families link to them), and batch_norm_act/cuda_kernels.cu, which
+// instantiates the activations' function templates (nvcc); or the CPU
+// emulator's module (emulator/module.cpp), which does both and runs these same
+// kernels in the tests.
+//
+// The activations (batch_norm_act) run in the same kernels: the elementwise
+// map takes `Ends`, a prologue that centres the input (x - mean, or x - mean
+// recomputed from an activation's output) and an epilogue that finishes the
+// value (the activation, after adding a residual); the reductions take a
+// prologue that turns the loaded inputs into the reducer's values (and may
+// store one of them, g = dy * act'(u)). Batch Norm's own are the identities.
 //
 // Layouts (common/layout.h):
 //   channels-first (NCHW): a channel's values come in N planes of S contiguous
@@ -33,6 +44,7 @@
 
 #include "batch_norm/composite.h"
 #include "batch_norm/cuda_backend.cuh"
+#include "bnext/activation.h"
 #include "bnext/welford.h"
 #include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
@@ -48,7 +60,7 @@ using cuda::Vec;
 
 constexpr int kReduceThreads = 512;  // a multiple of 32 and a power of two
 constexpr int kElemtThreads = 256;
-constexpr int kUnroll = 4;  // vector loads in flight per thread
+constexpr int kUnroll = 4;  // vector loads in flight per thread and input
 constexpr int64_t kMaxGridY = 65535;
 
 // Enough blocks to fill the GPU a few times over; more only adds partials.
@@ -57,8 +69,8 @@ inline int64_t elemt_target_blocks() { return 16 * cuda::num_sms(); }
 
 // -------------------------------------------------------------------- reducers
 // What a reduction accumulates: `add` takes K values of channel c from each of
-// the kInputs inputs, `finish` writes a channel's total. The kernels decide
-// only which elements each thread visits.
+// the kInputs values a prologue hands it per element, `finish` writes a
+// channel's total. The kernels decide only which elements each thread visits.
 
 template <typename scalar_t_>
 struct StatsReducer {
@@ -67,7 +79,6 @@ struct StatsReducer {
   using V = Welford<T>;
   using Op = cuda::WelfordOp;
   static constexpr int kInputs = 1;
-  const scalar_t* in[kInputs];
   T* mean;
   T* var;
   template <int K>
@@ -80,25 +91,25 @@ struct StatsReducer {
   }
 };
 
-// sum dy and sum dy * (x - mean).
-template <typename scalar_t_>
+// sum dy and sum dy * (x - mean), from (dy, x); kCentred: from (dy, x - mean),
+// which a prologue has computed (mean is not read).
+template <typename scalar_t_, bool kCentred = false>
 struct GradReducer {
   using scalar_t = scalar_t_;
   using T = at::opmath_type<scalar_t>;
   using V = Pair<T>;
   using Op = cuda::PairSumOp;
   static constexpr int kInputs = 2;
-  const scalar_t* in[kInputs];  // dy, x
   const T* mean;
   T* sum_dy;
   T* sum_dy_xmu;
   template <int K>
   __device__ __forceinline__ void add(V& v, const T (&vals)[kInputs][K], int64_t c) const {
-    const T m = mean[c];
+    const T m = kCentred ? T(0) : mean[c];
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       v.a += vals[0][i];
-      v.b += vals[0][i] * (vals[1][i] - m);
+      v.b += vals[0][i] * (kCentred ? vals[1][i] : vals[1][i] - m);
     }
   }
   __device__ __forceinline__ void finish(const V& v, int64_t c) const {
@@ -107,23 +118,151 @@ struct GradReducer {
   }
 };
 
-template <class R>
-bool inputs_aligned(const R& r) {
-  for (int i = 0; i < R::kInputs; ++i) {
-    if (!cuda::is_aligned(r.in[i], cuda::kVecBytes)) return false;
+// ------------------------------------------------------------------- prologues
+// What a reduction loads and hands its reducer, per element: the kLoads inputs
+// `in` are loaded alike (same offset, vector loads, kUnroll of each in flight),
+// `map(co, loaded, vals)` turns them into the reducer's kValues values with
+// the channel's coefficients `co` (read once per thread by `channel(c)`), and
+// a prologue with kStores writes the value `map` returns to `out` at the
+// element's offset.
+
+// The activations' prologues keep their loaded vectors until the stores and
+// evaluate act' per element: half Batch Norm's unroll (4 to 6 vector loads in
+// flight per thread, against its 4 to 8) keeps them in registers, where 4
+// spilled up to 368 bytes (float64 gelu, bfloat16 silu with a residual).
+constexpr int kStoringUnroll = kUnroll / 2;
+
+// The inputs as they are (Batch Norm).
+template <typename scalar_t_, int N>
+struct Inputs {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr int kLoads = N;
+  static constexpr int kValues = N;
+  static constexpr bool kStores = false;
+  static constexpr int kUnroll = cuda_kernels::kUnroll;
+  struct Channel {};
+  const scalar_t* in[N];
+  scalar_t* out;  // unused
+  __device__ __forceinline__ Channel channel(int64_t /*c*/) const { return {}; }
+  __device__ __forceinline__ T map(const Channel& /*co*/, const T (&loaded)[N],
+                                   T (&vals)[N]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) vals[i] = loaded[i];
+    return T(0);
   }
-  return true;
+};
+
+template <typename T>
+using ScalarMath = act::ScalarMath<T>;
+
+// An activation's backward from its input: u = (x - mean) * scale + shift
+// [+ residual] as the forward computes it, g = dy * act'(u), stored; the
+// reducer (GradReducer<., true>) gets (g, x - mean).
+template <typename scalar_t_, act::Kind K, bool kResidual>
+struct ActGradPrologue {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr int kLoads = kResidual ? 3 : 2;  // dy, x, residual
+  static constexpr int kValues = 2;
+  static constexpr bool kStores = true;
+  static constexpr int kUnroll = kStoringUnroll;
+  struct Channel {
+    T mean, scale, shift;
+  };
+  const scalar_t* in[kLoads];
+  scalar_t* out;  // g
+  const T* mean;
+  const T* scale;
+  const T* shift;
+  T param;
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    return {mean[c], scale[c], shift[c]};
+  }
+  __device__ __forceinline__ T map(const Channel& co, const T (&loaded)[kLoads],
+                                   T (&vals)[kValues]) const {
+    const T xmu = loaded[1] - co.mean;
+    T u = xmu * co.scale + co.shift;
+    if constexpr (kResidual) u += loaded[2];
+    const T g = loaded[0] * act::derivative<ScalarMath<T>>(act::KindTag<K>{}, u, param);
+    vals[0] = g;
+    vals[1] = xmu;
+    return g;
+  }
+};
+
+// In-place mode: x - mean = (act^-1(y) - shift) * inv_scale from the output y.
+template <typename T, act::Kind K>
+__device__ __forceinline__ T xmu_from_output(T y, T shift, T inv_scale, T param) {
+  return (act::inverse<ScalarMath<T>>(act::KindTag<K>{}, y, param) - shift) * inv_scale;
+}
+
+// The same from the output: (dy, y) -> (g, x - mean), g stored.
+template <typename scalar_t_, act::Kind K>
+struct InplaceGradPrologue {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr int kLoads = 2;  // dy, y
+  static constexpr int kValues = 2;
+  static constexpr bool kStores = true;
+  static constexpr int kUnroll = kStoringUnroll;
+  struct Channel {
+    T shift, inv_scale;
+  };
+  const scalar_t* in[kLoads];
+  scalar_t* out;  // g
+  const T* shift;
+  const T* inv_scale;
+  T param;
+  __device__ __forceinline__ Channel channel(int64_t c) const { return {shift[c], inv_scale[c]}; }
+  __device__ __forceinline__ T map(const Channel& co, const T (&loaded)[kLoads],
+                                   T (&vals)[kValues]) const {
+    const T y = loaded[1];
+    const T g = loaded[0] * act::derivative_from_output<ScalarMath<T>>(act::KindTag<K>{}, y, param);
+    vals[0] = g;
+    vals[1] = xmu_from_output<T, K>(y, co.shift, co.inv_scale, param);
+    return g;
+  }
+};
+
+template <class P>
+bool prologue_aligned(const P& p) {
+  for (int i = 0; i < P::kLoads; ++i) {
+    if (!cuda::is_aligned(p.in[i], cuda::kVecBytes)) return false;
+  }
+  return !P::kStores || cuda::is_aligned(p.out, cuda::kVecBytes);
+}
+
+// Element e of the loaded vectors `buf[i][u]` through the prologue: the
+// reducer's values into vals[.][k]; a stored result replaces buf[0][u]'s
+// element (that input is no longer needed), to be written back as a vector.
+template <class R, class P, int VEC, int U, int K>
+__device__ __forceinline__ void prologue_element(
+    const P& p, const typename P::Channel& co,
+    cuda::Vec<typename P::scalar_t, VEC> (&buf)[P::kLoads][U], int u, int e,
+    typename R::T (&vals)[R::kInputs][K], int k) {
+  static_assert(P::kValues == R::kInputs, "the prologue feeds the reducer's inputs");
+  using scalar_t = typename P::scalar_t;
+  using T = typename R::T;
+  T loaded[P::kLoads];
+#pragma unroll
+  for (int i = 0; i < P::kLoads; ++i) loaded[i] = static_cast<T>(buf[i][u].v[e]);
+  T mapped[R::kInputs];
+  const T stored = p.map(co, loaded, mapped);
+#pragma unroll
+  for (int i = 0; i < R::kInputs; ++i) vals[i][k] = mapped[i];
+  if constexpr (P::kStores) buf[0][u].v[e] = static_cast<scalar_t>(stored);
 }
 
 // ------------------------------------------------------- channels-first reduce
 // Block (c, p): channel c, partial p = y * Z + z. Threads come in groups of
 // `tpp` per plane; group `slot` visits planes y * ppb + slot, stepping by
 // Y * ppb, and in each plane the vectors z * tpp + lane, stepping by Z * tpp.
-template <class R, int VEC>
+template <class R, class P, int VEC>
 __global__ void __launch_bounds__(kReduceThreads)
-    reduce_planes_kernel(R r, int64_t N, int64_t C, int64_t S, int tpp, int64_t Y, int64_t Z,
+    reduce_planes_kernel(R r, P p, int64_t N, int64_t C, int64_t S, int tpp, int64_t Y, int64_t Z,
                          typename R::V* parts) {
-  using scalar_t = typename R::scalar_t;
+  using scalar_t = typename P::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
   __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, cuda::kWarpSize>::kBytes];
@@ -135,29 +274,29 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int64_t ppb = blockDim.x / tpp;
   const int64_t nvec = S / VEC;
   const int64_t step = Z * tpp;
+  const typename P::Channel co = p.channel(c);
   V v{};
   for (int64_t n = y * ppb + slot; n < N; n += Y * ppb) {
     const int64_t base = (n * C + c) * S;
-    for (int64_t j0 = z * tpp + lane; j0 < nvec; j0 += kUnroll * step) {
-      Vec<scalar_t, VEC> buf[R::kInputs][kUnroll];
+    for (int64_t j0 = z * tpp + lane; j0 < nvec; j0 += P::kUnroll * step) {
+      Vec<scalar_t, VEC> buf[P::kLoads][P::kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < P::kUnroll; ++u) {
         const int64_t j = j0 + u * step;
         if (j < nvec) {
 #pragma unroll
-          for (int i = 0; i < R::kInputs; ++i)
-            buf[i][u] = cuda::load_vec<VEC>(r.in[i] + base + j * VEC);
+          for (int i = 0; i < P::kLoads; ++i)
+            buf[i][u] = cuda::load_vec<VEC>(p.in[i] + base + j * VEC);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (j0 + u * step < nvec) {
+      for (int u = 0; u < P::kUnroll; ++u) {
+        const int64_t j = j0 + u * step;
+        if (j < nvec) {
           T vals[R::kInputs][VEC];
 #pragma unroll
-          for (int i = 0; i < R::kInputs; ++i) {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) vals[i][e] = static_cast<T>(buf[i][u].v[e]);
-          }
+          for (int e = 0; e < VEC; ++e) prologue_element<R>(p, co, buf, u, e, vals, e);
+          if constexpr (P::kStores) cuda::store_vec<VEC>(p.out + base + j * VEC, buf[0][u]);
           r.template add<VEC>(v, vals, c);
         }
       }
@@ -176,11 +315,11 @@ __global__ void __launch_bounds__(kReduceThreads)
 // -------------------------------------------------------- channels-last reduce
 // Block (tile, p): thread (tx, ty) owns channels c0 .. c0 + VEC - 1 with
 // c0 = (tile * blockDim.x + tx) * VEC, and visits rows p * blockDim.y + ty,
-// stepping by gridDim.y * blockDim.y, kUnroll rows at a time.
-template <class R, int VEC>
+// stepping by gridDim.y * blockDim.y, P::kUnroll rows at a time.
+template <class R, class P, int VEC>
 __global__ void __launch_bounds__(kReduceThreads)
-    reduce_rows_kernel(R r, int64_t rows, int64_t C, typename R::V* parts) {
-  using scalar_t = typename R::scalar_t;
+    reduce_rows_kernel(R r, P p, int64_t rows, int64_t C, typename R::V* parts) {
+  using scalar_t = typename P::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
   __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, kReduceThreads>::kBytes];
@@ -188,38 +327,43 @@ __global__ void __launch_bounds__(kReduceThreads)
   const bool active = c0 < C;  // C % VEC == 0 on vector paths
   V v[VEC] = {};
   if (active) {
+    typename P::Channel co[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) co[e] = p.channel(c0 + e);
     const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
     int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-    for (; row + (kUnroll - 1) * step < rows; row += kUnroll * step) {
-      Vec<scalar_t, VEC> buf[R::kInputs][kUnroll];
+    for (; row + (P::kUnroll - 1) * step < rows; row += P::kUnroll * step) {
+      Vec<scalar_t, VEC> buf[P::kLoads][P::kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < P::kUnroll; ++u) {
 #pragma unroll
-        for (int i = 0; i < R::kInputs; ++i)
-          buf[i][u] = cuda::load_vec<VEC>(r.in[i] + (row + u * step) * C + c0);
+        for (int i = 0; i < P::kLoads; ++i)
+          buf[i][u] = cuda::load_vec<VEC>(p.in[i] + (row + u * step) * C + c0);
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        T vals[R::kInputs][kUnroll];
+        T vals[R::kInputs][P::kUnroll];
 #pragma unroll
-        for (int i = 0; i < R::kInputs; ++i) {
+        for (int u = 0; u < P::kUnroll; ++u) prologue_element<R>(p, co[e], buf, u, e, vals, u);
+        r.template add<P::kUnroll>(v[e], vals, c0 + e);
+      }
+      if constexpr (P::kStores) {
 #pragma unroll
-          for (int u = 0; u < kUnroll; ++u) vals[i][u] = static_cast<T>(buf[i][u].v[e]);
-        }
-        r.template add<kUnroll>(v[e], vals, c0 + e);
+        for (int u = 0; u < P::kUnroll; ++u)
+          cuda::store_vec<VEC>(p.out + (row + u * step) * C + c0, buf[0][u]);
       }
     }
     for (; row < rows; row += step) {
-      Vec<scalar_t, VEC> buf[R::kInputs];
+      Vec<scalar_t, VEC> buf[P::kLoads][1];
 #pragma unroll
-      for (int i = 0; i < R::kInputs; ++i) buf[i] = cuda::load_vec<VEC>(r.in[i] + row * C + c0);
+      for (int i = 0; i < P::kLoads; ++i) buf[i][0] = cuda::load_vec<VEC>(p.in[i] + row * C + c0);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         T vals[R::kInputs][1];
-#pragma unroll
-        for (int i = 0; i < R::kInputs; ++i) vals[i][0] = static_cast<T>(buf[i].v[e]);
+        prologue_element<R>(p, co[e], buf, 0, e, vals, 0);
         r.template add<1>(v[e], vals, c0 + e);
       }
+      if constexpr (P::kStores) cuda::store_vec<VEC>(p.out + row * C + c0, buf[0][0]);
     }
   }
   V* scratch = reinterpret_cast<V*>(raw);
@@ -259,14 +403,15 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
-// Runs the reduction `r` over the canonical tensor viewed as `v`: one launch,
-// or two when blocks leave partials.
-template <class R>
-void reduce(const R& r, const ChannelView& v, const Tensor& like) {
+// Runs the reduction `r` of the values prologue `p` makes of the canonical
+// tensors viewed as `v`: one launch, or two when blocks leave partials.
+template <class R, class P>
+void reduce(const R& r, const P& p, const ChannelView& v, const Tensor& like) {
+  static_assert(std::is_same_v<typename R::scalar_t, typename P::scalar_t>);
   using V = typename R::V;
   constexpr int kVec = cuda::vec_size<typename R::scalar_t>();
   const int64_t target = reduce_target_blocks();
-  const bool aligned = inputs_aligned(r);
+  const bool aligned = prologue_aligned(p);
   int64_t num_parts = 1;
   Tensor staging;
   V* parts = nullptr;  // [part][channel], when there is more than one part
@@ -289,15 +434,15 @@ void reduce(const R& r, const ChannelView& v, const Tensor& like) {
     // Few channels and few planes: split the planes' stripes across blocks too.
     const int64_t Z =
         std::max<int64_t>(1, std::min({cuda::ceil_div(target, v.C * Y),
-                                       cuda::ceil_div(nvec, tpp * kUnroll), kMaxGridY / Y}));
+                                       cuda::ceil_div(nvec, tpp * P::kUnroll), kMaxGridY / Y}));
     make_parts(Y * Z);
     const dim3 grid(static_cast<unsigned>(v.C), static_cast<unsigned>(Y * Z));
     if (vec == kVec) {
-      cuda::launch(reduce_planes_kernel<R, kVec>, grid, dim3(kReduceThreads), r, v.N, v.C, v.S, tpp,
-                   Y, Z, parts);
+      cuda::launch(reduce_planes_kernel<R, P, kVec>, grid, dim3(kReduceThreads), r, p, v.N, v.C,
+                   v.S, tpp, Y, Z, parts);
     } else {
-      cuda::launch(reduce_planes_kernel<R, 1>, grid, dim3(kReduceThreads), r, v.N, v.C, v.S, tpp, Y,
-                   Z, parts);
+      cuda::launch(reduce_planes_kernel<R, P, 1>, grid, dim3(kReduceThreads), r, p, v.N, v.C, v.S,
+                   tpp, Y, Z, parts);
     }
   } else {
     const int vec = aligned && v.C % kVec == 0 ? kVec : 1;
@@ -308,16 +453,16 @@ void reduce(const R& r, const ChannelView& v, const Tensor& like) {
     TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
                 "bnext: too many channels for the CUDA kernels: ", v.C);
     const int64_t rows = v.rows();
-    const int64_t Y = std::max<int64_t>(
-        1,
-        std::min({cuda::ceil_div(target, tiles), cuda::ceil_div(rows, by * kUnroll), kMaxGridY}));
+    const int64_t Y =
+        std::max<int64_t>(1, std::min({cuda::ceil_div(target, tiles),
+                                       cuda::ceil_div(rows, by * P::kUnroll), kMaxGridY}));
     make_parts(Y);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(Y));
     const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
     if (vec == kVec) {
-      cuda::launch(reduce_rows_kernel<R, kVec>, grid, block, r, rows, v.C, parts);
+      cuda::launch(reduce_rows_kernel<R, P, kVec>, grid, block, r, p, rows, v.C, parts);
     } else {
-      cuda::launch(reduce_rows_kernel<R, 1>, grid, block, r, rows, v.C, parts);
+      cuda::launch(reduce_rows_kernel<R, P, 1>, grid, block, r, p, rows, v.C, parts);
     }
   }
   if (num_parts > 1) {
@@ -330,54 +475,120 @@ void reduce(const R& r, const ChannelView& v, const Tensor& like) {
 
 // ------------------------------------------- elementwise: (x-mean)*k + c + a*g
 // The forward pass is the same map without g: y = (x - mean) * scale + shift.
-// Input, output and dy share one dense layout, so one offset addresses the
-// same element in all three.
+// Input, output, dy (and a residual) share one dense layout, so one offset
+// addresses the same element in all of them. The output may be the input
+// itself (in-place mode): each element is read and then written by one thread.
+//
+// The map's ends: `center(co, x)` is the prologue, x - mean from the loaded
+// value with the channel's coefficients `co` (read once per plane or thread by
+// `channel(c)`); `epilogue(y, residual)` turns the affine result into the
+// stored value. With kResidual, `residual` is loaded like x.
 
-template <typename scalar_t>
+// Batch Norm: x - mean, stored as it is.
+template <typename scalar_t_>
+struct PlainEnds {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr bool kResidual = false;
+  struct Channel {
+    T mean;
+  };
+  const T* mean;
+  __device__ __forceinline__ Channel channel(int64_t c) const { return {mean[c]}; }
+  __device__ __forceinline__ T center(const Channel& co, T x) const { return x - co.mean; }
+  __device__ __forceinline__ T epilogue(T y, T /*residual*/) const { return y; }
+};
+
+// The forward with an activation: act(y [+ residual]).
+template <typename scalar_t_, act::Kind K, bool kResidual_>
+struct ActEnds {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr bool kResidual = kResidual_;
+  struct Channel {
+    T mean;
+  };
+  const T* mean;
+  const scalar_t* residual;  // null without kResidual
+  T param;
+  __device__ __forceinline__ Channel channel(int64_t c) const { return {mean[c]}; }
+  __device__ __forceinline__ T center(const Channel& co, T x) const { return x - co.mean; }
+  __device__ __forceinline__ T epilogue(T y, T residual_value) const {
+    if constexpr (kResidual) y += residual_value;
+    return act::forward<ScalarMath<T>>(act::KindTag<K>{}, y, param);
+  }
+};
+
+// In-place mode's backward: x - mean recomputed from the output y.
+template <typename scalar_t_, act::Kind K>
+struct FromOutputEnds {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr bool kResidual = false;
+  struct Channel {
+    T shift, inv_scale;
+  };
+  const T* shift;
+  const T* inv_scale;
+  T param;
+  __device__ __forceinline__ Channel channel(int64_t c) const { return {shift[c], inv_scale[c]}; }
+  __device__ __forceinline__ T center(const Channel& co, T y) const {
+    return xmu_from_output<T, K>(y, co.shift, co.inv_scale, param);
+  }
+  __device__ __forceinline__ T epilogue(T y, T /*residual*/) const { return y; }
+};
+
+template <class E>
 struct AffineArgs {
+  using scalar_t = typename E::scalar_t;
   using T = at::opmath_type<scalar_t>;
   const scalar_t* g;  // dy, or null in the forward pass
   const scalar_t* x;
   scalar_t* out;
-  const T* mean;
   const T* a;
   const T* k;
   const T* c;
+  E ends;
 };
 
-template <typename T>
+template <class E>
 struct ChannelCoeffs {
-  T mean, a, k, c;
+  using T = typename E::T;
+  typename E::Channel center;
+  T a, k, c;
 };
 
-template <bool kWithGrad, typename scalar_t>
-__device__ __forceinline__ ChannelCoeffs<at::opmath_type<scalar_t>> coeffs_at(
-    const AffineArgs<scalar_t>& p, int64_t ch) {
-  using T = at::opmath_type<scalar_t>;
-  return {p.mean[ch], kWithGrad ? p.a[ch] : T(0), p.k[ch], p.c[ch]};
+template <bool kWithGrad, class E>
+__device__ __forceinline__ ChannelCoeffs<E> coeffs_at(const AffineArgs<E>& p, int64_t ch) {
+  using T = typename E::T;
+  return {p.ends.channel(ch), kWithGrad ? p.a[ch] : T(0), p.k[ch], p.c[ch]};
 }
 
-template <bool kWithGrad, typename T>
-__device__ __forceinline__ T affine(const ChannelCoeffs<T>& co, T x, T g) {
-  T y = (x - co.mean) * co.k + co.c;
+template <bool kWithGrad, class E, typename T>
+__device__ __forceinline__ T affine(const E& ends, const ChannelCoeffs<E>& co, T x, T g, T res) {
+  T y = ends.center(co.center, x) * co.k + co.c;
   if constexpr (kWithGrad) y += co.a * g;
-  return y;
+  return ends.epilogue(y, res);
 }
 
-// VEC elements of one channel at `offset` (channels-first).
-template <bool kWithGrad, int VEC, typename scalar_t>
-__device__ __forceinline__ void affine_vec(const AffineArgs<scalar_t>& p,
-                                           const ChannelCoeffs<at::opmath_type<scalar_t>>& co,
+// Loads x (and dy, the residual) at `offset` and stores the map of its VEC
+// elements: of one channel, co[0] (channels-first), or of VEC channels, co[e].
+template <bool kWithGrad, int VEC, bool kOneChannel, class E>
+__device__ __forceinline__ void affine_vec(const AffineArgs<E>& p, const ChannelCoeffs<E>* co,
                                            int64_t offset) {
-  using T = at::opmath_type<scalar_t>;
+  using scalar_t = typename E::scalar_t;
+  using T = typename E::T;
   const Vec<scalar_t, VEC> xv = cuda::load_vec<VEC>(p.x + offset);
   Vec<scalar_t, VEC> gv{};
   if constexpr (kWithGrad) gv = cuda::load_vec<VEC>(p.g + offset);
+  Vec<scalar_t, VEC> rv{};
+  if constexpr (E::kResidual) rv = cuda::load_vec<VEC>(p.ends.residual + offset);
   Vec<scalar_t, VEC> out;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     out.v[e] = static_cast<scalar_t>(
-        affine<kWithGrad>(co, static_cast<T>(xv.v[e]), static_cast<T>(gv.v[e])));
+        affine<kWithGrad>(p.ends, co[kOneChannel ? 0 : e], static_cast<T>(xv.v[e]),
+                          static_cast<T>(gv.v[e]), static_cast<T>(rv.v[e])));
   }
   cuda::store_vec<VEC>(p.out + offset, out);
 }
@@ -385,9 +596,9 @@ __device__ __forceinline__ void affine_vec(const AffineArgs<scalar_t>& p,
 // Groups of `tpp` threads per plane (plane = n * C + c), `blockDim.x / tpp`
 // planes per block row; blockIdx.x splits long planes. The channel is worked
 // out once per plane, not per element.
-template <typename scalar_t, bool kWithGrad, int VEC>
+template <class E, bool kWithGrad, int VEC>
 __global__ void __launch_bounds__(kElemtThreads)
-    affine_planes_kernel(AffineArgs<scalar_t> p, int64_t planes, int64_t C, int64_t S, int tpp) {
+    affine_planes_kernel(AffineArgs<E> p, int64_t planes, int64_t C, int64_t S, int tpp) {
   const int lane = threadIdx.x % tpp;
   const int64_t ppb = blockDim.x / tpp;
   const int64_t nvec = S / VEC;
@@ -397,7 +608,7 @@ __global__ void __launch_bounds__(kElemtThreads)
     const auto co = coeffs_at<kWithGrad>(p, plane % C);
     const int64_t base = plane * S;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * tpp + lane; j < nvec; j += step) {
-      affine_vec<kWithGrad, VEC>(p, co, base + j * VEC);
+      affine_vec<kWithGrad, VEC, true>(p, &co, base + j * VEC);
     }
   }
 }
@@ -405,38 +616,29 @@ __global__ void __launch_bounds__(kElemtThreads)
 // Thread (tx, ty) owns channels c0 .. c0 + VEC - 1 and keeps their
 // coefficients in registers while it walks rows ty + blockDim.y * blockIdx.y,
 // stepping by gridDim.y * blockDim.y.
-template <typename scalar_t, bool kWithGrad, int VEC>
+template <class E, bool kWithGrad, int VEC>
 __global__ void __launch_bounds__(kElemtThreads)
-    affine_rows_kernel(AffineArgs<scalar_t> p, int64_t rows, int64_t C) {
-  using T = at::opmath_type<scalar_t>;
+    affine_rows_kernel(AffineArgs<E> p, int64_t rows, int64_t C) {
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
-  ChannelCoeffs<T> co[VEC];
+  ChannelCoeffs<E> co[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) co[e] = coeffs_at<kWithGrad>(p, c0 + e);
   const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows;
        row += step) {
-    const int64_t offset = row * C + c0;
-    const Vec<scalar_t, VEC> xv = cuda::load_vec<VEC>(p.x + offset);
-    Vec<scalar_t, VEC> gv{};
-    if constexpr (kWithGrad) gv = cuda::load_vec<VEC>(p.g + offset);
-    Vec<scalar_t, VEC> out;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      out.v[e] = static_cast<scalar_t>(
-          affine<kWithGrad>(co[e], static_cast<T>(xv.v[e]), static_cast<T>(gv.v[e])));
-    }
-    cuda::store_vec<VEC>(p.out + offset, out);
+    affine_vec<kWithGrad, VEC, false>(p, co, row * C + c0);
   }
 }
 
-template <typename scalar_t, bool kWithGrad>
-void launch_affine(const AffineArgs<scalar_t>& p, const ChannelView& v) {
+template <class E, bool kWithGrad>
+void launch_affine(const AffineArgs<E>& p, const ChannelView& v) {
+  using scalar_t = typename E::scalar_t;
   constexpr int kVec = cuda::vec_size<scalar_t>();
-  const bool aligned = cuda::is_aligned(p.x, cuda::kVecBytes) &&
-                       cuda::is_aligned(p.out, cuda::kVecBytes) &&
-                       cuda::is_aligned(p.g, cuda::kVecBytes);
+  bool aligned = cuda::is_aligned(p.x, cuda::kVecBytes) &&
+                 cuda::is_aligned(p.out, cuda::kVecBytes) && cuda::is_aligned(p.g, cuda::kVecBytes);
+  if constexpr (E::kResidual)
+    aligned = aligned && cuda::is_aligned(p.ends.residual, cuda::kVecBytes);
   const int64_t target = elemt_target_blocks();
   if (v.layout == Layout::kChannelsFirst) {
     const int vec = aligned && v.S % kVec == 0 ? kVec : 1;
@@ -448,11 +650,11 @@ void launch_affine(const AffineArgs<scalar_t>& p, const ChannelView& v) {
         std::max<int64_t>(1, std::min(cuda::ceil_div(nvec, tpp), cuda::ceil_div(target, gy)));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
     if (vec == kVec) {
-      cuda::launch(affine_planes_kernel<scalar_t, kWithGrad, kVec>, grid, dim3(kElemtThreads), p,
-                   planes, v.C, v.S, tpp);
+      cuda::launch(affine_planes_kernel<E, kWithGrad, kVec>, grid, dim3(kElemtThreads), p, planes,
+                   v.C, v.S, tpp);
     } else {
-      cuda::launch(affine_planes_kernel<scalar_t, kWithGrad, 1>, grid, dim3(kElemtThreads), p,
-                   planes, v.C, v.S, tpp);
+      cuda::launch(affine_planes_kernel<E, kWithGrad, 1>, grid, dim3(kElemtThreads), p, planes, v.C,
+                   v.S, tpp);
     }
     return;
   }
@@ -468,10 +670,27 @@ void launch_affine(const AffineArgs<scalar_t>& p, const ChannelView& v) {
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(gy));
   const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   if (vec == kVec) {
-    cuda::launch(affine_rows_kernel<scalar_t, kWithGrad, kVec>, grid, block, p, v.rows(), v.C);
+    cuda::launch(affine_rows_kernel<E, kWithGrad, kVec>, grid, block, p, v.rows(), v.C);
   } else {
-    cuda::launch(affine_rows_kernel<scalar_t, kWithGrad, 1>, grid, block, p, v.rows(), v.C);
+    cuda::launch(affine_rows_kernel<E, kWithGrad, 1>, grid, block, p, v.rows(), v.C);
   }
+}
+
+// out = epilogue(a * g + k * center(x) + c) elementwise (no a, g without
+// kWithGrad); x, g and out canonical in one layout.
+template <bool kWithGrad, class E>
+void affine_into(const Tensor& g, const Tensor& x, const Tensor& out, const E& ends,
+                 const Tensor& a, const Tensor& k, const Tensor& c) {
+  using scalar_t = typename E::scalar_t;
+  using T = typename E::T;
+  const AffineArgs<E> p{kWithGrad ? g.const_data_ptr<scalar_t>() : nullptr,
+                        x.const_data_ptr<scalar_t>(),
+                        out.mutable_data_ptr<scalar_t>(),
+                        kWithGrad ? a.const_data_ptr<T>() : nullptr,
+                        k.const_data_ptr<T>(),
+                        c.const_data_ptr<T>(),
+                        ends};
+  launch_affine<E, kWithGrad>(p, channel_view(x));
 }
 
 template <bool kWithGrad>
@@ -479,18 +698,10 @@ Tensor affine_map(const Tensor& g, const Tensor& x, const Tensor& mean, const Te
                   const Tensor& k, const Tensor& c) {
   Tensor out = empty_same_layout(x, x.scalar_type());
   if (x.numel() == 0) return out;
-  const ChannelView v = channel_view(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_affine_cuda", [&] {
         using T = at::opmath_type<scalar_t>;
-        const AffineArgs<scalar_t> p{kWithGrad ? g.const_data_ptr<scalar_t>() : nullptr,
-                                     x.const_data_ptr<scalar_t>(),
-                                     out.mutable_data_ptr<scalar_t>(),
-                                     mean.const_data_ptr<T>(),
-                                     kWithGrad ? a.const_data_ptr<T>() : nullptr,
-                                     k.const_data_ptr<T>(),
-                                     c.const_data_ptr<T>()};
-        launch_affine<scalar_t, kWithGrad>(p, v);
+        affine_into<kWithGrad>(g, x, out, PlainEnds<scalar_t>{mean.const_data_ptr<T>()}, a, k, c);
       });
   return out;
 }
@@ -500,9 +711,35 @@ inline void check_same_device(const char* op, const Tensor& dy, const Tensor& x)
               dy.device());
 }
 
+// Runs f(KindTag<K>{}) for the invertible activations (in-place mode); the
+// composite ops have refused the others already.
+template <class F>
+void dispatch_invertible(act::Kind kind, const char* op, F&& f) {
+  act::dispatch(kind, [&](auto tag) {
+    constexpr act::Kind K = decltype(tag)::value;
+    if constexpr (K == act::Kind::kIdentity || K == act::Kind::kLeakyRelu || K == act::Kind::kElu) {
+      f(tag);
+    } else {
+      TORCH_CHECK(false, op, ": in-place mode needs an invertible activation");
+    }
+  });
+}
+
+// f(std::true_type{}) with a residual, f(std::false_type{}) without.
+template <class F>
+void dispatch_residual(const Tensor& residual, F&& f) {
+  if (residual.defined()) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 }  // namespace cuda_kernels
 
 // ------------------------------------------------------------------- backend
+
+#ifdef BNEXT_DEFINE_BATCH_NORM_CUDA_BACKEND
 
 std::tuple<Tensor, Tensor> CudaBackend::stats(const Tensor& x) {
   const auto options = x.options().dtype(opmath_dtype(x.scalar_type()));
@@ -513,9 +750,10 @@ std::tuple<Tensor, Tensor> CudaBackend::stats(const Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_stats_cuda", [&] {
         using T = at::opmath_type<scalar_t>;
-        const cuda_kernels::StatsReducer<scalar_t> r{
-            {x.const_data_ptr<scalar_t>()}, mean.mutable_data_ptr<T>(), var.mutable_data_ptr<T>()};
-        cuda_kernels::reduce(r, channel_view(x), x);
+        const cuda_kernels::StatsReducer<scalar_t> r{mean.mutable_data_ptr<T>(),
+                                                     var.mutable_data_ptr<T>()};
+        const cuda_kernels::Inputs<scalar_t, 1> p{{x.const_data_ptr<scalar_t>()}, nullptr};
+        cuda_kernels::reduce(r, p, channel_view(x), x);
       });
   return {mean, var};
 }
@@ -535,12 +773,12 @@ std::tuple<Tensor, Tensor> CudaBackend::backward_reduce(const Tensor& dy, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_reduce_cuda", [&] {
         using T = at::opmath_type<scalar_t>;
-        const cuda_kernels::GradReducer<scalar_t> r{
-            {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()},
-            mean.const_data_ptr<T>(),
-            sum_dy.mutable_data_ptr<T>(),
-            sum_dy_xmu.mutable_data_ptr<T>()};
-        cuda_kernels::reduce(r, channel_view(x), x);
+        const cuda_kernels::GradReducer<scalar_t> r{mean.const_data_ptr<T>(),
+                                                    sum_dy.mutable_data_ptr<T>(),
+                                                    sum_dy_xmu.mutable_data_ptr<T>()};
+        const cuda_kernels::Inputs<scalar_t, 2> p{
+            {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()}, nullptr};
+        cuda_kernels::reduce(r, p, channel_view(x), x);
       });
   return {sum_dy, sum_dy_xmu};
 }
@@ -549,6 +787,120 @@ Tensor CudaBackend::backward_elemt(const Tensor& dy, const Tensor& x, const Tens
                                    const Tensor& a, const Tensor& k, const Tensor& c) {
   cuda_kernels::check_same_device("bnext::batch_norm_backward_elemt", dy, x);
   return cuda_kernels::affine_map<true>(dy, x, mean, a, k, c);
+}
+
+#endif  // BNEXT_DEFINE_BATCH_NORM_CUDA_BACKEND
+
+// ------------------------------------------------------ with an activation
+// Each activation (and residual or none) is its own instantiation of the
+// kernels above: act::dispatch picks it on the host.
+
+template <typename>
+void CudaBackend::act_elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                            const Tensor& shift, const Tensor& residual, act::Kind kind,
+                            double param, const Tensor& out) {
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_elemt_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        act::dispatch(kind, [&](auto tag) {
+          constexpr act::Kind K = decltype(tag)::value;
+          cuda_kernels::dispatch_residual(residual, [&](auto with_residual) {
+            constexpr bool kResidual = decltype(with_residual)::value;
+            const cuda_kernels::ActEnds<scalar_t, K, kResidual> ends{
+                mean.const_data_ptr<T>(), kResidual ? residual.const_data_ptr<scalar_t>() : nullptr,
+                static_cast<T>(param)};
+            cuda_kernels::affine_into<false>(Tensor(), x, out, ends, Tensor(), scale, shift);
+          });
+        });
+      });
+}
+
+template <typename>
+std::tuple<Tensor, Tensor, Tensor> CudaBackend::act_backward_reduce(
+    const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift,
+    const Tensor& residual, act::Kind kind, double param) {
+  cuda_kernels::check_same_device("bnext::batch_norm_act_backward_reduce", dy, x);
+  Tensor g = empty_same_layout(x, x.scalar_type());
+  if (x.numel() == 0)
+    return {g, at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
+  Tensor sum_g = at::empty({x.size(1)}, mean.options());
+  Tensor sum_g_xmu = at::empty({x.size(1)}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_reduce_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
+                                                          sum_g_xmu.mutable_data_ptr<T>()};
+        act::dispatch(kind, [&](auto tag) {
+          constexpr act::Kind K = decltype(tag)::value;
+          cuda_kernels::dispatch_residual(residual, [&](auto with_residual) {
+            constexpr bool kResidual = decltype(with_residual)::value;
+            cuda_kernels::ActGradPrologue<scalar_t, K, kResidual> p{};
+            p.in[0] = dy.const_data_ptr<scalar_t>();
+            p.in[1] = x.const_data_ptr<scalar_t>();
+            if constexpr (kResidual) p.in[2] = residual.const_data_ptr<scalar_t>();
+            p.out = g.mutable_data_ptr<scalar_t>();
+            p.mean = mean.const_data_ptr<T>();
+            p.scale = scale.const_data_ptr<T>();
+            p.shift = shift.const_data_ptr<T>();
+            p.param = static_cast<T>(param);
+            cuda_kernels::reduce(r, p, channel_view(x), x);
+          });
+        });
+      });
+  return {g, sum_g, sum_g_xmu};
+}
+
+template <typename>
+std::tuple<Tensor, Tensor, Tensor> CudaBackend::inplace_backward_reduce(
+    const Tensor& dy, const Tensor& y, const Tensor& shift, const Tensor& inv_scale, act::Kind kind,
+    double param) {
+  const char* op = "bnext::batch_norm_act_inplace_backward_reduce";
+  cuda_kernels::check_same_device(op, dy, y);
+  Tensor g = empty_same_layout(y, y.scalar_type());
+  if (y.numel() == 0)
+    return {g, at::zeros({y.size(1)}, shift.options()), at::zeros({y.size(1)}, shift.options())};
+  Tensor sum_g = at::empty({y.size(1)}, shift.options());
+  Tensor sum_g_xmu = at::empty({y.size(1)}, shift.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "bnext_inplace_reduce_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
+                                                          sum_g_xmu.mutable_data_ptr<T>()};
+        cuda_kernels::dispatch_invertible(kind, op, [&](auto tag) {
+          constexpr act::Kind K = decltype(tag)::value;
+          const cuda_kernels::InplaceGradPrologue<scalar_t, K> p{
+              {dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>()},
+              g.mutable_data_ptr<scalar_t>(),
+              shift.const_data_ptr<T>(),
+              inv_scale.const_data_ptr<T>(),
+              static_cast<T>(param)};
+          cuda_kernels::reduce(r, p, channel_view(y), y);
+        });
+      });
+  return {g, sum_g, sum_g_xmu};
+}
+
+template <typename>
+Tensor CudaBackend::inplace_backward_elemt(const Tensor& g, const Tensor& y, const Tensor& shift,
+                                           const Tensor& inv_scale, const Tensor& a,
+                                           const Tensor& k, const Tensor& c, act::Kind kind,
+                                           double param) {
+  const char* op = "bnext::batch_norm_act_inplace_backward_elemt";
+  cuda_kernels::check_same_device(op, g, y);
+  Tensor dx = empty_same_layout(y, y.scalar_type());
+  if (y.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "bnext_inplace_elemt_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        cuda_kernels::dispatch_invertible(kind, op, [&](auto tag) {
+          constexpr act::Kind K = decltype(tag)::value;
+          const cuda_kernels::FromOutputEnds<scalar_t, K> ends{
+              shift.const_data_ptr<T>(), inv_scale.const_data_ptr<T>(), static_cast<T>(param)};
+          cuda_kernels::affine_into<true>(g, y, dx, ends, a, k, c);
+        });
+      });
+  return dx;
 }
 
 }  // namespace batch_norm

@@ -64,11 +64,12 @@ inline std::tuple<Tensor, Tensor> device_limits(const char* op, at::Device devic
   return {out[0], out[1]};
 }
 
-template <class K>
+// `elemt`: the elementwise pass (batch_norm/composite.h, stats_normalize).
+template <class K, class E = batch_norm::PlainElemt<K>>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
     const char* op, const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
     const OptTensor& weight, const OptTensor& bias, double eps, double r_max, double d_max,
-    const Tensor& r_max_t, const Tensor& d_max_t) {
+    const Tensor& r_max_t, const Tensor& d_max_t, const E& elemt = E{}) {
   const Tensor& w_in = value_or_undefined(weight);
   const Tensor& b_in = value_or_undefined(bias);
   batch_norm::check_args(op, input, w_in, b_in, running_mean, running_var);
@@ -103,7 +104,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
     const Limits<scalar_t> limits{static_cast<scalar_t>(r_max), static_cast<scalar_t>(d_max),
                                   data_or_null<scalar_t>(rmax_t), data_or_null<scalar_t>(dmax_t)};
     std::tie(out, mean, var) = batch_norm::stats_normalize<K, scalar_t>(
-        x, scale, shift, [=] C10_HOST_DEVICE(int64_t c, scalar_t mean_c, scalar_t var_c) {
+        x, scale, shift,
+        [=] C10_HOST_DEVICE(int64_t c, scalar_t mean_c, scalar_t var_c) {
           const auto rd =
               renorm_correction(mean_c, var_c, rm_p[c], rv_p[c], eps_, limits.r(), limits.d());
           const scalar_t w_c = batch_norm::load_or(w_p, c, scalar_t(1));
@@ -113,7 +115,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
           d_p[c] = rd.d;
           scale_p[c] = co.scale;
           shift_p[c] = co.shift;
-        });
+        },
+        elemt);
   });
   return {out, mean, var, r, d};
 }

@@ -8,6 +8,9 @@
 #error "build with -DBNEXT_EMULATE_CUDA"
 #endif
 
+// This library's only unit: it defines CudaBackend's Batch Norm functions
+// too (cuda_kernels.cuh).
+#define BNEXT_DEFINE_BATCH_NORM_CUDA_BACKEND
 #include <torch/library.h>
 
 #include <stdexcept>
@@ -15,6 +18,8 @@
 
 #include "batch_norm/cuda_kernels.cuh"
 #include "batch_norm/schemas.h"
+#include "batch_norm_act/composite.h"
+#include "batch_norm_act/schemas.h"
 #include "batch_renorm/composite.h"
 #include "batch_renorm/schemas.h"
 #include "distributed/composite.h"
@@ -59,6 +64,7 @@ std::string schedule_op() {
 
 TORCH_LIBRARY(bnext_emu, m) {
   bnext::batch_norm::define_schemas(m);
+  bnext::batch_norm_act::define_schemas(m);
   bnext::batch_renorm::define_schemas(m);
   bnext::distributed::define_schemas(m);
   bnext::layer_norm::define_schemas(m);
@@ -73,6 +79,7 @@ TORCH_LIBRARY(bnext_emu, m) {
 
 TORCH_LIBRARY_IMPL(bnext_emu, CPU, m) {
   bnext::batch_norm::register_kernels<bnext::batch_norm::CudaBackend>(m);
+  bnext::batch_norm_act::register_kernels<bnext::batch_norm::CudaBackend>(m);
   bnext::batch_renorm::register_kernels<bnext::batch_norm::CudaBackend>(m);
   bnext::distributed::register_kernels<bnext::batch_norm::CudaBackend>(m);
   bnext::layer_norm::register_kernels<bnext::layer_norm::CudaBackend>(m);

@@ -11,6 +11,11 @@ operators (csrc/distributed/ops.cpp):
     backward: batch_norm_backward_reduce -> all-reduce of (sum dy, sum dy*(x-mean))
               -> batch_norm_backward_coeffs -> batch_norm_backward_elemt
 
+With an activation (SyncBatchNormAct, InPlaceABNSync) the forward's
+elementwise pass is batch_norm_act_elemt and the backward's reduce
+batch_norm_act_backward_reduce, whose g = dy * act'(u) the elementwise pass
+then takes for dy.
+
 The all-gather is an all-reduce of a (world, 2C + 1) float64 table in which
 each rank fills its own row: every backend has all-reduce, zeros add exactly,
 float64 holds counts exactly, and every rank then merges the same rows in the
@@ -65,6 +70,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         group,
         world_size,
         rank,
+        activation=None,
+        activation_param=0.0,
     ):
         channels = input.shape[1]
         opmath = opmath_dtype(input.dtype)
@@ -88,19 +95,31 @@ class SyncBatchNormFunction(torch.autograd.Function):
             r_max,
             d_max,
         )
-        out = (
-            _ops.batch_norm_elemt(input, mean, scale, shift)
-            if input.numel() > 0
-            else torch.empty_like(input)
-        )
+        if input.numel() == 0:
+            out = torch.empty_like(input)
+        elif activation is None:
+            out = _ops.batch_norm_elemt(input, mean, scale, shift)
+        else:
+            out = _ops.batch_norm_act_elemt(
+                input, mean, scale, shift, None, activation, activation_param
+            )
         if running_mean is not None:
             _ops.batch_norm_update_stats_global(
                 running_mean, running_var, num_batches_tracked, mean, var, momentum, count
             )
         ctx.save_for_backward(
-            input, weight, mean, var, count, r if renorm else None, d if renorm else None
+            input,
+            weight,
+            mean,
+            var,
+            count,
+            r if renorm else None,
+            d if renorm else None,
+            scale if activation is not None else None,
+            shift if activation is not None else None,
         )
         ctx.eps, ctx.group = eps, group
+        ctx.activation = (activation, activation_param)
         ctx.param_dtypes = (
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
@@ -110,9 +129,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        input, weight, mean, var, count, r, d = ctx.saved_tensors
+        input, weight, mean, var, count, r, d, scale, shift = ctx.saved_tensors
         channels = input.shape[1]
-        sum_dy, sum_dy_xmu = _local_sums(grad_out, input, mean)
+        activation, activation_param = ctx.activation
+        if activation is not None and input.numel() > 0:
+            # The activation's derivative first: Batch Norm's backward of g.
+            grad_out, sum_dy, sum_dy_xmu = _ops.batch_norm_act_backward_reduce(
+                grad_out, input, mean, scale, shift, None, activation, activation_param
+            )
+        else:
+            sum_dy, sum_dy_xmu = _local_sums(grad_out, input, mean)
         total = torch.cat([sum_dy, sum_dy_xmu])  # a new tensor: the local sums stay
         dist.all_reduce(total, group=ctx.group)
         grad_input = grad_weight = grad_bias = None
@@ -133,7 +159,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = grad_weight.to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(ctx.param_dtypes[1])
-        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+        return (grad_input, grad_weight, grad_bias) + (None,) * 12
 
 
 def world_of(group) -> Optional[tuple]:
@@ -179,9 +205,13 @@ def sync_batch_norm_training(
     world: tuple,
     r_max: Optional[Tensor] = None,
     d_max: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    activation_param: float = 0.0,
 ) -> Tensor:
     """Training-mode Batch Norm (Batch Renorm with r_max/d_max as 0-dim
-    tensors) over the global batch of `world` = (group, world size, rank)."""
+    tensors) over the global batch of `world` = (group, world size, rank),
+    followed, in the same elementwise pass, by `activation` (a name of
+    functional.batch_norm_act.ACTIVATIONS) when given."""
     check_eps(eps, True)
     group, world_size, rank = world
     return SyncBatchNormFunction.apply(
@@ -198,4 +228,6 @@ def sync_batch_norm_training(
         group,
         world_size,
         rank,
+        activation,
+        activation_param,
     )

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from ..functional.batch_norm import batch_norm
 from ..functional.layer_norm import rms_norm
-from .batch_norm import BatchNorm2d
+from ..functional.sync_batch_norm import check_sync_input, sync_batch_norm_training, world_of
+from .batch_norm_act import fused_spec_of, normalise_act
 from .batch_renorm import BatchRenorm2d
 from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
 from .sync_batch_norm import SyncBatchNorm, SyncBatchRenorm
@@ -131,15 +132,9 @@ class RMSNormAct2d(_ThenAct, RMSNorm2d):
     timm's RmsNormAct2d."""
 
 
-# timm's Batch Norm + activation layers, unfused: our Batch Norm kernel, then
-# timm's act module (a fused kernel is issue 20).
-
-
-class BatchNormAct2d(_ThenAct, BatchNorm2d):
-    """torch_bnext.BatchNorm2d, then ``drop`` and ``act``: timm's BatchNormAct2d,
-    which is nn.BatchNorm2d's computation followed by those modules. A subclass
-    of our BatchNorm2d as timm's is of nn.BatchNorm2d: the same constructor
-    arguments, attributes, buffers and state_dict keys."""
+# timm's Batch Norm + activation layers converted to Batch Renorm or
+# synchronised Batch Norm: our Batch Norm kernel, then timm's act module
+# (unfused). The plain Batch Norm form is fused: modules/batch_norm_act.py.
 
 
 class BatchRenormAct2d(_ThenAct, BatchRenorm2d):
@@ -150,7 +145,34 @@ class BatchRenormAct2d(_ThenAct, BatchRenorm2d):
 class SyncBatchNormAct(_ThenAct, SyncBatchNorm):
     """torch_bnext.SyncBatchNorm, then ``drop`` and ``act``: timm's
     SyncBatchNormAct (what timm.layers.convert_sync_batchnorm makes of a
-    BatchNormAct2d), and what convert_model(sync=True) makes of a BatchNormAct2d."""
+    BatchNormAct2d), and what convert_model(sync=True) makes of a BatchNormAct2d.
+    An activation the kernels fuse (and no drop layer) runs in the
+    normalisation's elementwise pass, over the process group or not."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        spec = fused_spec_of(self.drop, self.act)
+        if spec is None:
+            return super().forward(x)
+        self._check_input_dim(x)
+        self._check_non_zero_input_channels(x)
+        world = world_of(self.process_group) if self.training else None
+        if world is None:
+            return normalise_act(self, x, *spec)
+        check_sync_input(x, self.num_features, self.weight, self.running_mean)
+        running_mean, running_var, steps = self._updated_buffers()
+        return sync_batch_norm_training(
+            x,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            steps,
+            world,
+            activation=spec[0],
+            activation_param=spec[1],
+        )
 
 
 class SyncBatchRenormAct(_ThenAct, SyncBatchRenorm):

@@ -7,6 +7,7 @@ as the kernels on small inputs.
 
 from . import (
     batch_norm,  # noqa: F401
+    batch_norm_act,  # noqa: F401
     batch_renorm,  # noqa: F401
     distributed,  # noqa: F401
     layer_norm,  # noqa: F401
