@@ -150,6 +150,78 @@ def test_forward_mode_ad_matches_the_composition(act, training):
     testing.assert_close_rel(t1, t2, torch.float64, "tangent", factor=100)
 
 
+PIECEWISE_LINEAR = ["identity", "relu", "leaky_relu", "relu6"]
+
+
+@pytest.mark.parametrize("act", PIECEWISE_LINEAR)
+def test_a_residual_layer_keeps_its_output_not_the_residual(act):
+    """With a piecewise linear activation, act' comes from the output (which
+    the next layer keeps anyway): the residual is not saved for backward."""
+    x, w, b, r = inputs((4, 3, 5, 5), dtype=torch.float32)
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = batch_norm_act(
+            x, None, None, w, b, True, activation=act, activation_param=PARAM.get(act), residual=r
+        )
+    assert r.untyped_storage().data_ptr() not in saved
+    assert y.untyped_storage().data_ptr() in saved
+    expected = composed(x, None, None, w, b, True, act, r)
+    testing.assert_close_rel(y, expected, torch.float32, "output")
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b, r), gy)
+    want = torch.autograd.grad(expected, (x, w, b, r), gy)
+    for a, e, name in zip(got, want, ("input", "weight", "bias", "residual")):
+        testing.assert_close_rel(a, e, torch.float32, name, factor=10)
+
+
+@pytest.mark.parametrize("act", PIECEWISE_LINEAR)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_backward_reduce_from_output(act, dtype, fmt):
+    check_reduce_from_output(ops.batch_norm_act_backward_reduce_from_output, act, dtype, fmt)
+
+
+@pytest.mark.parametrize("act", PIECEWISE_LINEAR)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_backward_reduce_from_output_emulated_cuda(emu, act, dtype, fmt):
+    check_reduce_from_output(emu.batch_norm_act_backward_reduce_from_output, act, dtype, fmt)
+
+
+def check_reduce_from_output(op, act, dtype, fmt):
+    """g = dy * act'(u) from the output, and its sums, against float64."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (4, 65, 6, 7)
+    x = testing.to_format(
+        (torch.randn(shape, generator=gen, dtype=torch.float64) + 0.2).to(dtype), fmt
+    )
+    u = torch.randn(shape, generator=gen, dtype=torch.float64) * 4
+    y = testing.to_format(TORCH_ACT[act](u, PARAM.get(act, 0.0)).to(dtype), fmt)
+    dy = testing.to_format(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype), fmt)
+    mean = torch.randn(65, generator=gen)
+    g, s1, s2 = op(dy, x, y, mean, act, PARAM.get(act, 0.0))
+    # act' as the rounded output gives it (bfloat16 rounds relu6's u in
+    # [5.98, 6) to 6, where the slope is 0).
+    yd = y.double()
+    slope = {
+        "identity": torch.ones_like(yd),
+        "relu": (yd > 0).double(),
+        "leaky_relu": torch.where(yd > 0, 1.0, PARAM.get(act, 0.0)).double(),
+        "relu6": ((yd > 0) & (yd < 6)).double(),
+    }[act]
+    ge = dy.double() * slope
+    dims = [0, 2, 3]
+    testing.assert_close_rel(g, ge, dtype, "g")
+    testing.assert_close_rel(s1, ge.sum(dims), dtype, "sum g", factor=10)
+    xmu = x.double() - mean.double().view(1, -1, 1, 1)
+    testing.assert_close_rel(s2, (ge * xmu).sum(dims), dtype, "sum g * xmu", factor=10)
+
+
 def test_building_blocks_refuse_to_be_differentiated():
     x, w, b, r = inputs((3, 2, 4))
     mean = torch.zeros(2, dtype=torch.float64)
@@ -177,6 +249,11 @@ def _opcheck_samples():
         ),
         (ops.batch_norm_act_elemt, (x, mean, w, b, r, "relu6", 0.0)),
         (ops.batch_norm_act_backward_reduce, (g, x, mean, w, b, r, "elu", 1.0)),
+        (ops.batch_norm_act_backward_reduce_from_output, (g, x, r, mean, "relu6", 0.0)),
+        (
+            ops.batch_norm_act_backward,
+            (g, x, mean, var, w, b, None, None, None, 1e-5, "relu", 0.0, True, r),
+        ),
         (ops.batch_norm_act_inplace_backward_reduce, (g, x, b, w, "leaky_relu", 0.1)),
         (ops.batch_norm_act_inplace_backward_elemt, (g, x, b, w, w, b, w, "elu", 1.0)),
         (ops.batch_norm_act_train_, (x.clone(), w, b, 1e-5, "leaky_relu", 0.1)),
@@ -185,7 +262,7 @@ def _opcheck_samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(14))
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     tests = ["test_schema", "test_faketensor"]

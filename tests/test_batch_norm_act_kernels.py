@@ -36,6 +36,8 @@ ACTIVATIONS = {
     "relu6": (0.3, lambda u, p: F.relu6(u)),
 }
 INVERTIBLE = ["identity", "leaky_relu", "elu"]
+# Those whose derivative the backward may take from the output.
+PIECEWISE_LINEAR = ["identity", "relu", "leaky_relu", "relu6"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 # (id, shape, layout): one per path of the kernels (batch_norm/cpu_layout.h).
@@ -81,6 +83,20 @@ def act_grad_ref(name, u, dy):
     with torch.enable_grad():
         (g,) = torch.autograd.grad(act_ref(name, u), u, dy.double())
     return g
+
+
+def derivative_from_output_ref(name, y):
+    """act'(u) from y = act(u), for the piecewise linear activations, with
+    ATen's choice at the kinks (relu'(0) = 0, relu6' = 0 at 0 and 6)."""
+    y = y.double()
+    one, zero = torch.ones_like(y), torch.zeros_like(y)
+    if name == "relu":
+        return torch.where(y > 0, one, zero)
+    if name == "relu6":
+        return torch.where((y > 0) & (y < 6), one, zero)
+    if name == "leaky_relu":
+        return torch.where(y > 0, one, one * ACTIVATIONS[name][0])
+    return one
 
 
 def inverse_ref(name, y):
@@ -160,6 +176,28 @@ def test_elemt_and_backward_reduce(case, act, dtype, residual):
     assert_layout_kept(g, x)
     assert sum_g.dtype == opmath(dtype) and sum_g.shape == (shape[1],)
     g_ref = act_grad_ref(act, u, dy)
+    assert_close_rel(g, g_ref, dtype, "grad_pre", 2)
+    sg_ref, sgx_ref = channel_sums(g_ref, xmu)
+    assert_sums_close(sum_g, sg_ref, g_ref, dtype, "sum_dy")
+    assert_sums_close(sum_gx, sgx_ref, g_ref * xmu, dtype, "sum_dy_xmu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", PIECEWISE_LINEAR)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@torch.no_grad()
+def test_backward_reduce_from_output(case, act, dtype):
+    """g = dy * act'(u) with act' from the forward's output (what a layer with
+    a residual keeps instead of the residual), and its sums."""
+    _, shape, fmt = case
+    seed(shape, fmt, act, dtype, "from_output")
+    x, mean, scale, shift, res, dy = inputs(shape, dtype, fmt, residual=True)
+    param = ACTIVATIONS[act][0]
+    y = ops.batch_norm_act_elemt(x, mean, scale, shift, res, act, param)
+    g, sum_g, sum_gx = ops.batch_norm_act_backward_reduce_from_output(dy, x, y, mean, act, param)
+    assert_layout_kept(g, x)
+    xmu = x.double() - per_channel(mean, x)
+    g_ref = dy.double() * derivative_from_output_ref(act, y)
     assert_close_rel(g, g_ref, dtype, "grad_pre", 2)
     sg_ref, sgx_ref = channel_sums(g_ref, xmu)
     assert_sums_close(sum_g, sg_ref, g_ref, dtype, "sum_dy")
@@ -299,6 +337,17 @@ def test_train_and_backward(case, act, dtype, residual):
     assert_close_rel(g, act_grad_ref(act, u, dy), dtype, "grad_pre", 2)
     if residual:
         assert_close_rel(g, refs[3], dtype, "grad_residual", 2)
+    if act in PIECEWISE_LINEAR:
+        # act' from the output instead of from u recomputed with the residual.
+        dx2, dw2, db2, g2 = ops.batch_norm_act_backward(
+            dy, x, mean, var, w, b, None, None, None, eps, act, param, True, out
+        )
+        g_ref = dy.double() * derivative_from_output_ref(act, out)
+        assert_close_rel(g2, g_ref, dtype, "grad_pre from output", 2)
+        # The same g whenever the rounded output keeps u's side of every kink.
+        assert_close_rel(dx2, refs[0], dtype, "grad_input from output", tol)
+        assert_close_rel(dw2, refs[1], dtype, "grad_weight from output", tol)
+        assert_close_rel(db2, refs[2], dtype, "grad_bias from output", tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

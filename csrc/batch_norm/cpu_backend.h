@@ -32,6 +32,9 @@ struct CpuBackend {
   static std::tuple<Tensor, Tensor, Tensor> act_backward_reduce(
       const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& scale,
       const Tensor& shift, const Tensor& residual, act::Kind kind, double param);
+  static std::tuple<Tensor, Tensor, Tensor> act_backward_reduce_from_output(
+      const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& mean, act::Kind kind,
+      double param);
   static std::tuple<Tensor, Tensor, Tensor> inplace_backward_reduce(const Tensor& dy,
                                                                     const Tensor& y,
                                                                     const Tensor& shift,

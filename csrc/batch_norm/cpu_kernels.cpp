@@ -216,54 +216,51 @@ void stats_narrow_rows(const Tensor& x, const ChannelView& v, int64_t R, Tensor&
 
 // ------------------------------------------------------------------ functors
 // What each elementwise map and backward reduce computes per value (interface:
-// cpu_passes.h). V is a vector or a scalar of the math policy M.
+// cpu_passes.h): values first, then the per-channel coefficients, in the
+// order the backend passes them. V is a vector or a scalar of the policy M.
 
 template <class M>
 using V = typename M::V;
 
-// Batch Norm's forward: (x - mean) * scale + shift; coefficients (mean,
-// scale, shift).
+// Batch Norm's forward: (x - mean) * scale + shift.
 struct Normalize {
   static constexpr int kCoeffs = 3;
   static constexpr bool kSecond = false;
   template <class M>
-  V<M> operator()(M, const std::array<V<M>, 3>& co, V<M> x, V<M> /*none*/) const {
-    return muladd(x - co[0], co[1], co[2]);
+  V<M> operator()(M, V<M> x, V<M> /*none*/, V<M> mean, V<M> scale, V<M> shift) const {
+    return muladd(x - mean, scale, shift);
   }
 };
 
-// Batch Norm's backward: a * dy + k * (x - mean) + c; coefficients (mean, a,
-// k, c), second input dy.
+// Batch Norm's backward: a * dy + k * (x - mean) + c.
 struct BackwardAffine {
   static constexpr int kCoeffs = 4;
   static constexpr bool kSecond = true;
   template <class M>
-  V<M> operator()(M, const std::array<V<M>, 4>& co, V<M> x, V<M> dy) const {
-    return muladd(dy, co[1], muladd(x - co[0], co[2], co[3]));
+  V<M> operator()(M, V<M> x, V<M> dy, V<M> mean, V<M> a, V<M> k, V<M> c) const {
+    return muladd(dy, a, muladd(x - mean, k, c));
   }
 };
 
-// Batch Norm's backward reduce: g = dy, xmu = x - mean; coefficient: mean.
+// Batch Norm's backward reduce: g = dy, xmu = x - mean.
 struct PlainSums {
   static constexpr int kCoeffs = 1;
   static constexpr bool kThird = false;
   static constexpr bool kStoresG = false;
   template <class M>
-  std::pair<V<M>, V<M>> operator()(M, const std::array<V<M>, 1>& co, V<M> dy, V<M> x,
-                                   V<M> /*none*/) const {
-    return {dy, x - co[0]};
+  std::pair<V<M>, V<M>> operator()(M, V<M> dy, V<M> x, V<M> /*none*/, V<M> mean) const {
+    return {dy, x - mean};
   }
 };
 
-// The activation's input u = (x - mean) * scale + shift [+ residual], where
-// kResidual; coefficients (mean, scale, shift). `param`: the activation's
-// (bnext/activation.h).
+// The activation's input u = xmu * scale + shift [+ residual], where
+// kResidual. `param`: the activation's (bnext/activation.h).
 template <typename T, bool kResidual>
 struct ActInput {
   T param;
   template <class M>
-  static V<M> input(const std::array<V<M>, 3>& co, V<M> xmu, V<M> residual) {
-    const V<M> y = muladd(xmu, co[1], co[2]);
+  static V<M> input(V<M> xmu, V<M> scale, V<M> shift, V<M> residual) {
+    const V<M> y = muladd(xmu, scale, shift);
     if constexpr (kResidual) {
       return y + residual;
     } else {
@@ -278,8 +275,8 @@ struct NormalizeAct : ActInput<T, kResidual> {
   static constexpr int kCoeffs = 3;
   static constexpr bool kSecond = kResidual;
   template <class M>
-  V<M> operator()(M, const std::array<V<M>, 3>& co, V<M> x, V<M> residual) const {
-    const V<M> u = this->template input<M>(co, x - co[0], residual);
+  V<M> operator()(M, V<M> x, V<M> residual, V<M> mean, V<M> scale, V<M> shift) const {
+    const V<M> u = this->template input<M>(x - mean, scale, shift, residual);
     return act::forward<M>(act::KindTag<K>{}, u, M::splat(this->param));
   }
 };
@@ -292,22 +289,38 @@ struct ActSums : ActInput<T, kResidual> {
   static constexpr bool kThird = kResidual;
   static constexpr bool kStoresG = true;
   template <class M>
-  std::pair<V<M>, V<M>> operator()(M, const std::array<V<M>, 3>& co, V<M> dy, V<M> x,
-                                   V<M> residual) const {
-    const V<M> xmu = x - co[0];
-    const V<M> u = this->template input<M>(co, xmu, residual);
+  std::pair<V<M>, V<M>> operator()(M, V<M> dy, V<M> x, V<M> residual, V<M> mean, V<M> scale,
+                                   V<M> shift) const {
+    const V<M> xmu = x - mean;
+    const V<M> u = this->template input<M>(xmu, scale, shift, residual);
     return {dy * act::derivative<M>(act::KindTag<K>{}, u, M::splat(this->param)), xmu};
   }
 };
 
+// Backward reduce of a piecewise linear activation from its output y (kept
+// instead of the residual): g = dy * act'(u) from y, stored; xmu = x - mean;
+// third input: y.
+template <typename T, act::Kind K>
+struct OutputSums {
+  static constexpr int kCoeffs = 1;
+  static constexpr bool kThird = true;
+  static constexpr bool kStoresG = true;
+  T param;
+  template <class M>
+  std::pair<V<M>, V<M>> operator()(M, V<M> dy, V<M> x, V<M> y, V<M> mean) const {
+    const V<M> d = act::derivative_from_output<M>(act::KindTag<K>{}, y, M::splat(param));
+    return {dy * d, x - mean};
+  }
+};
+
 // In-place mode, from the output y = act(u) of an invertible activation:
-// xmu = (act^-1(y) - shift) * inv_scale; coefficients (shift, inv_scale, ...).
+// xmu = (act^-1(y) - shift) * inv_scale.
 template <class M, act::Kind K, typename T>
-V<M> xmu_from_output(const V<M>& y, const V<M>& shift, const V<M>& inv_scale, T param) {
+V<M> xmu_from_output(V<M> y, V<M> shift, V<M> inv_scale, T param) {
   return (act::inverse<M>(act::KindTag<K>{}, y, M::splat(param)) - shift) * inv_scale;
 }
 
-// Backward reduce: g = dy * act'(u) from y, stored; x is y.
+// Backward reduce: g = dy * act'(u) from y, stored.
 template <typename T, act::Kind K>
 struct InplaceSums {
   static constexpr int kCoeffs = 2;
@@ -315,23 +328,22 @@ struct InplaceSums {
   static constexpr bool kStoresG = true;
   T param;
   template <class M>
-  std::pair<V<M>, V<M>> operator()(M, const std::array<V<M>, 2>& co, V<M> dy, V<M> y,
-                                   V<M> /*none*/) const {
+  std::pair<V<M>, V<M>> operator()(M, V<M> dy, V<M> y, V<M> /*none*/, V<M> shift,
+                                   V<M> inv_scale) const {
     const V<M> d = act::derivative_from_output<M>(act::KindTag<K>{}, y, M::splat(param));
-    return {dy * d, xmu_from_output<M, K>(y, co[0], co[1], param)};
+    return {dy * d, xmu_from_output<M, K>(y, shift, inv_scale, param)};
   }
 };
 
-// Backward elementwise: a * g + k * xmu + c; coefficients (shift, inv_scale,
-// a, k, c), x is y, second input g.
+// Backward elementwise: a * g + k * xmu + c, xmu from y.
 template <typename T, act::Kind K>
 struct InplaceBackwardAffine {
   static constexpr int kCoeffs = 5;
   static constexpr bool kSecond = true;
   T param;
   template <class M>
-  V<M> operator()(M, const std::array<V<M>, 5>& co, V<M> y, V<M> g) const {
-    return muladd(g, co[2], muladd(xmu_from_output<M, K>(y, co[0], co[1], param), co[3], co[4]));
+  V<M> operator()(M, V<M> y, V<M> g, V<M> shift, V<M> inv_scale, V<M> a, V<M> k, V<M> c) const {
+    return muladd(g, a, muladd(xmu_from_output<M, K>(y, shift, inv_scale, param), k, c));
   }
 };
 
@@ -345,6 +357,22 @@ void dispatch_invertible(act::Kind kind, const F& f) {
       f(tag);
     } else {
       TORCH_CHECK(false, "bnext: in-place mode needs an invertible activation");
+    }
+  });
+}
+
+// f(KindTag) for the piecewise linear activations (act::piecewise_linear).
+template <class F>
+void dispatch_piecewise_linear(act::Kind kind, const F& f) {
+  act::dispatch(kind, [&](auto tag) {
+    constexpr act::Kind K = decltype(tag)::value;
+    if constexpr (K == act::Kind::kIdentity || K == act::Kind::kRelu ||
+                  K == act::Kind::kLeakyRelu || K == act::Kind::kRelu6) {
+      f(tag);
+    } else {
+      TORCH_CHECK(false,
+                  "bnext: the derivative from the output needs a piecewise linear "
+                  "activation (identity, relu, leaky_relu, relu6)");
     }
   });
 }
@@ -479,6 +507,25 @@ std::tuple<Tensor, Tensor, Tensor> CpuBackend::act_backward_reduce(
         backward_sums(pro, s, channel_view(x), {ptr<T>(mean), ptr<T>(scale), ptr<T>(shift)}, sum_g,
                       sum_g_xmu);
       });
+    });
+  });
+  return {g, sum_g, sum_g_xmu};
+}
+
+std::tuple<Tensor, Tensor, Tensor> CpuBackend::act_backward_reduce_from_output(
+    const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& mean, act::Kind kind,
+    double param) {
+  Tensor g = empty_same_layout(x, x.scalar_type());
+  Tensor sum_g = at::zeros({x.size(1)}, mean.options());
+  Tensor sum_g_xmu = at::zeros({x.size(1)}, mean.options());
+  if (x.numel() == 0) return {g, sum_g, sum_g_xmu};
+  BNEXT_DISPATCH_CPU(x, "bnext_act_backward_reduce_from_output", [&] {
+    using T = acc_t<scalar_t>;
+    const ReduceStreams<scalar_t> s{ptr<scalar_t>(dy), ptr<scalar_t>(x), ptr<scalar_t>(y),
+                                    g.mutable_data_ptr<scalar_t>()};
+    cpu_kernels::dispatch_piecewise_linear(kind, [&](auto tag) {
+      const cpu_kernels::OutputSums<T, decltype(tag)::value> pro{static_cast<T>(param)};
+      backward_sums(pro, s, channel_view(x), {ptr<T>(mean)}, sum_g, sum_g_xmu);
     });
   });
   return {g, sum_g, sum_g_xmu};

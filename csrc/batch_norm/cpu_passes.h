@@ -7,14 +7,18 @@
 //   backward_sums:   per channel sum(g) and sum(g * xmu), where the prologue
 //     gives (g, xmu) from (dy, x [, third input]) and may store g.
 //
-// A functor is called as f(M{}, coefficients, values...) with the math policy
-// M of the values: cpu::VecMath<T> for vectors, act::ScalarMath<T> for the
-// scalar head of a streamed plane. Functors are inlined into the loops, so
-// Batch Norm's own functors compile to the loops they had as plain code.
+// A functor is called as f(M{}, values..., coefficients...) with the math
+// policy M of the values: cpu::VecMath<T> for vectors, act::ScalarMath<T> for
+// the scalar head of a streamed plane. Functors are inlined into the loops, so
+// Batch Norm's own functors compile to the loops they had as plain code. The
+// per-channel coefficients reach a functor as separate values (call), not as
+// an array: GCC vectorised the default build's plain C++ Vectorized in some
+// array forms and not in others, a different one for each functor.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <array>
@@ -22,6 +26,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -49,6 +54,37 @@ using cpu::stream_acc2;
 using cpu::stream_fence;
 using cpu::stream_head;
 
+// Where GCC's own choices regressed once the passes took a functor, the
+// choice is made here, checked on the generated loops against the plain code
+// they replace. It differs with the vectors: registers (AVX2, AVX-512), or the
+// default build's plain C++ Vectorized, which GCC vectorises (or scalarises)
+// anew in every loop.
+//  - A lambda that maps vectors is inlined (out of line, the default build
+//    called it per pair of vectors).
+//  - plane_sums is inlined into the loop over planes with register vectors
+//    (out of line, each plane paid a call); with plain C++ ones, GCC then
+//    scalarised the loop, so it decides.
+//  - A plane's coefficients come by value with register vectors: behind a
+//    reference they might alias the output, and were reloaded and broadcast
+//    after every store. With plain C++ ones, by value made GCC scalarise a
+//    loop; by reference it vectorised them all.
+#if defined(__GNUC__)
+#define BNEXT_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define BNEXT_INLINE_LAMBDA
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kRegisterVectors = true;
+#define BNEXT_INLINE_PLANE C10_ALWAYS_INLINE
+#else
+constexpr bool kRegisterVectors = false;
+#define BNEXT_INLINE_PLANE
+#endif
+
+template <typename T, std::size_t P>
+using PlaneCoeffs =
+    std::conditional_t<kRegisterVectors, const std::array<T, P>, const std::array<T, P>&>;
+
 // a * b + c, fused, for both math policies' values (functors write it once).
 template <typename T>
 inline T muladd(T a, T b, T c) {
@@ -73,19 +109,10 @@ auto make_array(const F& f, std::index_sequence<I...>) {
   return std::array<decltype(f(std::size_t{0})), sizeof...(I)>{{f(I)...}};
 }
 
-// The coefficients' values at channel ch, as scalars or as a vector of copies.
+// The coefficients' values at channel ch.
 template <typename T, std::size_t P>
 std::array<T, P> coeffs_at(const Coeffs<T, P>& co, int64_t ch) {
   return make_array([&](std::size_t i) { return co[i][ch]; }, std::make_index_sequence<P>{});
-}
-
-// (A loop: built with make_array, the default build's plain C++ Vectorized
-// lost its vectorisation in map_plane.)
-template <typename T, std::size_t P>
-std::array<at::vec::Vectorized<T>, P> splat(const std::array<T, P>& co) {
-  std::array<at::vec::Vectorized<T>, P> out;
-  for (std::size_t i = 0; i < P; ++i) out[i] = at::vec::Vectorized<T>(co[i]);
-  return out;
 }
 
 // The vectors of channels [c, c + n) (lanes past n are zero).
@@ -94,6 +121,19 @@ std::array<at::vec::Vectorized<T>, P> load_coeffs(const Coeffs<T, P>& co, int64_
                                                   int64_t n = at::vec::Vectorized<T>::size()) {
   return make_array([&](std::size_t i) { return at::vec::Vectorized<T>::loadu(co[i] + c, n); },
                     std::make_index_sequence<P>{});
+}
+
+// f(m, values..., get(0), ..., get(P - 1)): a functor called with its values
+// and its P coefficients.
+template <class F, class M, class Get, std::size_t... I, class... V>
+C10_ALWAYS_INLINE auto call_impl(const F& f, M m, const Get& get, std::index_sequence<I...>,
+                                 const V&... values) {
+  return f(m, values..., get(I)...);
+}
+
+template <std::size_t P, class F, class M, class Get, class... V>
+C10_ALWAYS_INLINE auto call(const F& f, M m, const Get& get, const V&... values) {
+  return call_impl(f, m, get, std::make_index_sequence<P>{}, values...);
 }
 
 // Coefficients of virtual channels: each one expanded (repeat_each or
@@ -117,18 +157,20 @@ ExpandedCoeffs<T, P> expand(const Coeffs<T, P>& co, const E& expand_one) {
 
 // ---------------------------------------------------------------- elementwise
 // F provides kCoeffs, kSecond (whether it reads a second input) and
-//   V operator()(M, const std::array<V, kCoeffs>& co, V x, V second) const;
-// `second` is zero when kSecond is false.
+//   V operator()(M, V x, V second, V coefficient...) const
+// with kCoeffs coefficients; `second` is zero when kSecond is false.
 
 // One plane of S contiguous values; `stream`: with non-temporal stores
 // (cpu_vec.h), from the first aligned element.
 template <typename scalar_t, class F>
 void map_plane(const F& f, const scalar_t* x, const scalar_t* s, scalar_t* out, int64_t S,
-               const std::array<acc_t<scalar_t>, F::kCoeffs>& co, bool stream) {
+               PlaneCoeffs<acc_t<scalar_t>, F::kCoeffs> co, bool stream) {
   using T = acc_t<scalar_t>;
   using VM = cpu::VecMath<T>;
+  constexpr std::size_t P = F::kCoeffs;
   constexpr int64_t L = kLanes<scalar_t>;
-  const auto vco = splat(co);
+  const auto scalar = [&](std::size_t i) { return co[i]; };
+  const auto vector = [&](std::size_t i) { return Vec<scalar_t>(co[i]); };
   const Vec<scalar_t> zero(T(0));
   const auto one = [&](int64_t j) {
     // The scalar policy does what the vector one does, fused multiply-adds
@@ -136,15 +178,16 @@ void map_plane(const F& f, const scalar_t* x, const scalar_t* s, scalar_t* out, 
     // changes no bit of Batch Norm's output (with an activation, at most the
     // last bit of a library function).
     const T sj = F::kSecond ? static_cast<T>(s[j]) : T(0);
-    out[j] = static_cast<scalar_t>(f(act::ScalarMath<T>{}, co, static_cast<T>(x[j]), sj));
+    const T y = call<P>(f, act::ScalarMath<T>{}, scalar, static_cast<T>(x[j]), sj);
+    out[j] = static_cast<scalar_t>(y);
   };
-  const auto two = [&](int64_t j) {
+  const auto two = [&](int64_t j) BNEXT_INLINE_LAMBDA {
     const auto [x0, x1] = load_acc2(x + j);
     if constexpr (F::kSecond) {
       const auto [s0, s1] = load_acc2(s + j);
-      return std::pair{f(VM{}, vco, x0, s0), f(VM{}, vco, x1, s1)};
+      return std::pair{call<P>(f, VM{}, vector, x0, s0), call<P>(f, VM{}, vector, x1, s1)};
     } else {
-      return std::pair{f(VM{}, vco, x0, zero), f(VM{}, vco, x1, zero)};
+      return std::pair{call<P>(f, VM{}, vector, x0, zero), call<P>(f, VM{}, vector, x1, zero)};
     }
   };
   int64_t j = 0;
@@ -164,7 +207,7 @@ void map_plane(const F& f, const scalar_t* x, const scalar_t* s, scalar_t* out, 
   for (; j < S; j += L) {
     const int64_t n = std::min(L, S - j);
     const auto sv = F::kSecond ? load_acc(s + j, n) : zero;
-    store_acc(out + j, f(VM{}, vco, load_acc(x + j, n), sv), n);
+    store_acc(out + j, call<P>(f, VM{}, vector, load_acc(x + j, n), sv), n);
   }
 }
 
@@ -193,9 +236,14 @@ BNEXT_FLATTEN void map_rows(const F f, const scalar_t* x_p, const scalar_t* s_p,
                             int64_t end, bool stream) {
   using T = acc_t<scalar_t>;
   using VM = cpu::VecMath<T>;
+  constexpr std::size_t P = F::kCoeffs;
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t vec_end = C - C % L;
   const Vec<scalar_t> zero(T(0));
+  // The coefficients of channels [c, c + n).
+  const auto at = [&](int64_t c, int64_t n = kLanes<scalar_t>) {
+    return [&co, c, n](std::size_t i) { return Vec<scalar_t>::loadu(co[i] + c, n); };
+  };
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* xr = x_p + r * C;
     const scalar_t* sr = F::kSecond ? s_p + r * C : nullptr;
@@ -206,8 +254,8 @@ BNEXT_FLATTEN void map_rows(const F f, const scalar_t* x_p, const scalar_t* s_p,
       auto s0 = zero;
       auto s1 = zero;
       if constexpr (F::kSecond) std::tie(s0, s1) = load_acc2(sr + c);
-      const auto y0 = f(VM{}, load_coeffs(co, c), x0, s0);
-      const auto y1 = f(VM{}, load_coeffs(co, c + L), x1, s1);
+      const auto y0 = call<P>(f, VM{}, at(c), x0, s0);
+      const auto y1 = call<P>(f, VM{}, at(c + L), x1, s1);
       if (stream) {
         stream_acc2(orow + c, y0, y1);
       } else {
@@ -216,12 +264,12 @@ BNEXT_FLATTEN void map_rows(const F f, const scalar_t* x_p, const scalar_t* s_p,
     }
     for (; c < vec_end; c += L) {
       const auto sv = F::kSecond ? load_acc(sr + c) : zero;
-      store_acc(orow + c, f(VM{}, load_coeffs(co, c), load_acc(xr + c), sv));
+      store_acc(orow + c, call<P>(f, VM{}, at(c), load_acc(xr + c), sv));
     }
     if (c < C) {  // the last C - c channels, as one partial vector
       const int64_t n = C - c;
       const auto sv = F::kSecond ? load_acc(sr + c, n) : zero;
-      store_acc(orow + c, f(VM{}, load_coeffs(co, c, n), load_acc(xr + c, n), sv), n);
+      store_acc(orow + c, call<P>(f, VM{}, at(c, n), load_acc(xr + c, n), sv), n);
     }
   }
   if (stream) stream_fence();
@@ -277,8 +325,9 @@ void map_elementwise(const F& f, const Tensor& x, const Tensor& second, const Te
 // -------------------------------------------------------------- backward sums
 // P (the prologue) provides kCoeffs, kThird (whether it reads a third input),
 // kStoresG (whether g is written out) and
-//   std::pair<V, V> operator()(M, const std::array<V, kCoeffs>& co, V dy, V x, V third) const
-// returning (g, xmu); `third` is zero when kThird is false.
+//   std::pair<V, V> operator()(M, V dy, V x, V third, V coefficient...) const
+// returning (g, xmu), with kCoeffs coefficients; `third` is zero when kThird
+// is false.
 
 // The streams of the backward reduce, all laid out alike: dy, x (the
 // forward's input, or its output in in-place mode), the third input and g
@@ -317,13 +366,13 @@ void write_sums(const std::vector<T>& sum_dy_parts, const std::vector<T>& sum_dy
 // contiguous values, in one sweep: each vector of the inputs is loaded (and
 // widened) once for both sums. Two accumulators per sum hide the add latency.
 template <typename scalar_t, class P>
-std::pair<acc_t<scalar_t>, acc_t<scalar_t>> plane_sums(
+BNEXT_INLINE_PLANE std::pair<acc_t<scalar_t>, acc_t<scalar_t>> plane_sums(
     const P& pro, const ReduceStreams<scalar_t>& s, int64_t S,
-    const std::array<acc_t<scalar_t>, P::kCoeffs>& co) {
+    PlaneCoeffs<acc_t<scalar_t>, P::kCoeffs> co) {
   using T = acc_t<scalar_t>;
   using VM = cpu::VecMath<T>;
   constexpr int64_t L = kLanes<scalar_t>;
-  const auto vco = splat(co);
+  const auto vector = [&](std::size_t i) { return Vec<scalar_t>(co[i]); };
   const Vec<scalar_t> zero(T(0));
   // Where g is only summed, the inputs may come in any lane order as long as
   // it is the same for all of them (the products pair up); a stored g needs
@@ -339,7 +388,7 @@ std::pair<acc_t<scalar_t>, acc_t<scalar_t>> plane_sums(
   // Adds one vector's g and g * xmu into (a, b); returns g.
   const auto step = [&](const Vec<scalar_t>& dy, const Vec<scalar_t>& x, const Vec<scalar_t>& r,
                         Vec<scalar_t>& a, Vec<scalar_t>& b) {
-    const auto [g, xmu] = pro(VM{}, vco, dy, x, r);
+    const auto [g, xmu] = call<P::kCoeffs>(pro, VM{}, vector, dy, x, r);
     a += g;
     b = at::vec::fmadd(g, xmu, b);
     return g;
@@ -368,19 +417,6 @@ std::pair<acc_t<scalar_t>, acc_t<scalar_t>> plane_sums(
   return {hsum<scalar_t>(a0 + a1), hsum<scalar_t>(b0 + b1)};
 }
 
-// The sums of planes [begin, end) into part_dy[i] and part_dyx[i]; flattened
-// so that plane_sums is inlined into the loop rather than called per plane
-// (GCC left it out of line once it took a functor).
-template <typename scalar_t, class P>
-BNEXT_FLATTEN void planes_sums(const P pro, const ReduceStreams<scalar_t> s,
-                               const Coeffs<acc_t<scalar_t>, P::kCoeffs> co, int64_t C, int64_t S,
-                               int64_t begin, int64_t end, acc_t<scalar_t>* part_dy,
-                               acc_t<scalar_t>* part_dyx) {
-  for (int64_t i = begin; i < end; ++i) {
-    std::tie(part_dy[i], part_dyx[i]) = plane_sums(pro, s.at(i * S), S, coeffs_at(co, i % C));
-  }
-}
-
 template <typename scalar_t, class P>
 void sums_channels_first(const P& pro, const ReduceStreams<scalar_t>& s, const ChannelView& v,
                          const Coeffs<acc_t<scalar_t>, P::kCoeffs>& co, Tensor& sum_dy,
@@ -389,7 +425,10 @@ void sums_channels_first(const P& pro, const ReduceStreams<scalar_t>& s, const C
   std::vector<T> part_dy(v.N * v.C);
   std::vector<T> part_dyx(v.N * v.C);
   at::parallel_for(0, v.N * v.C, grain_for(v.S), [&](int64_t begin, int64_t end) {
-    planes_sums(pro, s, co, v.C, v.S, begin, end, part_dy.data(), part_dyx.data());
+    for (int64_t i = begin; i < end; ++i) {
+      std::tie(part_dy[i], part_dyx[i]) =
+          plane_sums(pro, s.at(i * v.S), v.S, coeffs_at(co, i % v.C));
+    }
   });
   write_sums(part_dy, part_dyx, v.C, v.N, sum_dy, sum_dy_xmu);
 }
@@ -405,12 +444,14 @@ BNEXT_FLATTEN void sums_wide_rows(const P pro, const ReduceStreams<scalar_t> s,
   const Vec<scalar_t> zero(T(0));
   for_each_row_group<scalar_t>(C, r0, r1, [&](auto rows, int64_t r, int64_t c, int64_t n) {
     const auto vco = load_coeffs(co, c, n);
+    const auto coeff = [&](std::size_t i) { return vco[i]; };
     auto sa = Vec<scalar_t>::loadu(a + c, n);
     auto sb = Vec<scalar_t>::loadu(b + c, n);
     for (int j = 0; j < decltype(rows)::value; ++j) {
       const int64_t off = (r + j) * C + c;
       const auto third = P::kThird ? load_acc(s.third + off, n) : zero;
-      const auto [g, xmu] = pro(VM{}, vco, load_acc(s.dy + off, n), load_acc(s.x + off, n), third);
+      const auto [g, xmu] = call<P::kCoeffs>(pro, VM{}, coeff, load_acc(s.dy + off, n),
+                                             load_acc(s.x + off, n), third);
       sa += g;
       sb = at::vec::fmadd(g, xmu, sb);
       if constexpr (P::kStoresG) store_acc(s.g + off, g, n);
@@ -456,8 +497,9 @@ int64_t channels_last_sums(const P& pro, const ReduceStreams<scalar_t>& s,
           for (int j = 0; j < kTileVecs; ++j) {
             const int64_t o = off + j * L;
             const auto third = P::kThird ? load_acc(s.third + o, counts[j]) : zero;
-            const auto [g, xmu] = pro(VM{}, vco[j], load_acc(s.dy + o, counts[j]),
-                                      load_acc(s.x + o, counts[j]), third);
+            const auto coeff = [&](std::size_t i) { return vco[j][i]; };
+            const auto [g, xmu] = call<P::kCoeffs>(pro, VM{}, coeff, load_acc(s.dy + o, counts[j]),
+                                                   load_acc(s.x + o, counts[j]), third);
             a[j] += g;
             b[j] = at::vec::fmadd(g, xmu, b[j]);
             if constexpr (P::kStoresG) {

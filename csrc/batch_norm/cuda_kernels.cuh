@@ -191,6 +191,34 @@ struct ActGradPrologue {
   }
 };
 
+// A piecewise linear activation's backward from its output y (kept instead
+// of the residual): g = dy * act'(u) from y, stored; (g, x - mean) to the reducer.
+template <typename scalar_t_, act::Kind K>
+struct OutputGradPrologue {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr int kLoads = 3;  // dy, x, y
+  static constexpr int kValues = 2;
+  static constexpr bool kStores = true;
+  static constexpr int kUnroll = kStoringUnroll;
+  struct Channel {
+    T mean;
+  };
+  const scalar_t* in[kLoads];
+  scalar_t* out;  // g
+  const T* mean;
+  T param;
+  __device__ __forceinline__ Channel channel(int64_t c) const { return {mean[c]}; }
+  __device__ __forceinline__ T map(const Channel& co, const T (&loaded)[kLoads],
+                                   T (&vals)[kValues]) const {
+    const T g =
+        loaded[0] * act::derivative_from_output<ScalarMath<T>>(act::KindTag<K>{}, loaded[2], param);
+    vals[0] = g;
+    vals[1] = loaded[1] - co.mean;
+    return g;
+  }
+};
+
 // In-place mode: x - mean = (act^-1(y) - shift) * inv_scale from the output y.
 template <typename T, act::Kind K>
 __device__ __forceinline__ T xmu_from_output(T y, T shift, T inv_scale, T param) {
@@ -725,6 +753,23 @@ void dispatch_invertible(act::Kind kind, const char* op, F&& f) {
   });
 }
 
+// f(KindTag) for the piecewise linear activations (act::piecewise_linear),
+// the only ones whose layers keep their output for backward.
+template <class F>
+void dispatch_piecewise_linear(act::Kind kind, const char* op, F&& f) {
+  act::dispatch(kind, [&](auto tag) {
+    constexpr act::Kind K = decltype(tag)::value;
+    if constexpr (K == act::Kind::kIdentity || K == act::Kind::kRelu ||
+                  K == act::Kind::kLeakyRelu || K == act::Kind::kRelu6) {
+      f(tag);
+    } else {
+      TORCH_CHECK(false, op,
+                  ": the derivative from the output needs a piecewise linear "
+                  "activation (identity, relu, leaky_relu, relu6)");
+    }
+  });
+}
+
 // f(std::true_type{}) with a residual, f(std::false_type{}) without.
 template <class F>
 void dispatch_residual(const Tensor& residual, F&& f) {
@@ -846,6 +891,37 @@ std::tuple<Tensor, Tensor, Tensor> CudaBackend::act_backward_reduce(
             p.param = static_cast<T>(param);
             cuda_kernels::reduce(r, p, channel_view(x), x);
           });
+        });
+      });
+  return {g, sum_g, sum_g_xmu};
+}
+
+template <typename>
+std::tuple<Tensor, Tensor, Tensor> CudaBackend::act_backward_reduce_from_output(
+    const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& mean, act::Kind kind,
+    double param) {
+  const char* op = "bnext::batch_norm_act_backward_reduce_from_output";
+  cuda_kernels::check_same_device(op, dy, x);
+  cuda_kernels::check_same_device(op, y, x);
+  Tensor g = empty_same_layout(x, x.scalar_type());
+  if (x.numel() == 0)
+    return {g, at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
+  Tensor sum_g = at::empty({x.size(1)}, mean.options());
+  Tensor sum_g_xmu = at::empty({x.size(1)}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_reduce_from_output_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
+                                                          sum_g_xmu.mutable_data_ptr<T>()};
+        cuda_kernels::dispatch_piecewise_linear(kind, op, [&](auto tag) {
+          constexpr act::Kind K = decltype(tag)::value;
+          const cuda_kernels::OutputGradPrologue<scalar_t, K> p{
+              {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+               y.const_data_ptr<scalar_t>()},
+              g.mutable_data_ptr<scalar_t>(),
+              mean.const_data_ptr<T>(),
+              static_cast<T>(param)};
+          cuda_kernels::reduce(r, p, channel_view(x), x);
         });
       });
   return {g, sum_g, sum_g_xmu};

@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "batch_norm/checks.h"
+#include "batch_norm/reference.h"
 #include "batch_norm_act/checks.h"
 #include "batch_norm_act/reference.h"
 #include "common/autograd_util.h"
@@ -33,7 +34,8 @@ using Grads3 = std::tuple<Tensor, Tensor, Tensor>;
 
 using BackwardSig = Grads4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, double, std::string_view, double, bool);
+                           const OptTensor&, double, std::string_view, double, bool,
+                           const OptTensor&);
 using InplaceBackwardSig = Grads3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                   const OptTensor&, double, std::string_view, double, bool);
 
@@ -73,13 +75,14 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
                                const Tensor& mean, const Tensor& var, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual, const OptTensor& r,
                                const OptTensor& d, double eps, std::string_view activation,
-                               double param, bool training) {
+                               double param, bool training, const OptTensor& output) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dx, dw, db, dpre] = backward_handle().call(
-        grad_out, input, mean, var, weight, bias, residual, r, d, eps, activation, param, training);
+    auto [dx, dw, db, dpre] =
+        backward_handle().call(grad_out, input, mean, var, weight, bias, residual, r, d, eps,
+                               activation, param, training, output);
     ctx->save_for_backward({grad_out, input, mean, var, weight.value_or(Tensor()),
                             bias.value_or(Tensor()), residual.value_or(Tensor()),
-                            r.value_or(Tensor()), d.value_or(Tensor())});
+                            r.value_or(Tensor()), d.value_or(Tensor()), output.value_or(Tensor())});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["training"] = training;
     save_activation(ctx, activation, param);
@@ -112,7 +115,19 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const bool training = ctx->saved_data["training"].toBool();
     const Activation fn = parsed_activation(ctx, op);
     const bool training_ = training;
+    // With the output kept instead of the residual (a piecewise linear
+    // activation), act'(u) is the constant D it gives: the layer is
+    // D * (bn(x) + residual) around this point, and its second derivatives
+    // are those of that.
+    const Tensor slope =
+        saved[9].defined() ? reference::derivative_from_output(saved[9], fn) : Tensor();
     const ReferenceForward forward = [=](const variable_list& in) {
+      if (slope.defined()) {
+        const Tensor y =
+            training_ ? std::get<0>(batch_norm::reference::train(in[0], in[1], in[2], eps, r, d))
+                      : batch_norm::reference::infer(in[0], mean, var, in[1], in[2], eps);
+        return slope * (y + in[3]);
+      }
       return training_ ? std::get<0>(reference::train(in[0], in[1], in[2], in[3], eps, fn, r, d))
                        : reference::infer(in[0], mean, var, in[1], in[2], in[3], eps, fn);
     };
@@ -131,7 +146,7 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
                               weight.defined() && ctx->needs_input_grad(weight_edge),
                               bias.defined() && ctx->needs_input_grad(bias_edge),
                               residual.defined() && ctx->needs_input_grad(residual_edge)});
-    variable_list out(13);
+    variable_list out(14);
     out[0] = h[0];
     out[1] = h[1];
     if (weight.defined()) out[4] = h[2];
@@ -146,11 +161,11 @@ Grads4 batch_norm_act_backward_autograd(const Tensor& grad_out, const Tensor& in
                                         const OptTensor& weight, const OptTensor& bias,
                                         const OptTensor& residual, const OptTensor& r,
                                         const OptTensor& d, double eps, std::string_view activation,
-                                        double param, bool training) {
+                                        double param, bool training, const OptTensor& output) {
   check_reverse_mode_only("bnext::batch_norm_act_backward", {&grad_out, &input, &mean, &var},
-                          {&weight, &bias, &residual, &r, &d});
+                          {&weight, &bias, &residual, &r, &d, &output});
   const auto g = BackwardFunction::apply(grad_out, input, mean, var, weight, bias, residual, r, d,
-                                         eps, activation, param, training);
+                                         eps, activation, param, training, output);
   return {g[0], g[1], g[2], g[3]};
 }
 
@@ -181,6 +196,16 @@ void save_presence(AutogradContext* ctx, const OptTensor& weight, const OptTenso
   ctx->saved_data["has_residual"] = present(residual);
 }
 
+// Whether a layer with a residual keeps its output for backward instead of
+// the residual: a piecewise linear activation's derivative comes from the
+// output, which the next layer keeps anyway (ResNet's relu(bn(x) + identity)
+// then keeps nothing a plain bn -> add -> relu would not).
+bool keeps_output(const OptTensor& residual, std::string_view activation, double param) {
+  return present(residual) &&
+         act::piecewise_linear(parse_activation("bnext::batch_norm_act", activation, param).kind,
+                               param);
+}
+
 // ------------------------------------------------------------ forward ops
 
 struct TrainFunction : public torch::autograd::Function<TrainFunction> {
@@ -193,8 +218,10 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
             "bnext::batch_norm_act_train");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mean, var] = train.call(input, weight, bias, residual, eps, activation, param);
+    const bool keep_output = keeps_output(residual, activation, param);
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()),
-                            residual.value_or(Tensor()), mean, var});
+                            keep_output ? Tensor() : residual.value_or(Tensor()), mean, var,
+                            keep_output ? out : Tensor()});
     ctx->saved_data["eps"] = eps;
     save_activation(ctx, activation, param);
     save_presence(ctx, weight, bias, residual);
@@ -204,10 +231,11 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const auto g = call_backward(backward_handle(), grads[0], s[0], s[4], s[5], optional_of(s[1]),
-                                 optional_of(s[2]), optional_of(s[3]), OptTensor(), OptTensor(),
-                                 ctx->saved_data["eps"].toDouble(), saved_activation(ctx),
-                                 ctx->saved_data["activation_param"].toDouble(), true);
+    const auto g =
+        call_backward(backward_handle(), grads[0], s[0], s[4], s[5], optional_of(s[1]),
+                      optional_of(s[2]), optional_of(s[3]), OptTensor(), OptTensor(),
+                      ctx->saved_data["eps"].toDouble(), saved_activation(ctx),
+                      ctx->saved_data["activation_param"].toDouble(), true, optional_of(s[6]));
     auto out = input_grads4(ctx, g, 1);
     out.resize(7);  // eps, activation, activation_param
     return out;
@@ -241,22 +269,26 @@ struct InferFunction : public torch::autograd::Function<InferFunction> {
                   const OptTensor&, double, std::string_view, double)>(
             "bnext::batch_norm_act_infer");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor out = infer.call(input, mean, var, weight, bias, residual, eps, activation, param);
+    const bool keep_output = keeps_output(residual, activation, param);
     ctx->save_for_backward({input, mean, var, weight.value_or(Tensor()), bias.value_or(Tensor()),
-                            residual.value_or(Tensor())});
+                            keep_output ? Tensor() : residual.value_or(Tensor()),
+                            keep_output ? out : Tensor()});
     ctx->saved_data["eps"] = eps;
     save_activation(ctx, activation, param);
     save_presence(ctx, weight, bias, residual);
-    return infer.call(input, mean, var, weight, bias, residual, eps, activation, param);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_no_grad_needed(ctx, 1, "bnext::batch_norm_act_infer", "running_mean");
     check_no_grad_needed(ctx, 2, "bnext::batch_norm_act_infer", "running_var");
     const auto s = ctx->get_saved_variables();
-    const auto g = call_backward(backward_handle(), grads[0], s[0], s[1], s[2], optional_of(s[3]),
-                                 optional_of(s[4]), optional_of(s[5]), OptTensor(), OptTensor(),
-                                 ctx->saved_data["eps"].toDouble(), saved_activation(ctx),
-                                 ctx->saved_data["activation_param"].toDouble(), false);
+    const auto g =
+        call_backward(backward_handle(), grads[0], s[0], s[1], s[2], optional_of(s[3]),
+                      optional_of(s[4]), optional_of(s[5]), OptTensor(), OptTensor(),
+                      ctx->saved_data["eps"].toDouble(), saved_activation(ctx),
+                      ctx->saved_data["activation_param"].toDouble(), false, optional_of(s[6]));
     const auto in = input_grads4(ctx, g, 3);
     return {in[0], Tensor(), Tensor(), in[1], in[2], in[3], Tensor(), Tensor(), Tensor()};
   }
@@ -301,8 +333,10 @@ struct RenormTrainFunction : public torch::autograd::Function<RenormTrainFunctio
     auto [out, mean, var, r, d] =
         renorm_train_handle().call(input, running_mean, running_var, weight, bias, residual, eps,
                                    r_max, d_max, activation, param);
+    const bool keep_output = keeps_output(residual, activation, param);
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()),
-                            residual.value_or(Tensor()), mean, var, r, d});
+                            keep_output ? Tensor() : residual.value_or(Tensor()), mean, var, r, d,
+                            keep_output ? out : Tensor()});
     ctx->saved_data["eps"] = eps;
     save_activation(ctx, activation, param);
     save_presence(ctx, weight, bias, residual);
@@ -315,10 +349,11 @@ struct RenormTrainFunction : public torch::autograd::Function<RenormTrainFunctio
     check_no_grad_needed(ctx, 1, op, "running_mean");
     check_no_grad_needed(ctx, 2, op, "running_var");
     const auto s = ctx->get_saved_variables();
-    const auto g = call_backward(
-        backward_handle(), grads[0], s[0], s[4], s[5], optional_of(s[1]), optional_of(s[2]),
-        optional_of(s[3]), optional_of(s[6]), optional_of(s[7]), ctx->saved_data["eps"].toDouble(),
-        saved_activation(ctx), ctx->saved_data["activation_param"].toDouble(), true);
+    const auto g =
+        call_backward(backward_handle(), grads[0], s[0], s[4], s[5], optional_of(s[1]),
+                      optional_of(s[2]), optional_of(s[3]), optional_of(s[6]), optional_of(s[7]),
+                      ctx->saved_data["eps"].toDouble(), saved_activation(ctx),
+                      ctx->saved_data["activation_param"].toDouble(), true, optional_of(s[8]));
     const auto in = input_grads4(ctx, g, 3);
     return {in[0],    Tensor(), Tensor(), in[1],    in[2],   in[3],
             Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};

@@ -52,6 +52,15 @@ inline Activation parse_invertible(const char* op, std::string_view name, double
   return a;
 }
 
+inline Activation parse_piecewise_linear(const char* op, std::string_view name, double param) {
+  const Activation a = parse_activation(op, name, param);
+  TORCH_CHECK_VALUE(act::piecewise_linear(a.kind, a.param), op,
+                    ": the derivative from the output needs a piecewise linear activation "
+                    "(identity, relu, leaky_relu with negative_slope >= 0, relu6); got ",
+                    name, " with parameter ", param);
+  return a;
+}
+
 // A residual is added to the normalised input: the input's sizes and dtype.
 inline void check_residual(const char* op, const Tensor& residual, const Tensor& input) {
   if (!residual.defined()) return;

@@ -116,6 +116,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward_reduce(
 }
 
 template <class K>
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward_reduce_from_output(
+    const Tensor& grad_out, const Tensor& input, const Tensor& output, const Tensor& mean,
+    std::string_view activation, double param) {
+  const char* op = "bnext::batch_norm_act_backward_reduce_from_output";
+  check_input(op, input, 2);
+  batch_norm::check_channel_vectors(op, input, {&mean});
+  batch_norm::check_grad_out(op, grad_out, input);
+  batch_norm::check_grad_out(op, output, input);
+  const Activation a = parse_piecewise_linear(op, activation, param);
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor x = canonical(input);
+  return K::act_backward_reduce_from_output(same_layout(grad_out, x), x, same_layout(output, x),
+                                            per_channel(mean, opmath_dtype(input.scalar_type())),
+                                            a.kind, a.param);
+}
+
+template <class K>
 std::tuple<Tensor, Tensor, Tensor> batch_norm_act_inplace_backward_reduce(
     const Tensor& grad_out, const Tensor& output, const Tensor& shift, const Tensor& inv_scale,
     std::string_view activation, double param) {
@@ -244,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
     const Tensor& grad_out, const Tensor& input, const Tensor& mean_in, const Tensor& var_in,
     const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
     const OptTensor& r_in, const OptTensor& d_in, double eps, std::string_view activation,
-    double param, bool training) {
+    double param, bool training, const OptTensor& output) {
   const char* op = "bnext::batch_norm_act_backward";
   const Tensor& w_in = value_or_undefined(weight);
   const Tensor& b_in = value_or_undefined(bias);
@@ -256,7 +273,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
   TORCH_CHECK(r_t.defined() == d_t.defined(), op,
               ": expected Batch Renorm's r and d together, got only ", r_t.defined() ? "r" : "d");
   if (r_t.defined()) batch_norm::check_channel_vectors(op, input, {&r_t, &d_t});
-  const Activation a = parse_activation(op, activation, param);
+  const Tensor& y = value_or_undefined(output);
+  if (y.defined()) batch_norm::check_grad_out(op, y, input);
+  const Activation a = y.defined() ? parse_piecewise_linear(op, activation, param)
+                                   : parse_activation(op, activation, param);
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const Tensor dy = same_layout(grad_out, x);
@@ -283,9 +303,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
         data_or_null<scalar_t>(b),          data_or_null<scalar_t>(r),
         data_or_null<scalar_t>(d),          scale.mutable_data_ptr<scalar_t>(),
         shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
-    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) { recompute(c); });
-    std::tie(g, sum_g, sum_gx) = K::act_backward_reduce(
-        dy, x, mean, scale, shift, residual_like(value_or_undefined(residual), x), a.kind, a.param);
+    if (y.defined()) {
+      std::tie(g, sum_g, sum_gx) =
+          K::act_backward_reduce_from_output(dy, x, same_layout(y, x), mean, a.kind, a.param);
+    } else {
+      K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) { recompute(c); });
+      std::tie(g, sum_g, sum_gx) =
+          K::act_backward_reduce(dy, x, mean, scale, shift,
+                                 residual_like(value_or_undefined(residual), x), a.kind, a.param);
+    }
     const batch_norm::BackwardStep<scalar_t> step{var.const_data_ptr<scalar_t>(),
                                                   data_or_null<scalar_t>(w),
                                                   data_or_null<scalar_t>(r),
@@ -433,6 +459,8 @@ template <class K>
 void register_kernels(torch::Library& m) {
   m.impl("batch_norm_act_elemt", &batch_norm_act_elemt<K>);
   m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce<K>);
+  m.impl("batch_norm_act_backward_reduce_from_output",
+         &batch_norm_act_backward_reduce_from_output<K>);
   m.impl("batch_norm_act_inplace_backward_reduce", &batch_norm_act_inplace_backward_reduce<K>);
   m.impl("batch_norm_act_inplace_backward_elemt", &batch_norm_act_inplace_backward_elemt<K>);
   m.impl("batch_norm_act_train", &batch_norm_act_train<K>);

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "batch_norm/reference.h"
+#include "common/checks.h"
 
 namespace bnext {
 namespace batch_norm_act {
@@ -38,6 +39,24 @@ Tensor activation(const Tensor& u, Activation fn) {
       break;
   }
   return u;
+}
+
+Tensor derivative_from_output(const Tensor& y, Activation fn) {
+  using act::Kind;
+  const Tensor yo = y.detach().to(opmath_dtype(y.scalar_type()));
+  switch (fn.kind) {
+    case Kind::kRelu:
+      return (yo > 0).to(yo.scalar_type());
+    case Kind::kLeakyRelu:
+      return at::where(yo > 0, 1.0, fn.param).to(yo.scalar_type());
+    case Kind::kRelu6:
+      return ((yo > 0) & (yo < 6)).to(yo.scalar_type());
+    case Kind::kIdentity:
+      return at::ones_like(yo);
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "bnext: no derivative from the output for this activation");
 }
 
 std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const Tensor& weight, const Tensor& bias,

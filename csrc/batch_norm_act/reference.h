@@ -20,6 +20,10 @@ using at::Tensor;
 // act(u) with ATen's operator for the activation.
 Tensor activation(const Tensor& u, Activation fn);
 
+// act'(u) from y = act(u) for a piecewise linear activation (identity,
+// relu, leaky_relu, relu6), in y's opmath dtype, with ATen's values at the kinks.
+Tensor derivative_from_output(const Tensor& y, Activation fn);
+
 // (act(bn(x) + residual), mean, biased var) with the batch statistics; with
 // r and d, Batch Renorm's (constants).
 std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x, const Tensor& weight, const Tensor& bias,

@@ -32,6 +32,13 @@ inline void define_schemas(torch::Library& m) {
       "batch_norm_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor scale, "
       "Tensor shift, Tensor? residual, str activation, float activation_param) "
       "-> (Tensor grad_pre, Tensor sum_dy, Tensor sum_dy_xmu)");
+  // The same for a piecewise linear activation (identity, relu, leaky_relu,
+  // relu6) with act'(u) from its output (a layer with a residual keeps its
+  // output, which the next layer keeps anyway, rather than the residual).
+  m.def(
+      "batch_norm_act_backward_reduce_from_output(Tensor grad_out, Tensor input, Tensor output, "
+      "Tensor mean, str activation, float activation_param) "
+      "-> (Tensor grad_pre, Tensor sum_dy, Tensor sum_dy_xmu)");
   // In-place mode: the same from the output y = act(u) alone, where
   // x - mean = (act^-1(y) - shift) * inv_scale.
   m.def(
@@ -59,11 +66,13 @@ inline void define_schemas(torch::Library& m) {
       "str activation, float activation_param) "
       "-> (Tensor out, Tensor mean, Tensor var, Tensor r, Tensor d)");
   // grad_pre is the gradient of the activation's input: that of `residual`.
-  // r and d: Batch Renorm's correction (both or neither).
+  // r and d: Batch Renorm's correction (both or neither). `output`: the
+  // forward's output, for act' of a piecewise linear activation instead of
+  // recomputing it (then no residual is needed).
   m.def(
       "batch_norm_act_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor? residual, Tensor? r, Tensor? d, float eps, "
-      "str activation, float activation_param, bool training) "
+      "str activation, float activation_param, bool training, Tensor? output=None) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_pre)");
 
   // In-place mode (invertible activations): the output overwrites the input,

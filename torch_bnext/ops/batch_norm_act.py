@@ -18,6 +18,11 @@ def _backward_reduce_fake(
     return empty_canonical(input), channel_vector(input), channel_vector(input)
 
 
+@torch.library.register_fake("bnext::batch_norm_act_backward_reduce_from_output")
+def _backward_reduce_from_output_fake(grad_out, input, output, mean, activation, param):
+    return empty_canonical(input), channel_vector(input), channel_vector(input)
+
+
 @torch.library.register_fake("bnext::batch_norm_act_inplace_backward_reduce")
 def _inplace_backward_reduce_fake(grad_out, output, shift, inv_scale, activation, param):
     return empty_canonical(output), channel_vector(output), channel_vector(output)
@@ -91,6 +96,7 @@ def _backward_fake(
     activation,
     activation_param,
     training,
+    output=None,
 ):
     return batch_norm_backward_outputs(input, weight) + (empty_canonical(input),)
 

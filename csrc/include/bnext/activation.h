@@ -68,6 +68,15 @@ C10_HOST_DEVICE inline bool invertible(Kind k, double param) {
   return k == Kind::kIdentity || ((k == Kind::kLeakyRelu || k == Kind::kElu) && param > 0);
 }
 
+// Piecewise linear activations whose derivative the output alone gives
+// (relu's and relu6's too, though they are not invertible): a layer with a
+// residual keeps its output for backward, which the next layer keeps anyway,
+// instead of the residual.
+C10_HOST_DEVICE inline bool piecewise_linear(Kind k, double param) {
+  return k == Kind::kIdentity || k == Kind::kRelu || k == Kind::kRelu6 ||
+         (k == Kind::kLeakyRelu && param >= 0);
+}
+
 // The scalar policy (CUDA kernels, and scalar tails on the CPU).
 template <typename T>
 struct ScalarMath {
@@ -176,14 +185,20 @@ C10_HOST_DEVICE inline typename M::V inverse(KindTag<K>, typename M::V y, typena
   if constexpr (K == Kind::kLeakyRelu) {
     return M::if_gt(y, zero, y, y / param);
   } else if constexpr (K == Kind::kElu) {
-    return M::if_gt(y, zero, y, M::log1p(y / param));
+    // A half-precision output may round below -alpha, where log1p would be
+    // NaN: clamp to the most negative representable input instead.
+    const V t = y / param;
+    const V floor = M::splat(-0.99999994);
+    return M::if_gt(y, zero, y, M::log1p(M::if_gt(t, floor, t, floor)));
   } else {
     static_assert(K == Kind::kIdentity, "in-place mode needs an invertible activation");
     return y;
   }
 }
 
-// act'(u) from y = act(u), for the invertible kinds.
+// act'(u) from y = act(u): the invertible kinds and the piecewise linear
+// ones (relu's y > 0 iff u > 0, as relu6's 0 < y < 6 iff 0 < u < 6, ATen's
+// choices at the kinks included).
 template <class M, Kind K>
 C10_HOST_DEVICE inline typename M::V derivative_from_output(KindTag<K>, typename M::V y,
                                                             typename M::V param) {
@@ -194,8 +209,12 @@ C10_HOST_DEVICE inline typename M::V derivative_from_output(KindTag<K>, typename
     return M::if_gt(y, zero, one, param);
   } else if constexpr (K == Kind::kElu) {
     return M::if_gt(y, zero, one, y + param);  // alpha * exp(u) = y + alpha
+  } else if constexpr (K == Kind::kRelu) {
+    return M::if_gt(y, zero, one, zero);
+  } else if constexpr (K == Kind::kRelu6) {
+    return M::if_gt(y, zero, M::if_gt(M::splat(6), y, one, zero), zero);
   } else {
-    static_assert(K == Kind::kIdentity, "in-place mode needs an invertible activation");
+    static_assert(K == Kind::kIdentity, "no derivative from the output for this activation");
     return one;
   }
 }
