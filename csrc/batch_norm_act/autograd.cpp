@@ -568,6 +568,17 @@ Grads3 batch_norm_act_backward_reduce_autograd(const Tensor& grad_out, const Ten
       grad_out, input, mean, scale, shift, residual, activation, param);
 }
 
+Grads3 batch_norm_act_backward_reduce_from_output_autograd(const Tensor& grad_out,
+                                                           const Tensor& input,
+                                                           const Tensor& output, const Tensor& mean,
+                                                           std::string_view activation,
+                                                           double param) {
+  return not_differentiated<Grads3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   std::string_view, double)>(
+      "bnext::batch_norm_act_backward_reduce_from_output", {&grad_out, &input, &output, &mean},
+      grad_out, input, output, mean, activation, param);
+}
+
 Grads3 batch_norm_act_inplace_backward_reduce_autograd(const Tensor& grad_out, const Tensor& output,
                                                        const Tensor& shift, const Tensor& inv_scale,
                                                        std::string_view activation, double param) {
@@ -602,6 +613,8 @@ TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_autograd);
   m.impl("batch_norm_act_elemt", &batch_norm_act_elemt_autograd);
   m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce_autograd);
+  m.impl("batch_norm_act_backward_reduce_from_output",
+         &batch_norm_act_backward_reduce_from_output_autograd);
   m.impl("batch_norm_act_inplace_backward_reduce",
          &batch_norm_act_inplace_backward_reduce_autograd);
   m.impl("batch_norm_act_inplace_backward_elemt", &batch_norm_act_inplace_backward_elemt_autograd);
