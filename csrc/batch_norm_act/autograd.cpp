@@ -539,22 +539,30 @@ void batch_norm_act_infer__autograd(const Tensor& input, const Tensor& mean, con
 // No derivative of their own (the whole passes have one): they refuse to be
 // differentiated rather than record nothing.
 
-template <class Sig, typename... Args>
-auto not_differentiated(const char* name, std::initializer_list<const Tensor*> tensors,
-                        const Args&... args) {
-  check_not_differentiated(name, tensors);
-  static const auto handle = op<Sig>(name);
+// The operator's name is a template argument: the handle is cached per
+// operator (two of these ops share a signature, so a cache keyed by the
+// signature alone would call whichever was looked up first).
+template <const char* kName, class Sig, typename... Args>
+auto not_differentiated(std::initializer_list<const Tensor*> tensors, const Args&... args) {
+  check_not_differentiated(kName, tensors);
+  static const auto handle = op<Sig>(kName);
   return call_below_autograd(handle, args...);
 }
+
+constexpr char kElemt[] = "bnext::batch_norm_act_elemt";
+constexpr char kBackwardReduce[] = "bnext::batch_norm_act_backward_reduce";
+constexpr char kBackwardReduceFromOutput[] = "bnext::batch_norm_act_backward_reduce_from_output";
+constexpr char kInplaceBackwardReduce[] = "bnext::batch_norm_act_inplace_backward_reduce";
+constexpr char kInplaceBackwardElemt[] = "bnext::batch_norm_act_inplace_backward_elemt";
 
 Tensor batch_norm_act_elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& scale,
                                      const Tensor& shift, const OptTensor& residual,
                                      std::string_view activation, double param) {
   const Tensor& r = value_or_undefined(residual);
-  return not_differentiated<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  return not_differentiated<kElemt,
+                            Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const OptTensor&, std::string_view, double)>(
-      "bnext::batch_norm_act_elemt", {&input, &mean, &scale, &shift, &r}, input, mean, scale, shift,
-      residual, activation, param);
+      {&input, &mean, &scale, &shift, &r}, input, mean, scale, shift, residual, activation, param);
 }
 
 Grads3 batch_norm_act_backward_reduce_autograd(const Tensor& grad_out, const Tensor& input,
@@ -562,10 +570,11 @@ Grads3 batch_norm_act_backward_reduce_autograd(const Tensor& grad_out, const Ten
                                                const Tensor& shift, const OptTensor& residual,
                                                std::string_view activation, double param) {
   const Tensor& r = value_or_undefined(residual);
-  return not_differentiated<Grads3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  return not_differentiated<kBackwardReduce,
+                            Grads3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, const OptTensor&, std::string_view, double)>(
-      "bnext::batch_norm_act_backward_reduce", {&grad_out, &input, &mean, &scale, &shift, &r},
-      grad_out, input, mean, scale, shift, residual, activation, param);
+      {&grad_out, &input, &mean, &scale, &shift, &r}, grad_out, input, mean, scale, shift, residual,
+      activation, param);
 }
 
 Grads3 batch_norm_act_backward_reduce_from_output_autograd(const Tensor& grad_out,
@@ -573,19 +582,20 @@ Grads3 batch_norm_act_backward_reduce_from_output_autograd(const Tensor& grad_ou
                                                            const Tensor& output, const Tensor& mean,
                                                            std::string_view activation,
                                                            double param) {
-  return not_differentiated<Grads3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  return not_differentiated<kBackwardReduceFromOutput,
+                            Grads3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    std::string_view, double)>(
-      "bnext::batch_norm_act_backward_reduce_from_output", {&grad_out, &input, &output, &mean},
-      grad_out, input, output, mean, activation, param);
+      {&grad_out, &input, &output, &mean}, grad_out, input, output, mean, activation, param);
 }
 
 Grads3 batch_norm_act_inplace_backward_reduce_autograd(const Tensor& grad_out, const Tensor& output,
                                                        const Tensor& shift, const Tensor& inv_scale,
                                                        std::string_view activation, double param) {
-  return not_differentiated<Grads3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  return not_differentiated<kInplaceBackwardReduce,
+                            Grads3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    std::string_view, double)>(
-      "bnext::batch_norm_act_inplace_backward_reduce", {&grad_out, &output, &shift, &inv_scale},
-      grad_out, output, shift, inv_scale, activation, param);
+      {&grad_out, &output, &shift, &inv_scale}, grad_out, output, shift, inv_scale, activation,
+      param);
 }
 
 Tensor batch_norm_act_inplace_backward_elemt_autograd(const Tensor& grad_pre, const Tensor& output,
@@ -593,10 +603,10 @@ Tensor batch_norm_act_inplace_backward_elemt_autograd(const Tensor& grad_pre, co
                                                       const Tensor& a, const Tensor& k,
                                                       const Tensor& c, std::string_view activation,
                                                       double param) {
-  return not_differentiated<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  return not_differentiated<kInplaceBackwardElemt,
+                            Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, const Tensor&, const Tensor&, std::string_view,
-                                   double)>("bnext::batch_norm_act_inplace_backward_elemt",
-                                            {&grad_pre, &output, &shift, &inv_scale, &a, &k, &c},
+                                   double)>({&grad_pre, &output, &shift, &inv_scale, &a, &k, &c},
                                             grad_pre, output, shift, inv_scale, a, k, c, activation,
                                             param);
 }
