@@ -5,7 +5,7 @@ kernels (channels-first planes, tiny planes, channels-last tiles, wide and
 narrow rows), with and without a residual, and in-place mode.
 
 The ops are called without autograd (torch.no_grad(), inputs that do not
-require grad): their derivatives are tested with the autograd formulas."""
+require grad): their autograd formulas are tested in test_batch_norm_act.py."""
 
 import os
 import subprocess
@@ -425,7 +425,9 @@ INPLACE_GRAD_FACTOR = {torch.float32: 32, torch.float64: 32, torch.float16: 8, t
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", INVERTIBLE)
-@pytest.mark.parametrize("case", PASS_CASES + [("strided", (3, 65, 6, 7), "strided")], ids=str)
+@pytest.mark.parametrize(
+    "case", PASS_CASES + [("strided", (3, 65, 6, 7), "strided")], ids=PASS_IDS + ["strided"]
+)
 @torch.no_grad()
 def test_inplace_train_and_backward(case, act, dtype, training):
     """batch_norm_act_train_ / infer_ write the output over the input's own

@@ -10,10 +10,13 @@
 // A functor is called as f(M{}, values..., coefficients...) with the math
 // policy M of the values: cpu::VecMath<T> for vectors, act::ScalarMath<T> for
 // the scalar head of a streamed plane. Functors are inlined into the loops, so
-// Batch Norm's own functors compile to the loops they had as plain code. The
+// that Batch Norm's own compile to the loops it had as plain code (with AVX2
+// and AVX-512 the same instructions; over the default build's plain C++
+// Vectorized, which GCC vectorises loop by loop, up to 20% more instructions
+// in the elementwise pass over channels-first planes). The
 // per-channel coefficients reach a functor as separate values (call), not as
-// an array: GCC vectorised the default build's plain C++ Vectorized in some
-// array forms and not in others, a different one for each functor.
+// an array: GCC vectorised that Vectorized in some array forms and not in
+// others, a different one for each functor.
 #pragma once
 
 #include <ATen/Parallel.h>
