@@ -10,13 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules.batch_norm import adopt_tensors
+from .modules.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, adopt_tensors
 from .modules.batch_norm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fused_activation
 
+# The Batch Norm classes the pass replaces, torch.nn's and our drop-ins, but
+# no other subclass (its forward may do more).
 _FUSED_CLASS = {
     nn.BatchNorm1d: BatchNormAct1d,
     nn.BatchNorm2d: BatchNormAct2d,
     nn.BatchNorm3d: BatchNormAct3d,
+    BatchNorm1d: BatchNormAct1d,
+    BatchNorm2d: BatchNormAct2d,
+    BatchNorm3d: BatchNormAct3d,
 }
 # Activations called as functions or methods: the module that computes them.
 _FUNCTIONAL_ACTS = {
@@ -28,16 +33,6 @@ _FUNCTIONAL_ACTS = {
     F.relu6: nn.ReLU6,
 }
 _ADDS = (operator.add, operator.iadd, torch.add)
-
-
-def _batch_norm_class(module: nn.Module) -> Optional[type]:
-    """The fused class for a Batch Norm the pass may replace: torch.nn's or
-    our drop-in (a subclass), tracking or not, but no other subclass (its
-    forward may do more)."""
-    from .modules.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-
-    ours = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
-    return _FUSED_CLASS.get(ours.get(type(module), type(module)))
 
 
 def _activation_module(node: fx.Node, modules: dict) -> Optional[nn.Module]:
@@ -101,7 +96,7 @@ def fuse(model: nn.Module) -> fx.GraphModule:
     for bn in list(traced.graph.nodes):
         if bn.op != "call_module" or calls[bn.target] != 1 or len(bn.args) != 1 or bn.kwargs:
             continue
-        fused_class = _batch_norm_class(modules[bn.target])
+        fused_class = _FUSED_CLASS.get(type(modules[bn.target]))
         nxt = _only_user(bn)
         if fused_class is None or nxt is None:
             continue

@@ -150,19 +150,54 @@ struct PlainElemt {
   }
 };
 
-// The backward sums, then dx = a * dy + k * (x - mean) + c, where the
-// per-channel step fn(c, sum_dy_c, sum_dy_xmu_c) fills a[c], k[c], c[c] (and
-// the weight gradient). Returns (dx, sum_dy, sum_dy_xmu).
-template <class K, typename T, class F>
-std::tuple<Tensor, Tensor, Tensor> reduce_elemt(const Tensor& dy, const Tensor& x,
-                                                const Tensor& mean, const Tensor& a,
-                                                const Tensor& k, const Tensor& c, const F& fn) {
-  Tensor sum_dy, sum_dy_xmu;
-  std::tie(sum_dy, sum_dy_xmu) = K::backward_reduce(dy, x, mean);
-  const T* sdy_p = sum_dy.const_data_ptr<T>();
-  const T* sdx_p = sum_dy_xmu.const_data_ptr<T>();
-  K::for_each_channel(x.size(1), [=] C10_HOST_DEVICE(int64_t ch) { fn(ch, sdy_p[ch], sdx_p[ch]); });
-  return {K::backward_elemt(dy, x, mean, a, k, c), sum_dy, sum_dy_xmu};
+// The coefficients of dx = a * dy + k * (x - mean) + c and the weight
+// gradient, per channel, from the backward's two sums (opmath vectors) over
+// `count` values per channel, or count_t[0] where the count is a tensor on the
+// device (a distributed step's). r and d: Batch Renorm's, undefined for
+// Batch Norm. Every backward pass (Batch Norm's, with an activation, in
+// place, distributed) finishes with these.
+struct BackwardCoefficients {
+  Tensor grad_weight;
+  Tensor a;
+  Tensor k;
+  Tensor c;
+};
+
+template <class K>
+BackwardCoefficients backward_coefficients(const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                                           const Tensor& var, const Tensor& weight, const Tensor& r,
+                                           const Tensor& d, double eps, bool training,
+                                           int64_t count, const Tensor& count_t = Tensor()) {
+  const int64_t C = var.numel();
+  const auto empty = [&] { return at::empty({C}, var.options()); };
+  BackwardCoefficients out{empty(), empty(), empty(), empty()};
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "bnext_backward_coefficients", [&] {
+    const BackwardStep<scalar_t> step{var.const_data_ptr<scalar_t>(),
+                                      data_or_null<scalar_t>(weight),
+                                      data_or_null<scalar_t>(r),
+                                      data_or_null<scalar_t>(d),
+                                      out.grad_weight.mutable_data_ptr<scalar_t>(),
+                                      out.a.mutable_data_ptr<scalar_t>(),
+                                      out.k.mutable_data_ptr<scalar_t>(),
+                                      out.c.mutable_data_ptr<scalar_t>(),
+                                      static_cast<scalar_t>(eps),
+                                      training};
+    const scalar_t* sdy_p = sum_dy.const_data_ptr<scalar_t>();
+    const scalar_t* sdx_p = sum_dy_xmu.const_data_ptr<scalar_t>();
+    const int64_t* count_p = data_or_null<int64_t>(count_t);
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t ch) {
+      step(ch, sdy_p[ch], sdx_p[ch], count_p != nullptr ? count_p[0] : count);
+    });
+  });
+  return out;
+}
+
+// The parameter gradients as the backward ops return them: in the weight's
+// dtype (the opmath one without a weight).
+inline std::tuple<Tensor, Tensor> param_grads(const Tensor& grad_weight, const Tensor& sum_dy,
+                                              const Tensor& weight) {
+  const auto dtype = weight.defined() ? weight.scalar_type() : grad_weight.scalar_type();
+  return {grad_weight.to(dtype), sum_dy.to(dtype)};
 }
 
 template <class K>
@@ -222,30 +257,11 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
   const Tensor r = per_channel(r_in, opmath);
   const Tensor d = per_channel(d_in, opmath);
 
-  Tensor grad_weight = empty_channel_vector(x, opmath);
-  const Tensor a = empty_channel_vector(x, opmath);
-  const Tensor k = empty_channel_vector(x, opmath);
-  const Tensor c_ = empty_channel_vector(x, opmath);
-  Tensor grad_input, sum_dy, sum_dy_xmu;
-  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_backward", [&] {
-    const BackwardStep<scalar_t> step{var.const_data_ptr<scalar_t>(),
-                                      data_or_null<scalar_t>(w),
-                                      data_or_null<scalar_t>(r),
-                                      data_or_null<scalar_t>(d),
-                                      grad_weight.mutable_data_ptr<scalar_t>(),
-                                      a.mutable_data_ptr<scalar_t>(),
-                                      k.mutable_data_ptr<scalar_t>(),
-                                      c_.mutable_data_ptr<scalar_t>(),
-                                      static_cast<scalar_t>(eps),
-                                      training};
-    std::tie(grad_input, sum_dy, sum_dy_xmu) = reduce_elemt<K, scalar_t>(
-        dy, x, mean, a, k, c_,
-        [=] C10_HOST_DEVICE(int64_t c, scalar_t sum_dy_c, scalar_t sum_dy_xmu_c) {
-          step(c, sum_dy_c, sum_dy_xmu_c, count);
-        });
-  });
-  const auto param_dtype = weight.defined() ? weight.scalar_type() : opmath;
-  return {grad_input, grad_weight.to(param_dtype), sum_dy.to(param_dtype)};
+  const auto [sum_dy, sum_dy_xmu] = K::backward_reduce(dy, x, mean);
+  const BackwardCoefficients co =
+      backward_coefficients<K>(sum_dy, sum_dy_xmu, var, w, r, d, eps, training, count);
+  const auto [grad_weight, grad_bias] = param_grads(co.grad_weight, sum_dy, weight);
+  return {K::backward_elemt(dy, x, mean, co.a, co.k, co.c), grad_weight, grad_bias};
 }
 
 // running = momentum * batch + (1 - momentum) * running, with the unbiased

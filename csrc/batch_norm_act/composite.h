@@ -281,7 +281,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
   const Tensor x = canonical(input);
   const Tensor dy = same_layout(grad_out, x);
   const int64_t C = x.size(1);
-  const int64_t count = C > 0 ? x.numel() / C : 0;
   const auto opmath = opmath_dtype(input.scalar_type());
   const Tensor mean = per_channel(mean_in, opmath);
   const Tensor var = per_channel(var_in, opmath);
@@ -290,45 +289,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
   const Tensor r = per_channel(r_t, opmath);
   const Tensor d = per_channel(d_t, opmath);
 
-  const Tensor scale = empty_channel_vector(x, opmath);
-  const Tensor shift = empty_channel_vector(x, opmath);
-  Tensor grad_weight = empty_channel_vector(x, opmath);
-  const Tensor ka = empty_channel_vector(x, opmath);
-  const Tensor kk = empty_channel_vector(x, opmath);
-  const Tensor kc = empty_channel_vector(x, opmath);
-  Tensor g, sum_g, sum_gx, grad_input;
-  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_act_backward", [&] {
-    const RecomputeStep<scalar_t> recompute{
-        var.const_data_ptr<scalar_t>(),     data_or_null<scalar_t>(w),
-        data_or_null<scalar_t>(b),          data_or_null<scalar_t>(r),
-        data_or_null<scalar_t>(d),          scale.mutable_data_ptr<scalar_t>(),
-        shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
-    if (y.defined()) {
-      std::tie(g, sum_g, sum_gx) =
-          K::act_backward_reduce_from_output(dy, x, same_layout(y, x), mean, a.kind, a.param);
-    } else {
+  Tensor g, sum_g, sum_gx;
+  if (y.defined()) {
+    std::tie(g, sum_g, sum_gx) =
+        K::act_backward_reduce_from_output(dy, x, same_layout(y, x), mean, a.kind, a.param);
+  } else {
+    const Tensor scale = empty_channel_vector(x, opmath);
+    const Tensor shift = empty_channel_vector(x, opmath);
+    AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_act_backward", [&] {
+      const RecomputeStep<scalar_t> recompute{
+          var.const_data_ptr<scalar_t>(),     data_or_null<scalar_t>(w),
+          data_or_null<scalar_t>(b),          data_or_null<scalar_t>(r),
+          data_or_null<scalar_t>(d),          scale.mutable_data_ptr<scalar_t>(),
+          shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
       K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) { recompute(c); });
-      std::tie(g, sum_g, sum_gx) =
-          K::act_backward_reduce(dy, x, mean, scale, shift,
-                                 residual_like(value_or_undefined(residual), x), a.kind, a.param);
-    }
-    const batch_norm::BackwardStep<scalar_t> step{var.const_data_ptr<scalar_t>(),
-                                                  data_or_null<scalar_t>(w),
-                                                  data_or_null<scalar_t>(r),
-                                                  data_or_null<scalar_t>(d),
-                                                  grad_weight.mutable_data_ptr<scalar_t>(),
-                                                  ka.mutable_data_ptr<scalar_t>(),
-                                                  kk.mutable_data_ptr<scalar_t>(),
-                                                  kc.mutable_data_ptr<scalar_t>(),
-                                                  static_cast<scalar_t>(eps),
-                                                  training};
-    const scalar_t* sg_p = sum_g.const_data_ptr<scalar_t>();
-    const scalar_t* sgx_p = sum_gx.const_data_ptr<scalar_t>();
-    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) { step(c, sg_p[c], sgx_p[c], count); });
-  });
-  grad_input = K::backward_elemt(g, x, mean, ka, kk, kc);
-  const auto param_dtype = w_in.defined() ? w_in.scalar_type() : opmath;
-  return {grad_input, grad_weight.to(param_dtype), sum_g.to(param_dtype), g};
+    });
+    std::tie(g, sum_g, sum_gx) = K::act_backward_reduce(
+        dy, x, mean, scale, shift, residual_like(value_or_undefined(residual), x), a.kind, a.param);
+  }
+  const batch_norm::BackwardCoefficients co = batch_norm::backward_coefficients<K>(
+      sum_g, sum_gx, var, w, r, d, eps, training, C > 0 ? x.numel() / C : 0);
+  const auto [grad_weight, grad_bias] = batch_norm::param_grads(co.grad_weight, sum_g, w_in);
+  return {K::backward_elemt(g, x, mean, co.a, co.k, co.c), grad_weight, grad_bias, g};
 }
 
 // ------------------------------------------------------------ in-place mode
@@ -410,18 +392,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_inplace_backward(
   const Tensor y = canonical(output);
   const Tensor dy = same_layout(grad_out, y);
   const int64_t C = y.size(1);
-  const int64_t count = C > 0 ? y.numel() / C : 0;
   const auto opmath = opmath_dtype(output.scalar_type());
   const Tensor var = per_channel(var_in, opmath);
   const Tensor w = per_channel(w_in, opmath);
   const Tensor b = per_channel(b_in, opmath);
   const Tensor shift = empty_channel_vector(y, opmath);
   const Tensor inv_scale = empty_channel_vector(y, opmath);
-  Tensor grad_weight = empty_channel_vector(y, opmath);
-  const Tensor ka = empty_channel_vector(y, opmath);
-  const Tensor kk = empty_channel_vector(y, opmath);
-  const Tensor kc = empty_channel_vector(y, opmath);
-  Tensor g, sum_g, sum_gx;
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_act_inplace_backward", [&] {
     const scalar_t* var_p = var.const_data_ptr<scalar_t>();
     const scalar_t* w_p = data_or_null<scalar_t>(w);
@@ -433,26 +409,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_inplace_backward(
       shift_p[c] = load_or(b_p, c, scalar_t(0));
       inv_scale_p[c] = scalar_t(1) / (load_or(w_p, c, scalar_t(1)) * inv_std(var_p[c], eps_));
     });
-    std::tie(g, sum_g, sum_gx) =
-        K::inplace_backward_reduce(dy, y, shift, inv_scale, a.kind, a.param);
-    const batch_norm::BackwardStep<scalar_t> step{var_p,
-                                                  w_p,
-                                                  nullptr,
-                                                  nullptr,
-                                                  grad_weight.mutable_data_ptr<scalar_t>(),
-                                                  ka.mutable_data_ptr<scalar_t>(),
-                                                  kk.mutable_data_ptr<scalar_t>(),
-                                                  kc.mutable_data_ptr<scalar_t>(),
-                                                  eps_,
-                                                  training};
-    const scalar_t* sg_p = sum_g.const_data_ptr<scalar_t>();
-    const scalar_t* sgx_p = sum_gx.const_data_ptr<scalar_t>();
-    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) { step(c, sg_p[c], sgx_p[c], count); });
   });
-  const Tensor grad_input =
-      K::inplace_backward_elemt(g, y, shift, inv_scale, ka, kk, kc, a.kind, a.param);
-  const auto param_dtype = w_in.defined() ? w_in.scalar_type() : opmath;
-  return {grad_input, grad_weight.to(param_dtype), sum_g.to(param_dtype)};
+  const auto [g, sum_g, sum_gx] =
+      K::inplace_backward_reduce(dy, y, shift, inv_scale, a.kind, a.param);
+  const batch_norm::BackwardCoefficients co = batch_norm::backward_coefficients<K>(
+      sum_g, sum_gx, var, w, Tensor(), Tensor(), eps, training, C > 0 ? y.numel() / C : 0);
+  const auto [grad_weight, grad_bias] = batch_norm::param_grads(co.grad_weight, sum_g, w_in);
+  return {K::inplace_backward_elemt(g, y, shift, inv_scale, co.a, co.k, co.c, a.kind, a.param),
+          grad_weight, grad_bias};
 }
 
 template <class K>

@@ -120,7 +120,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_coeffs(
     const Tensor& count_in) {
   const char* op = "bnext::batch_norm_backward_coeffs";
   check_backward_coeffs_args(sum_dy_in, sum_dy_xmu_in, var_in, weight, r_in, d_in);
-  const int64_t C = sum_dy_in.size(0);
   const at::Device device = sum_dy_in.device();
   const auto dtype = sum_dy_in.scalar_type();
   const Tensor count = device_count(op, count_in, device);
@@ -131,27 +130,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_coeffs(
   const Tensor w = per_channel(value_or_undefined(weight), dtype);
   const Tensor r = per_channel(value_or_undefined(r_in), dtype);
   const Tensor d = per_channel(value_or_undefined(d_in), dtype);
-  const auto options = sum_dy.options();
-  Tensor a = at::empty({C}, options), k = at::empty({C}, options), c_ = at::empty({C}, options);
-  Tensor grad_weight = at::empty({C}, options);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "bnext_backward_coeffs", [&] {
-    const batch_norm::BackwardStep<scalar_t> step{var.const_data_ptr<scalar_t>(),
-                                                  data_or_null<scalar_t>(w),
-                                                  data_or_null<scalar_t>(r),
-                                                  data_or_null<scalar_t>(d),
-                                                  grad_weight.mutable_data_ptr<scalar_t>(),
-                                                  a.mutable_data_ptr<scalar_t>(),
-                                                  k.mutable_data_ptr<scalar_t>(),
-                                                  c_.mutable_data_ptr<scalar_t>(),
-                                                  static_cast<scalar_t>(eps),
-                                                  /*training=*/true};
-    const scalar_t* sdy_p = sum_dy.const_data_ptr<scalar_t>();
-    const scalar_t* sdx_p = sum_dy_xmu.const_data_ptr<scalar_t>();
-    const int64_t* count_p = count.const_data_ptr<int64_t>();
-    K::for_each_channel(
-        C, [=] C10_HOST_DEVICE(int64_t c) { step(c, sdy_p[c], sdx_p[c], count_p[0]); });
-  });
-  return {a, k, c_, grad_weight};
+  const batch_norm::BackwardCoefficients co =
+      batch_norm::backward_coefficients<K>(sum_dy, sum_dy_xmu, var, w, r, d, eps,
+                                           /*training=*/true, 0, count);
+  return {co.a, co.k, co.c, co.grad_weight};
 }
 
 template <class K>

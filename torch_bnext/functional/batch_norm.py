@@ -49,13 +49,30 @@ def batch_norm_training(
     verify_batch_size(input)
     check_eps(eps, True)
     out, mean, var = _ops.batch_norm_train(input, weight, bias, eps)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
+    check_running_pair(running_mean, running_var)
     if running_mean is not None:
         update_running_stats(
             input, running_mean, running_var, num_batches_tracked, mean, var, momentum
         )
     return out
+
+
+def check_running_pair(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+
+
+def check_eval_stats(
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float
+) -> None:
+    """Eval mode's checks: the running statistics present (torch's message and
+    type, its C++ check), eps non-negative."""
+    if running_mean is None or running_var is None:
+        raise RuntimeError(
+            f"running_{'mean' if running_mean is None else 'var'} must be defined "
+            "in evaluation mode"
+        )
+    check_eps(eps, False)
 
 
 def update_running_stats(
@@ -98,11 +115,5 @@ def batch_norm(
 
 def batch_norm_eval(input, running_mean, running_var, weight, bias, eps) -> Tensor:
     """Eval-mode Batch Norm with the running statistics, after torch's checks."""
-    if running_mean is None or running_var is None:
-        # torch's message and type (its C++ check).
-        raise RuntimeError(
-            f"running_{'mean' if running_mean is None else 'var'} must be defined "
-            "in evaluation mode"
-        )
-    check_eps(eps, False)
+    check_eval_stats(running_mean, running_var, eps)
     return _ops.batch_norm_infer(input, running_mean, running_var, weight, bias, eps)

@@ -7,8 +7,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .batch_norm import check_channel_dim, check_eps, update_running_stats, verify_batch_size
-from .batch_renorm import Limit, check_renorm_limits, limit_tensors
+from .batch_norm import (
+    check_channel_dim,
+    check_eps,
+    check_eval_stats,
+    check_running_pair,
+    update_running_stats,
+    verify_batch_size,
+)
+from .batch_renorm import Limit, check_renorm_limits, check_renorm_training, limit_tensors
 
 _ops = torch.ops.bnext
 
@@ -103,8 +110,7 @@ def batch_norm_act(
     if training:
         verify_batch_size(input)
         check_eps(eps, True)
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean and running_var must be given together")
+        check_running_pair(running_mean, running_var)
         if in_place:
             mean, var = _ops.batch_norm_act_train_(input, weight, bias, eps, activation, param)
             out = input
@@ -117,12 +123,7 @@ def batch_norm_act(
                 input, running_mean, running_var, num_batches_tracked, mean, var, momentum
             )
         return out
-    if running_mean is None or running_var is None:
-        raise RuntimeError(
-            f"running_{'mean' if running_mean is None else 'var'} must be defined "
-            "in evaluation mode"
-        )
-    check_eps(eps, False)
+    check_eval_stats(running_mean, running_var, eps)
     # An exported graph has no in-place operator to hand a runtime: the same
     # values out of place.
     if in_place and not torch.onnx.is_in_onnx_export():
@@ -157,8 +158,8 @@ def batch_renorm_act(
     :func:`batch_norm_act`'s eval."""
     check_channel_dim(input)
     param = activation_param_or_default(activation, activation_param)
-    check_renorm_limits(r_max, d_max)
     if not training:
+        check_renorm_limits(r_max, d_max)
         return batch_norm_act(
             input,
             running_mean,
@@ -172,15 +173,9 @@ def batch_renorm_act(
             param,
             residual,
         )
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            "batch_renorm needs running_mean and running_var in training: r and d are "
-            "computed from them"
-        )
-    if momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    verify_batch_size(input)
-    check_eps(eps, True)
+    check_renorm_training(
+        input, running_mean, running_var, momentum, eps, r_max, d_max, num_batches_tracked
+    )
     out, mean, var, _r, _d = _ops.batch_renorm_act_train(
         input,
         running_mean,

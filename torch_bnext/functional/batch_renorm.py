@@ -49,6 +49,29 @@ def limit_tensors(r_max: Limit, d_max: Limit, device) -> tuple:
     )
 
 
+def check_renorm_training(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    r_max: Limit,
+    d_max: Limit,
+    num_batches_tracked: Optional[Tensor],
+) -> None:
+    """Training-mode Batch Renorm's checks, before anything is computed."""
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_renorm needs running_mean and running_var in training: r and d are "
+            "computed from them"
+        )
+    check_renorm_limits(r_max, d_max)
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    verify_batch_size(input)
+    check_eps(eps, True)
+
+
 def batch_renorm_training(
     input: Tensor,
     running_mean: Tensor,
@@ -65,16 +88,9 @@ def batch_renorm_training(
     as they are before this step; the buffers (and num_batches_tracked) are then
     updated with Batch Norm's operator, only after every check has passed."""
     check_channel_dim(input)
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            "batch_renorm needs running_mean and running_var in training: r and d are "
-            "computed from them"
-        )
-    check_renorm_limits(r_max, d_max)
-    if momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    verify_batch_size(input)
-    check_eps(eps, True)
+    check_renorm_training(
+        input, running_mean, running_var, momentum, eps, r_max, d_max, num_batches_tracked
+    )
     if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
         out, mean, var, _r, _d = _ops.batch_renorm_train_scheduled(
             input,

@@ -64,6 +64,9 @@ def fused_activation(act: nn.Module) -> Optional[Spec]:
     return None
 
 
+_warned: set = set()  # activation classes already warned about
+
+
 def _warn_unfused(act: nn.Module) -> None:
     key = type(act)
     if key not in _warned:
@@ -74,9 +77,6 @@ def _warn_unfused(act: nn.Module) -> None:
             "kernel (correct, unfused)",
             stacklevel=3,
         )
-
-
-_warned: set = set()
 
 
 def create_act(
@@ -135,31 +135,16 @@ def normalise_act(
     """act(bn(input) + residual) with the buffers, mode and settings of a
     torch Batch Norm module `bn` (its weight unless `weight` is given), as
     nn.BatchNorm's forward uses them."""
-    weight = bn.weight if weight is None else weight
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if not batch_stats:
-        return batch_norm_act(
-            input,
-            bn.running_mean,
-            bn.running_var,
-            weight,
-            bn.bias,
-            False,
-            bn.momentum,
-            bn.eps,
-            activation,
-            param,
-            residual,
-            in_place,
-        )
     tracked = bn.training and bn.track_running_stats and bn.running_mean is not None
+    running = tracked or not batch_stats  # updated, or normalised with
     return batch_norm_act(
         input,
-        bn.running_mean if tracked else None,
-        bn.running_var if tracked else None,
-        weight,
+        bn.running_mean if running else None,
+        bn.running_var if running else None,
+        bn.weight if weight is None else weight,
         bn.bias,
-        True,
+        batch_stats,
         bn.momentum,
         bn.eps,
         activation,
@@ -225,12 +210,9 @@ class _BatchNormAct(nn.modules.batchnorm._BatchNorm):
         spec = self._fused_spec()
         if spec is None:
             _warn_unfused(self.act if isinstance(self.drop, nn.Identity) else self.drop)
-            y = self.drop(self._normalise(input, "identity", 0.0, None, False))
+            y = self.drop(normalise_act(self, input, "identity", 0.0))
             return self.act(y if residual is None else y + residual)
-        return self._normalise(input, spec[0], spec[1], residual, self.in_place)
-
-    def _normalise(self, input, activation, param, residual, in_place) -> Tensor:
-        return normalise_act(self, input, activation, param, residual, in_place)
+        return normalise_act(self, input, *spec, residual, self.in_place)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", in_place=True" if self.in_place else "")

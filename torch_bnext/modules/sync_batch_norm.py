@@ -56,6 +56,11 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         world = world_of(self.process_group) if self.training else None
         if world is None:
             return super().forward(input)
+        return self._sync_step(input, world)
+
+    def _sync_step(self, input: Tensor, world: tuple, activation=None, activation_param=0.0):
+        """The training step over `world` (group, size, rank), with the
+        activation fused when one is named (SyncBatchNormAct)."""
         check_sync_input(input, self.num_features, self.weight, self.running_mean)
         running_mean, running_var, steps = self._updated_buffers()
         return sync_batch_norm_training(
@@ -68,6 +73,8 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             self.eps,
             steps,
             world,
+            activation=activation,
+            activation_param=activation_param,
         )
 
     @classmethod

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..functional.batch_norm import batch_norm
 from ..functional.layer_norm import rms_norm
-from ..functional.sync_batch_norm import check_sync_input, sync_batch_norm_training, world_of
+from ..functional.sync_batch_norm import world_of
 from .batch_norm_act import fused_spec_of, normalise_act
 from .batch_renorm import BatchRenorm2d
 from .layer_norm import LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d
@@ -158,21 +158,7 @@ class SyncBatchNormAct(_ThenAct, SyncBatchNorm):
         world = world_of(self.process_group) if self.training else None
         if world is None:
             return normalise_act(self, x, *spec)
-        check_sync_input(x, self.num_features, self.weight, self.running_mean)
-        running_mean, running_var, steps = self._updated_buffers()
-        return sync_batch_norm_training(
-            x,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            self.momentum,
-            self.eps,
-            steps,
-            world,
-            activation=spec[0],
-            activation_param=spec[1],
-        )
+        return self._sync_step(x, world, *spec)
 
 
 class SyncBatchRenormAct(_ThenAct, SyncBatchRenorm):
