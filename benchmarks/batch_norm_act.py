@@ -5,11 +5,13 @@ models, against timm's layers and models and torchvision's ResNet-50.
     python benchmarks/batch_norm_act.py --memory     # saved tensors and peak RSS of a step
     python benchmarks/batch_norm_act.py --models     # training steps, timm's vs converted
 
---layers: one process, CPU, --threads threads (default 2), NCHW float32,
-torch.utils.benchmark; shapes of ResNet-50 (ReLU) and EfficientNet-B0 (SiLU) at
-batch 8. Three layers on the same input, timed alternately: torch_bnext's
+--layers: CPU, --threads threads (default 2), NCHW float32, torch.utils.benchmark;
+shapes of ResNet-50 (ReLU) and EfficientNet-B0 (SiLU) at batch 8. Three layers on
+the same input, timed in alternating rounds within each process: torch_bnext's
 BatchNormAct2d (fused), torch_bnext.BatchNorm2d followed by torch's activation
-module, and timm's BatchNormAct2d (nn.BatchNorm2d then the activation).
+module, and timm's BatchNormAct2d (nn.BatchNorm2d then the activation); the
+median over --processes fresh processes (default 3), which keep freed memory
+(see KEEP_FREED_MEMORY).
 
 --memory: one training step (forward, sum, backward) at batch 4, 224x224,
 float32, CPU; the bytes of the distinct storages that autograd saves for
@@ -26,6 +28,7 @@ efficientnet_b0 and tresnet_m against convert_model's, alternating, batch 8,
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -46,11 +49,26 @@ EFFNET_B0 = [
 ]
 
 
-def _layers(threads: int, min_run_time: float) -> None:
+# glibc returns freed blocks of more than 32 MiB (and, past its trim
+# threshold, the top of the heap) to the system, so each step's 25 MB outputs
+# are mapped afresh and page-faulted in while a kernel writes them: that moved
+# one timing from 0.8 to 2.9 ms here, differently for each layer. The layer
+# processes keep freed memory instead (--system-malloc: glibc's defaults), as
+# a caching allocator would: the timings are then of the kernels.
+KEEP_FREED_MEMORY = {
+    "MALLOC_MMAP_THRESHOLD_": "4000000000",
+    "MALLOC_TRIM_THRESHOLD_": "40000000000",
+}
+
+
+def _layers_one(threads: int, min_run_time: float, rounds: int) -> list:
+    """One process: each shape's three layers timed in `rounds` alternating
+    rounds; the median of each layer's round medians, in seconds."""
     import timm
 
     import torch_bnext as tb
 
+    torch.manual_seed(0)
     rows = []
     for act, shapes in (("relu", RESNET50), ("silu", EFFNET_B0)):
         act_cls = {"relu": nn.ReLU, "silu": nn.SiLU}[act]
@@ -63,27 +81,52 @@ def _layers(threads: int, min_run_time: float) -> None:
             }
             x = torch.randn(shape).requires_grad_()
             gy = torch.randn(shape)
-            times = {}
-            for name, layer in layers.items():
-                timer = benchmark.Timer(
-                    "torch.autograd.grad(layer(x), x, gy)",
-                    globals={"layer": layer, "x": x, "gy": gy, "torch": torch},
-                    num_threads=threads,
-                )
-                times[name] = timer.blocked_autorange(min_run_time=min_run_time).median
-            rows.append((act, shape, times))
-            fused = times["fused"]
-            print(
-                f"{act:5s} {str(shape):20s} fused {fused * 1e3:8.2f} ms  "
-                + "  ".join(
-                    f"{k} {times[k] * 1e3:8.2f} ms ({times[k] / fused:.2f}x)"
-                    for k in ("ours+act", "timm")
-                ),
-                flush=True,
-            )
-    for ref in ("ours+act", "timm"):
-        ratios = [t[ref] / t["fused"] for _, _, t in rows]
-        print(f"median speed-up of fused over {ref}: {statistics.median(ratios):.2f}x")
+            times = {name: [] for name in layers}
+            for _ in range(rounds):
+                for name, layer in layers.items():
+                    timer = benchmark.Timer(
+                        "torch.autograd.grad(layer(x), x, gy)",
+                        globals={"layer": layer, "x": x, "gy": gy, "torch": torch},
+                        num_threads=threads,
+                    )
+                    m = timer.blocked_autorange(min_run_time=min_run_time / rounds)
+                    times[name].append(m.median)
+            rows.append([act, list(shape), {k: statistics.median(v) for k, v in times.items()}])
+    return rows
+
+
+def _layers(threads: int, min_run_time: float, processes: int, system_malloc: bool) -> None:
+    """--processes fresh processes of _layers_one; per shape, the median over
+    processes of each layer's time, and ratios of those."""
+    env = dict(os.environ, **({} if system_malloc else KEEP_FREED_MEMORY))
+    runs = []
+    for _ in range(processes):
+        out = subprocess.run(
+            [sys.executable, __file__, "--layers-one", "--threads", str(threads)]
+            + ["--min-run-time", str(min_run_time)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ratios = {"ours+act": [], "timm": []}
+    for i, (act, shape, _) in enumerate(runs[0]):
+        t = {k: statistics.median(run[i][2][k] for run in runs) for k in runs[0][i][2]}
+        for ref in ratios:
+            ratios[ref].append(t[ref] / t["fused"])
+        print(
+            f"{act:5s} {str(tuple(shape)):20s} fused {t['fused'] * 1e3:8.2f} ms  "
+            + "  ".join(
+                f"{k} {t[k] * 1e3:8.2f} ms ({t[k] / t['fused']:.2f}x)" for k in ("ours+act", "timm")
+            ),
+            flush=True,
+        )
+    for ref, r in ratios.items():
+        print(
+            f"median speed-up of fused over {ref}: {statistics.median(r):.2f}x "
+            f"(range {min(r):.2f}-{max(r):.2f}x; {processes} processes, {threads} threads)"
+        )
 
 
 def _model(name: str, variant: str):
@@ -172,18 +215,26 @@ def main() -> None:
     p.add_argument("--memory", action="store_true")
     p.add_argument("--models", action="store_true")
     p.add_argument("--memory-one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument("--layers-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--processes", type=int, default=3, help="--layers: fresh processes")
+    p.add_argument(
+        "--system-malloc", action="store_true", help="--layers: glibc's defaults (see the source)"
+    )
     args = p.parse_args()
     if args.memory_one:
         torch.set_num_threads(args.threads)
         print(json.dumps(_memory_one(*args.memory_one)))
         return
+    if args.layers_one:
+        print(json.dumps(_layers_one(args.threads, args.min_run_time, rounds=3)))
+        return
     if not (args.layers or args.memory or args.models):
         args.layers = args.memory = args.models = True
     if args.layers:
-        _layers(args.threads, args.min_run_time)
+        _layers(args.threads, args.min_run_time, args.processes, args.system_malloc)
     if args.memory:
         _memory()
     if args.models:

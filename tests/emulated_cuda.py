@@ -4,6 +4,7 @@ schemas. Tests call torch.ops.bnext_emu.<op> where they would call the CUDA
 op, with CPU tensors; they get it from the `emu` fixture (conftest.py), and
 the SM count it emulates from `num_sms`."""
 
+import contextlib
 import functools
 import os
 import sys
@@ -46,3 +47,16 @@ def load():
         verbose=bool(os.environ.get("BNEXT_VERBOSE_BUILD")),
     )
     return torch.ops.bnext_emu
+
+
+@contextlib.contextmanager
+def grid_caps(emu, x, y):
+    """Launch plans capped at grids of x by y blocks (65535 each on a GPU),
+    so that the loops that stride over a capped grid run on small shapes; the
+    emulator refuses a launch beyond the y cap."""
+    old = emu.grid_caps()
+    emu.set_grid_caps(x, y)
+    try:
+        yield
+    finally:
+        emu.set_grid_caps(*old)

@@ -372,6 +372,12 @@ def _op_samples():
             [0, 1, 4, 5, 6],
             [0, 1, 2, 3],
         ),
+        # No residual: g recomputed in both passes, grad_pre empty.
+        "batch_norm_act_backward[plain]": (
+            (g, x, mean, var_b, v(), v(), None, None, None, 1e-5, "gelu", 0.0, True),
+            [0, 1, 4, 5],
+            [0, 1, 2],
+        ),
         "batch_norm_act_backward[from_output]": (
             (g, x, mean, var_b, v(), v(), None, None, None, 1e-5, "leaky_relu", 0.1, True, g),
             [0, 1, 4, 5],
@@ -402,6 +408,8 @@ NOT_DIFFERENTIABLE = {
     # derivatives; these raise when differentiated (test_batch_norm_act.py).
     "batch_norm_act_elemt",
     "batch_norm_act_backward_reduce",
+    "batch_norm_act_backward_sums",
+    "batch_norm_act_backward_elemt",
     "batch_norm_act_backward_reduce_from_output",
     "batch_norm_act_inplace_backward_reduce",
     "batch_norm_act_inplace_backward_elemt",
@@ -422,6 +430,7 @@ def _bn_stats(x):
 STATISTICS_OF_X = {
     "batch_norm_backward": ([2, 3], _bn_stats),
     "batch_norm_act_backward": ([2, 3], _bn_stats),
+    "batch_norm_act_backward[plain]": ([2, 3], _bn_stats),
     "batch_norm_act_backward[from_output]": ([2, 3], _bn_stats),
     "batch_renorm_backward": ([2, 3], _bn_stats),
     "layer_norm_bwd": ([2, 3], lambda x: (x.mean(-1), (x.var(-1, unbiased=False) + 1e-5).rsqrt())),

@@ -227,6 +227,11 @@ def test_building_blocks_refuse_to_be_differentiated():
     mean = torch.zeros(2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="not differentiable"):
         ops.batch_norm_act_elemt(x, mean, w, b, None, "relu", 0.0)
+    g = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.batch_norm_act_backward_sums(g, x, mean, w, b, "silu", 0.0)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.batch_norm_act_backward_elemt(g, x, mean, w, b, mean, mean, mean, "silu", 0.0)
 
 
 # ------------------------------------------------------------ opcheck, compile
@@ -249,6 +254,12 @@ def _opcheck_samples():
         ),
         (ops.batch_norm_act_elemt, (x, mean, w, b, r, "relu6", 0.0)),
         (ops.batch_norm_act_backward_reduce, (g, x, mean, w, b, r, "elu", 1.0)),
+        (ops.batch_norm_act_backward_sums, (g, x, mean, w, b, "silu", 0.0)),
+        (ops.batch_norm_act_backward_elemt, (g, x, mean, w, b, w, b, w, "gelu_tanh", 0.0)),
+        (
+            ops.batch_norm_act_backward,
+            (g, x, mean, var, w, b, None, None, None, 1e-5, "silu", 0.0, True),
+        ),
         (ops.batch_norm_act_backward_reduce_from_output, (g, x, r, mean, "relu6", 0.0)),
         (
             ops.batch_norm_act_backward,
@@ -262,7 +273,7 @@ def _opcheck_samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(14))
+@pytest.mark.parametrize("index", range(17))
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     tests = ["test_schema", "test_faketensor"]

@@ -180,6 +180,18 @@ def test_elemt_and_backward_reduce(case, act, dtype, residual):
     sg_ref, sgx_ref = channel_sums(g_ref, xmu)
     assert_sums_close(sum_g, sg_ref, g_ref, dtype, "sum_dy")
     assert_sums_close(sum_gx, sgx_ref, g_ref * xmu, dtype, "sum_dy_xmu")
+    if residual:
+        return
+    # Without a residual: the same sums with g not stored, and the elementwise
+    # pass that recomputes g.
+    sum_g, sum_gx = ops.batch_norm_act_backward_sums(dy, x, mean, scale, shift, act, param)
+    assert_sums_close(sum_g, sg_ref, g_ref, dtype, "sum_dy, g not stored")
+    assert_sums_close(sum_gx, sgx_ref, g_ref * xmu, dtype, "sum_dy_xmu, g not stored")
+    a, k, c = (torch.randn(shape[1], dtype=opmath(dtype)) for _ in range(3))
+    dx = ops.batch_norm_act_backward_elemt(dy, x, mean, scale, shift, a, k, c, act, param)
+    assert_layout_kept(dx, x)
+    dx_ref = per_channel(a, x) * g_ref + per_channel(k, x) * xmu + per_channel(c, x)
+    assert_close_rel(dx, dx_ref, dtype, "grad_input, g recomputed", 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -327,16 +339,18 @@ def test_train_and_backward(case, act, dtype, residual):
         dy, x, mean, var, w, b, res, None, None, eps, act, param, True
     )
     assert_layout_kept(dx, x)
-    assert_layout_kept(g, x)
     refs = grads_ref(ref, leaves, dy)
     tol = GRAD_FACTOR[dtype]
     assert_close_rel(dx, refs[0], dtype, "grad_input", tol)
     assert_close_rel(dw, refs[1], dtype, "grad_weight", tol)
     assert_close_rel(db, refs[2], dtype, "grad_bias", tol)
-    # grad_pre: the activation's input's gradient (the residual's, when given).
-    assert_close_rel(g, act_grad_ref(act, u, dy), dtype, "grad_pre", 2)
     if residual:
+        # grad_pre: the activation's input's gradient, the residual's.
+        assert_layout_kept(g, x)
+        assert_close_rel(g, act_grad_ref(act, u, dy), dtype, "grad_pre", 2)
         assert_close_rel(g, refs[3], dtype, "grad_residual", 2)
+    else:
+        assert g.numel() == 0  # never stored without a residual
     if act in PIECEWISE_LINEAR:
         # act' from the output instead of from u recomputed with the residual.
         dx2, dw2, db2, g2 = ops.batch_norm_act_backward(
@@ -413,7 +427,7 @@ def test_backward_with_renorm_correction(act, dtype):
     assert_close_rel(dx, refs[0], dtype, "grad_input", tol)
     assert_close_rel(dw, refs[1], dtype, "grad_weight", tol)
     assert_close_rel(db, refs[2], dtype, "grad_bias", tol)
-    assert_close_rel(g, act_grad_ref(act, u, dy), dtype, "grad_pre", 2)
+    assert g.numel() == 0  # no residual
 
 
 # In-place mode recomputes x from the rounded output: in 16 bits that costs
@@ -524,6 +538,9 @@ def test_results_do_not_depend_on_thread_count(shape, fmt):
             grads = ops.batch_norm_act_backward(
                 dy, x, mean, var, w, b, res, None, None, 1e-5, "silu", 0.0, True
             )
+            grads += ops.batch_norm_act_backward(
+                dy, x, mean, var, w, b, None, None, None, 1e-5, "silu", 0.0, True
+            )[:3]
             y = x.clone()
             ops.batch_norm_act_train_(y, w, b, 1e-5, "elu", 0.7)
             igrads = ops.batch_norm_act_inplace_backward(dy, y, var, w, b, 1e-5, "elu", 0.7, True)
@@ -563,7 +580,14 @@ def compute_streamed():
                 dx = ops.batch_norm_act_backward(
                     dy, x, mean, var, w, b, res, None, None, 1e-5, act, param, True
                 )[0]
-                results[f"{shape}-{fmt}-{dtype}-{act}"] = [out.contiguous(), dx.contiguous()]
+                dx_plain = ops.batch_norm_act_backward(
+                    dy, x, mean, var, w, b, None, None, None, 1e-5, act, param, True
+                )[0]
+                results[f"{shape}-{fmt}-{dtype}-{act}"] = [
+                    out.contiguous(),
+                    dx.contiguous(),
+                    dx_plain.contiguous(),
+                ]
     return results
 
 

@@ -10,7 +10,7 @@ the work) by varying shapes, alignment and the emulated SM count."""
 import pytest
 import torch
 import torch.nn.functional as F
-from emulated_cuda import load
+from emulated_cuda import grid_caps, load
 
 from torch_bnext.testing import assert_close_rel, rel_err
 
@@ -173,9 +173,25 @@ def _check_act_blocks(emu, shape, channels_last, dtype, name, residual):
 
     g, *sums = emu.batch_norm_act_backward_reduce(dy, x, mean, scale, shift, res, name, p)
     g_ref = _act_grad(name, u, dy)
+    xmu_ref = x.double() - _ch(mean, x)
     assert g.dtype == dtype and g.stride() == x.stride()
     assert_close_rel(g, g_ref, dtype, f"{name} g")
-    _check_sums(sums, g_ref, dy, x.double() - _ch(mean, x), dtype)
+    _check_sums(sums, g_ref, dy, xmu_ref, dtype)
+    if not residual:
+        _check_recomputing_blocks(emu, dy, x, mean, scale, shift, name, g_ref, xmu_ref)
+
+
+def _check_recomputing_blocks(emu, dy, x, mean, scale, shift, name, g_ref, xmu_ref):
+    """batch_norm_act_backward_sums and _elemt (no residual: g recomputed in
+    both passes, never stored) against float64."""
+    p = PARAMS.get(name, 0.0)
+    sums = emu.batch_norm_act_backward_sums(dy, x, mean, scale, shift, name, p)
+    _check_sums(sums, g_ref, dy, xmu_ref, x.dtype)
+    a, k, c = _channel_vectors(x.shape[1], x.dtype, seed=5, n=3)
+    dx = emu.batch_norm_act_backward_elemt(dy, x, mean, scale, shift, a, k, c, name, p)
+    dx_ref = _ch(a, x) * g_ref + _ch(k, x) * xmu_ref + _ch(c, x)
+    assert dx.dtype == x.dtype and dx.stride() == x.stride()
+    assert_close_rel(dx, dx_ref, x.dtype, f"{name} recomputed dx")
 
 
 def _check_inplace_blocks(emu, shape, channels_last, dtype, name):
@@ -235,6 +251,36 @@ def test_launch_plans_across_sm_counts(shape, channels_last, emu, num_sms):
         _check_inplace_blocks(emu, shape, channels_last, dtype, "leaky_relu")
 
 
+@pytest.mark.parametrize("caps", [(1, 1), (2, 3)], ids=["1x1", "2x3"])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((4, 3, 5, 7), False), ((2, 1, 8195), False), ((1200, 3), False), ((6, 64, 3, 3), True)],
+)
+def test_capped_grids_stride_over_the_rest(shape, channels_last, caps, emu):
+    """Grids capped far below the work (on a GPU only beyond 65535 blocks,
+    e.g. ResNet's 7x7 planes at batch 256): every plan's grid-stride loops over
+    planes, rows and partials run, and the emulator refuses a launch past the
+    cap."""
+    with grid_caps(emu, *caps):
+        for dtype in (torch.float32, torch.float16):
+            _check_act_blocks(emu, shape, channels_last, dtype, "silu", residual=True)
+            _check_act_blocks(emu, shape, channels_last, dtype, "relu", residual=False)
+            _check_inplace_blocks(emu, shape, channels_last, dtype, "leaky_relu")
+
+
+def test_grid_caps_are_enforced(emu):
+    """A plan that ignored the cap would be refused, as a GPU refuses a grid
+    beyond 65535 in y."""
+    emu.selftest("grid_y_of_3")
+    with grid_caps(emu, 65535, 2):
+        assert emu.grid_caps() == [65535, 2]
+        with pytest.raises(RuntimeError, match="invalid configuration argument"):
+            emu.selftest("grid_y_of_3")
+        with pytest.raises(ValueError, match="grid caps"):
+            emu.set_grid_caps(0, 1)
+    assert emu.grid_caps() == [65535, 65535]
+
+
 def test_wide_channels_first(emu):
     """Many channels in planes: one block column per channel."""
     _check_act_blocks(emu, (2, 65, 2, 3), False, torch.float32, "hardswish", residual=True)
@@ -258,6 +304,18 @@ def test_misaligned_tensors_take_the_scalar_path(offset, dtype, emu):
         g_ref = _act_grad("silu", u, dy)
         assert_close_rel(g, g_ref, dtype, "misaligned g")
         _check_sums(sums, g_ref, dy, x.double() - _ch(mean, x), dtype)
+        u = _pre(x, mean, scale, shift, None)
+        _check_recomputing_blocks(
+            emu,
+            dy,
+            x,
+            mean,
+            scale,
+            shift,
+            "silu",
+            _act_grad("silu", u, dy),
+            x.double() - _ch(mean, x),
+        )
         y = _like(_act("elu", u), x)
         g, *sums = emu.batch_norm_act_inplace_backward_reduce(dy, y, shift, 1 / scale, "elu", 0.7)
         assert_close_rel(g, _act_grad("elu", _inverse("elu", y.double()), dy), dtype, "misaligned")
@@ -277,10 +335,11 @@ def test_launches_one_block_row_or_partials_and_none_when_empty(emu):
             before = emu.launch_count()
             emu.batch_norm_act_backward_reduce(x, x, mean, scale, shift, None, "relu", 0.0)
             emu.batch_norm_act_inplace_backward_reduce(x, x, shift, scale, "elu", 0.7)
+            emu.batch_norm_act_backward_sums(x, x, mean, scale, shift, "relu", 0.0)
             launches.append(emu.launch_count() - before)
     finally:
         emu.set_num_sms(old)
-    assert launches == [2, 4]
+    assert launches == [3, 6]
     x, v = torch.empty(0, 3, 4), torch.ones(3)
     before = emu.launch_count()
     g, *sums = emu.batch_norm_act_backward_reduce(x, x, v, v, v, x, "silu", 0.0)
@@ -289,6 +348,10 @@ def test_launches_one_block_row_or_partials_and_none_when_empty(emu):
     assert g.shape == x.shape and all(torch.equal(t, torch.zeros(3)) for t in sums)
     assert emu.batch_norm_act_elemt(x, v, v, v, x, "gelu", 0.0).shape == x.shape
     dx = emu.batch_norm_act_inplace_backward_elemt(x, x, v, v, v, v, v, "elu", 0.7)
+    assert dx.shape == x.shape
+    sums = emu.batch_norm_act_backward_sums(x, x, v, v, v, "silu", 0.0)
+    assert all(torch.equal(t, torch.zeros(3)) for t in sums)
+    dx = emu.batch_norm_act_backward_elemt(x, x, v, v, v, v, v, v, "silu", 0.0)
     assert dx.shape == x.shape
     assert emu.launch_count() == before
 
@@ -366,6 +429,17 @@ def test_whole_passes_match_autograd(name, dtype, emu):
         )
         for label, got, ref in zip(("input", "weight", "bias", "pre"), grads, ref_grads):
             assert_close_rel(got, ref, dtype, f"{what} train grad_{label}")
+
+        # No residual: backward recomputes g in both passes and stores none.
+        out, mean, var = emu.batch_norm_act_train(x, w, b, None, eps, name, p)
+        ref_out, ref_grads = _autograd(dy, x, w, b, None, name, eps)
+        assert_close_rel(out, ref_out, dtype, f"{what} train out, no residual")
+        grads = emu.batch_norm_act_backward(
+            dy, x, mean, var, w, b, None, None, None, eps, name, p, True
+        )
+        assert grads[3].numel() == 0
+        for label, got, ref in zip(("input", "weight", "bias"), grads, ref_grads):
+            assert_close_rel(got, ref, dtype, f"{what} train grad_{label}, no residual")
 
         # No residual, no weight or bias.
         out = emu.batch_norm_act_train(x, None, None, None, eps, name, p)[0]
@@ -479,6 +553,12 @@ def _all_results(emu):
                 out += emu.batch_norm_act_backward_reduce(
                     dy, x, mean, scale, shift, res, "gelu", 0.0
                 )
+                out += emu.batch_norm_act_backward_sums(dy, x, mean, scale, shift, "gelu", 0.0)
+                out.append(
+                    emu.batch_norm_act_backward_elemt(
+                        dy, x, mean, scale, shift, a, k, c, "gelu", 0.0
+                    )
+                )
                 y = emu.batch_norm_act_elemt(x, mean, scale, shift, None, "elu", 0.7)
                 out += emu.batch_norm_act_inplace_backward_reduce(
                     dy, y, shift, 1 / scale, "elu", 0.7
@@ -493,6 +573,9 @@ def _all_results(emu):
                 out += emu.batch_norm_act_backward(
                     dy, x, m, v, scale, shift, res, None, None, 1e-5, "silu", 0.0, True
                 )
+                out += emu.batch_norm_act_backward(
+                    dy, x, m, v, scale, shift, None, None, None, 1e-5, "silu", 0.0, True
+                )[:3]
     finally:
         emu.set_num_sms(old)
     return out

@@ -8,6 +8,7 @@ merged from several."""
 import pytest
 import torch
 import torch.nn.functional as F
+from emulated_cuda import grid_caps
 
 import torch_bnext  # noqa: F401  (registers the bnext ops compared with)
 from torch_bnext.testing import REL_TOL
@@ -204,6 +205,16 @@ def test_strided_rows_and_column_parts(M, N, emu, num_sms):
     second = emu.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("M,N", [(300, 3), (160, 1024), (40, 4096)])
+def test_capped_grids_stride_over_the_rest(M, N, emu):
+    """Grids capped at 2 x 2 blocks: the row loops, the column tiles and the
+    column parts all stride over the rest."""
+    x, dy, w, b = _inputs(M, N, torch.float32)
+    with grid_caps(emu, 2, 2):
+        _check_layer_norm(emu, x, dy, w, b, masks=[(True, True)])
+        _check_rms_norm(emu, x, dy, w, weight_grads=[True])
 
 
 @pytest.mark.parametrize("N", [1, 3])

@@ -10,6 +10,7 @@ rows. A channels_last input takes the row kernels instead."""
 import pytest
 import torch
 import torch.nn.functional as F
+from emulated_cuda import grid_caps
 
 from torch_bnext.testing import REL_TOL, param_dtype_for, to_format
 
@@ -190,6 +191,15 @@ def _plan(emu, P, C):
 def test_match_float64(dtype, shape, emu):
     x, dy, w, b = _inputs(shape, dtype)
     _check_both(emu, x, dy, w, b)
+
+
+@pytest.mark.parametrize("shape", [(4, 65, 9, 7), (2, 3, 40, 40)], ids=str)
+def test_capped_grids_stride_over_the_rest(shape, emu):
+    """Grids capped at 2 x 2 blocks: the position tiles and the column parts
+    stride over the rest."""
+    x, dy, w, b = _inputs(shape, torch.float32)
+    with grid_caps(emu, 2, 2):
+        _check_both(emu, x, dy, w, b)
 
 
 @pytest.mark.parametrize("shape", [(2, 1000, 2, 3), (1, 1000, 1, 1)], ids=str)

@@ -32,6 +32,13 @@ struct CpuBackend {
   static std::tuple<Tensor, Tensor, Tensor> act_backward_reduce(
       const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& scale,
       const Tensor& shift, const Tensor& residual, act::Kind kind, double param);
+  static std::tuple<Tensor, Tensor> act_backward_sums(const Tensor& dy, const Tensor& x,
+                                                      const Tensor& mean, const Tensor& scale,
+                                                      const Tensor& shift, act::Kind kind,
+                                                      double param);
+  static Tensor act_backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                   const Tensor& scale, const Tensor& shift, const Tensor& a,
+                                   const Tensor& k, const Tensor& c, act::Kind kind, double param);
   static std::tuple<Tensor, Tensor, Tensor> act_backward_reduce_from_output(
       const Tensor& dy, const Tensor& x, const Tensor& y, const Tensor& mean, act::Kind kind,
       double param);

@@ -281,19 +281,38 @@ struct NormalizeAct : ActInput<T, kResidual> {
   }
 };
 
-// Backward reduce: g = dy * act'(u), stored; xmu = x - mean; third input:
-// the residual.
-template <typename T, act::Kind K, bool kResidual>
+// Backward reduce: g = dy * act'(u), stored where kStore (the residual's
+// gradient, read back by the elementwise pass; without a residual that pass
+// recomputes it: ActBackwardAffine); xmu = x - mean; third input: the residual.
+template <typename T, act::Kind K, bool kResidual, bool kStore = true>
 struct ActSums : ActInput<T, kResidual> {
   static constexpr int kCoeffs = 3;
   static constexpr bool kThird = kResidual;
-  static constexpr bool kStoresG = true;
+  static constexpr bool kStoresG = kStore;
   template <class M>
   std::pair<V<M>, V<M>> operator()(M, V<M> dy, V<M> x, V<M> residual, V<M> mean, V<M> scale,
                                    V<M> shift) const {
     const V<M> xmu = x - mean;
     const V<M> u = this->template input<M>(xmu, scale, shift, residual);
     return {dy * act::derivative<M>(act::KindTag<K>{}, u, M::splat(this->param)), xmu};
+  }
+};
+
+// Backward elementwise without a stored g: a * g + k * xmu + c with
+// g = dy * act'(u) recomputed as ActSums does (reading dy again costs what
+// reading g would, and g is then never written); second input: dy.
+template <typename T, act::Kind K>
+struct ActBackwardAffine {
+  static constexpr int kCoeffs = 6;
+  static constexpr bool kSecond = true;
+  T param;
+  template <class M>
+  V<M> operator()(M, V<M> x, V<M> dy, V<M> mean, V<M> scale, V<M> shift, V<M> a, V<M> k,
+                  V<M> c) const {
+    const V<M> xmu = x - mean;
+    const V<M> u = muladd(xmu, scale, shift);
+    const V<M> g = dy * act::derivative<M>(act::KindTag<K>{}, u, M::splat(param));
+    return muladd(g, a, muladd(xmu, k, c));
   }
 };
 
@@ -510,6 +529,43 @@ std::tuple<Tensor, Tensor, Tensor> CpuBackend::act_backward_reduce(
     });
   });
   return {g, sum_g, sum_g_xmu};
+}
+
+std::tuple<Tensor, Tensor> CpuBackend::act_backward_sums(const Tensor& dy, const Tensor& x,
+                                                         const Tensor& mean, const Tensor& scale,
+                                                         const Tensor& shift, act::Kind kind,
+                                                         double param) {
+  Tensor sum_g = at::zeros({x.size(1)}, mean.options());
+  Tensor sum_g_xmu = at::zeros({x.size(1)}, mean.options());
+  if (x.numel() == 0) return {sum_g, sum_g_xmu};
+  BNEXT_DISPATCH_CPU(x, "bnext_act_backward_sums", [&] {
+    using T = acc_t<scalar_t>;
+    const ReduceStreams<scalar_t> s{ptr<scalar_t>(dy), ptr<scalar_t>(x), nullptr, nullptr};
+    act::dispatch(kind, [&](auto tag) {
+      const cpu_kernels::ActSums<T, decltype(tag)::value, false, false> pro{
+          {static_cast<T>(param)}};
+      backward_sums(pro, s, channel_view(x), {ptr<T>(mean), ptr<T>(scale), ptr<T>(shift)}, sum_g,
+                    sum_g_xmu);
+    });
+  });
+  return {sum_g, sum_g_xmu};
+}
+
+Tensor CpuBackend::act_backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                      const Tensor& scale, const Tensor& shift, const Tensor& a,
+                                      const Tensor& k, const Tensor& c, act::Kind kind,
+                                      double param) {
+  Tensor out = empty_same_layout(x, x.scalar_type());
+  BNEXT_DISPATCH_CPU(x, "bnext_act_backward_elemt", [&] {
+    using T = acc_t<scalar_t>;
+    act::dispatch(kind, [&](auto tag) {
+      const cpu_kernels::ActBackwardAffine<T, decltype(tag)::value> f{static_cast<T>(param)};
+      map_elementwise<scalar_t>(
+          f, x, dy, out,
+          {ptr<T>(mean), ptr<T>(scale), ptr<T>(shift), ptr<T>(a), ptr<T>(k), ptr<T>(c)});
+    });
+  });
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> CpuBackend::act_backward_reduce_from_output(

@@ -55,6 +55,15 @@ struct CudaBackend {
   static std::tuple<Tensor, Tensor, Tensor> act_backward_reduce(
       const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& scale,
       const Tensor& shift, const Tensor& residual, act::Kind kind, double param);
+  template <typename Unit = void>
+  static std::tuple<Tensor, Tensor> act_backward_sums(const Tensor& dy, const Tensor& x,
+                                                      const Tensor& mean, const Tensor& scale,
+                                                      const Tensor& shift, act::Kind kind,
+                                                      double param);
+  template <typename Unit = void>
+  static Tensor act_backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                   const Tensor& scale, const Tensor& shift, const Tensor& a,
+                                   const Tensor& k, const Tensor& c, act::Kind kind, double param);
   // g = dy * act'(u) from the output y (piecewise linear activations), and
   // the sums of g and g * (x - mean).
   template <typename Unit = void>

@@ -61,7 +61,6 @@ using cuda::Vec;
 constexpr int kReduceThreads = 512;  // a multiple of 32 and a power of two
 constexpr int kElemtThreads = 256;
 constexpr int kUnroll = 4;  // vector loads in flight per thread and input
-constexpr int64_t kMaxGridY = 65535;
 
 // Enough blocks to fill the GPU a few times over; more only adds partials.
 inline int64_t reduce_target_blocks() { return 4 * cuda::num_sms(); }
@@ -157,15 +156,16 @@ template <typename T>
 using ScalarMath = act::ScalarMath<T>;
 
 // An activation's backward from its input: u = (x - mean) * scale + shift
-// [+ residual] as the forward computes it, g = dy * act'(u), stored; the
-// reducer (GradReducer<., true>) gets (g, x - mean).
-template <typename scalar_t_, act::Kind K, bool kResidual>
+// [+ residual] as the forward computes it, g = dy * act'(u), stored where
+// kStore (without a residual the elementwise pass recomputes it: ActGradEnds);
+// the reducer (GradReducer<., true>) gets (g, x - mean).
+template <typename scalar_t_, act::Kind K, bool kResidual, bool kStore = true>
 struct ActGradPrologue {
   using scalar_t = scalar_t_;
   using T = at::opmath_type<scalar_t>;
   static constexpr int kLoads = kResidual ? 3 : 2;  // dy, x, residual
   static constexpr int kValues = 2;
-  static constexpr bool kStores = true;
+  static constexpr bool kStores = kStore;
   static constexpr int kUnroll = kStoringUnroll;
   struct Channel {
     T mean, scale, shift;
@@ -458,11 +458,11 @@ void reduce(const R& r, const P& p, const ChannelView& v, const Tensor& like) {
     const int tpp = cuda::pow2_at_least(nvec, kReduceThreads);
     const int64_t ppb = kReduceThreads / tpp;
     const int64_t Y = std::max<int64_t>(
-        1, std::min({cuda::ceil_div(target, v.C), cuda::ceil_div(v.N, ppb), kMaxGridY}));
+        1, std::min({cuda::ceil_div(target, v.C), cuda::ceil_div(v.N, ppb), cuda::max_grid_y()}));
     // Few channels and few planes: split the planes' stripes across blocks too.
-    const int64_t Z =
-        std::max<int64_t>(1, std::min({cuda::ceil_div(target, v.C * Y),
-                                       cuda::ceil_div(nvec, tpp * P::kUnroll), kMaxGridY / Y}));
+    const int64_t Z = std::max<int64_t>(
+        1, std::min({cuda::ceil_div(target, v.C * Y), cuda::ceil_div(nvec, tpp * P::kUnroll),
+                     cuda::max_grid_y() / Y}));
     make_parts(Y * Z);
     const dim3 grid(static_cast<unsigned>(v.C), static_cast<unsigned>(Y * Z));
     if (vec == kVec) {
@@ -483,7 +483,7 @@ void reduce(const R& r, const P& p, const ChannelView& v, const Tensor& like) {
     const int64_t rows = v.rows();
     const int64_t Y =
         std::max<int64_t>(1, std::min({cuda::ceil_div(target, tiles),
-                                       cuda::ceil_div(rows, by * P::kUnroll), kMaxGridY}));
+                                       cuda::ceil_div(rows, by * P::kUnroll), cuda::max_grid_y()}));
     make_parts(Y);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(Y));
     const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
@@ -495,7 +495,7 @@ void reduce(const R& r, const P& p, const ChannelView& v, const Tensor& like) {
   }
   if (num_parts > 1) {
     const int64_t per_block = kFinalizeThreads / cuda::kWarpSize;
-    const int64_t blocks = std::min<int64_t>(cuda::ceil_div(v.C, per_block), kMaxGridY);
+    const int64_t blocks = std::min<int64_t>(cuda::ceil_div(v.C, per_block), cuda::max_grid_y());
     cuda::launch(finalize_kernel<R>, dim3(static_cast<unsigned>(blocks)), dim3(kFinalizeThreads), r,
                  parts, num_parts, v.C);
   }
@@ -509,8 +509,10 @@ void reduce(const R& r, const P& p, const ChannelView& v, const Tensor& like) {
 //
 // The map's ends: `center(co, x)` is the prologue, x - mean from the loaded
 // value with the channel's coefficients `co` (read once per plane or thread by
-// `channel(c)`); `epilogue(y, residual)` turns the affine result into the
-// stored value. With kResidual, `residual` is loaded like x.
+// `channel(c)`); `grad(co, xmu, dy)` the gradient that a multiplies (dy as
+// loaded, or g = dy * act'(u) recomputed); `epilogue(y, residual)` turns the
+// affine result into the stored value. With kResidual, `residual` is loaded
+// like x.
 
 // Batch Norm: x - mean, stored as it is.
 template <typename scalar_t_>
@@ -524,6 +526,32 @@ struct PlainEnds {
   const T* mean;
   __device__ __forceinline__ Channel channel(int64_t c) const { return {mean[c]}; }
   __device__ __forceinline__ T center(const Channel& co, T x) const { return x - co.mean; }
+  __device__ __forceinline__ T grad(const Channel& /*co*/, T /*xmu*/, T dy) const { return dy; }
+  __device__ __forceinline__ T epilogue(T y, T /*residual*/) const { return y; }
+};
+
+// The backward of an activation without a residual: g = dy * act'(u)
+// recomputed from x as ActGradPrologue computes it (never stored).
+template <typename scalar_t_, act::Kind K>
+struct ActGradEnds {
+  using scalar_t = scalar_t_;
+  using T = at::opmath_type<scalar_t>;
+  static constexpr bool kResidual = false;
+  struct Channel {
+    T mean, scale, shift;
+  };
+  const T* mean;
+  const T* scale;
+  const T* shift;
+  T param;
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    return {mean[c], scale[c], shift[c]};
+  }
+  __device__ __forceinline__ T center(const Channel& co, T x) const { return x - co.mean; }
+  __device__ __forceinline__ T grad(const Channel& co, T xmu, T dy) const {
+    const T u = xmu * co.scale + co.shift;
+    return dy * act::derivative<ScalarMath<T>>(act::KindTag<K>{}, u, param);
+  }
   __device__ __forceinline__ T epilogue(T y, T /*residual*/) const { return y; }
 };
 
@@ -541,6 +569,7 @@ struct ActEnds {
   T param;
   __device__ __forceinline__ Channel channel(int64_t c) const { return {mean[c]}; }
   __device__ __forceinline__ T center(const Channel& co, T x) const { return x - co.mean; }
+  __device__ __forceinline__ T grad(const Channel& /*co*/, T /*xmu*/, T dy) const { return dy; }
   __device__ __forceinline__ T epilogue(T y, T residual_value) const {
     if constexpr (kResidual) y += residual_value;
     return act::forward<ScalarMath<T>>(act::KindTag<K>{}, y, param);
@@ -563,6 +592,7 @@ struct FromOutputEnds {
   __device__ __forceinline__ T center(const Channel& co, T y) const {
     return xmu_from_output<T, K>(y, co.shift, co.inv_scale, param);
   }
+  __device__ __forceinline__ T grad(const Channel& /*co*/, T /*xmu*/, T g) const { return g; }
   __device__ __forceinline__ T epilogue(T y, T /*residual*/) const { return y; }
 };
 
@@ -594,8 +624,9 @@ __device__ __forceinline__ ChannelCoeffs<E> coeffs_at(const AffineArgs<E>& p, in
 
 template <bool kWithGrad, class E, typename T>
 __device__ __forceinline__ T affine(const E& ends, const ChannelCoeffs<E>& co, T x, T g, T res) {
-  T y = ends.center(co.center, x) * co.k + co.c;
-  if constexpr (kWithGrad) y += co.a * g;
+  const T xmu = ends.center(co.center, x);
+  T y = xmu * co.k + co.c;
+  if constexpr (kWithGrad) y += co.a * ends.grad(co.center, xmu, g);
   return ends.epilogue(y, res);
 }
 
@@ -673,7 +704,7 @@ void launch_affine(const AffineArgs<E>& p, const ChannelView& v) {
     const int64_t nvec = v.S / vec;
     const int tpp = cuda::pow2_at_least(nvec, kElemtThreads);
     const int64_t planes = v.N * v.C;
-    const int64_t gy = std::min(cuda::ceil_div(planes, kElemtThreads / tpp), kMaxGridY);
+    const int64_t gy = std::min(cuda::ceil_div(planes, kElemtThreads / tpp), cuda::max_grid_y());
     const int64_t gx =
         std::max<int64_t>(1, std::min(cuda::ceil_div(nvec, tpp), cuda::ceil_div(target, gy)));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
@@ -694,7 +725,8 @@ void launch_affine(const AffineArgs<E>& p, const ChannelView& v) {
   TORCH_CHECK(tiles <= std::numeric_limits<int32_t>::max(),
               "bnext: too many channels for the CUDA kernels: ", v.C);
   const int64_t gy = std::max<int64_t>(
-      1, std::min({cuda::ceil_div(v.rows(), by), cuda::ceil_div(target, tiles), kMaxGridY}));
+      1,
+      std::min({cuda::ceil_div(v.rows(), by), cuda::ceil_div(target, tiles), cuda::max_grid_y()}));
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(gy));
   const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   if (vec == kVec) {
@@ -894,6 +926,56 @@ std::tuple<Tensor, Tensor, Tensor> CudaBackend::act_backward_reduce(
         });
       });
   return {g, sum_g, sum_g_xmu};
+}
+
+template <typename>
+std::tuple<Tensor, Tensor> CudaBackend::act_backward_sums(const Tensor& dy, const Tensor& x,
+                                                          const Tensor& mean, const Tensor& scale,
+                                                          const Tensor& shift, act::Kind kind,
+                                                          double param) {
+  cuda_kernels::check_same_device("bnext::batch_norm_act_backward_sums", dy, x);
+  if (x.numel() == 0)
+    return {at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
+  Tensor sum_g = at::empty({x.size(1)}, mean.options());
+  Tensor sum_g_xmu = at::empty({x.size(1)}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_sums_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
+                                                          sum_g_xmu.mutable_data_ptr<T>()};
+        act::dispatch(kind, [&](auto tag) {
+          const cuda_kernels::ActGradPrologue<scalar_t, decltype(tag)::value, false, false> p{
+              {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()},
+              nullptr,
+              mean.const_data_ptr<T>(),
+              scale.const_data_ptr<T>(),
+              shift.const_data_ptr<T>(),
+              static_cast<T>(param)};
+          cuda_kernels::reduce(r, p, channel_view(x), x);
+        });
+      });
+  return {sum_g, sum_g_xmu};
+}
+
+template <typename>
+Tensor CudaBackend::act_backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                       const Tensor& scale, const Tensor& shift, const Tensor& a,
+                                       const Tensor& k, const Tensor& c, act::Kind kind,
+                                       double param) {
+  cuda_kernels::check_same_device("bnext::batch_norm_act_backward_elemt", dy, x);
+  Tensor dx = empty_same_layout(x, x.scalar_type());
+  if (x.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_backward_elemt_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        act::dispatch(kind, [&](auto tag) {
+          const cuda_kernels::ActGradEnds<scalar_t, decltype(tag)::value> ends{
+              mean.const_data_ptr<T>(), scale.const_data_ptr<T>(), shift.const_data_ptr<T>(),
+              static_cast<T>(param)};
+          cuda_kernels::affine_into<true>(dy, x, dx, ends, a, k, c);
+        });
+      });
+  return dx;
 }
 
 template <typename>

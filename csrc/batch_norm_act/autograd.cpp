@@ -140,8 +140,11 @@ struct BackwardFunction : public torch::autograd::Function<BackwardFunction> {
     const Tensor w = weight.defined() ? weight : at::ones({x.size(1)}, param_options);
     const Tensor b = bias.defined() ? bias : at::zeros({x.size(1)}, param_options);
     const Tensor res = residual.defined() ? residual : at::zeros_like(x);
+    // grad_pre is empty where neither a residual nor the output was given.
+    const bool grad_pre_stored = residual.defined() || saved[9].defined();
     const auto h =
-        backward_of_backward(forward, {x, w, b, res}, saved[0], {gg[0], gg[1], gg[2], gg[3]},
+        backward_of_backward(forward, {x, w, b, res}, saved[0],
+                             {gg[0], gg[1], gg[2], grad_pre_stored ? gg[3] : Tensor()},
                              {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                               weight.defined() && ctx->needs_input_grad(weight_edge),
                               bias.defined() && ctx->needs_input_grad(bias_edge),
@@ -551,6 +554,8 @@ auto not_differentiated(std::initializer_list<const Tensor*> tensors, const Args
 
 constexpr char kElemt[] = "bnext::batch_norm_act_elemt";
 constexpr char kBackwardReduce[] = "bnext::batch_norm_act_backward_reduce";
+constexpr char kBackwardSums[] = "bnext::batch_norm_act_backward_sums";
+constexpr char kBackwardElemt[] = "bnext::batch_norm_act_backward_elemt";
 constexpr char kBackwardReduceFromOutput[] = "bnext::batch_norm_act_backward_reduce_from_output";
 constexpr char kInplaceBackwardReduce[] = "bnext::batch_norm_act_inplace_backward_reduce";
 constexpr char kInplaceBackwardElemt[] = "bnext::batch_norm_act_inplace_backward_elemt";
@@ -575,6 +580,30 @@ Grads3 batch_norm_act_backward_reduce_autograd(const Tensor& grad_out, const Ten
                                    const Tensor&, const OptTensor&, std::string_view, double)>(
       {&grad_out, &input, &mean, &scale, &shift, &r}, grad_out, input, mean, scale, shift, residual,
       activation, param);
+}
+
+std::tuple<Tensor, Tensor> batch_norm_act_backward_sums_autograd(
+    const Tensor& grad_out, const Tensor& input, const Tensor& mean, const Tensor& scale,
+    const Tensor& shift, std::string_view activation, double param) {
+  return not_differentiated<kBackwardSums,
+                            std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                       const Tensor&, const Tensor&,
+                                                       std::string_view, double)>(
+      {&grad_out, &input, &mean, &scale, &shift}, grad_out, input, mean, scale, shift, activation,
+      param);
+}
+
+Tensor batch_norm_act_backward_elemt_autograd(const Tensor& grad_out, const Tensor& input,
+                                              const Tensor& mean, const Tensor& scale,
+                                              const Tensor& shift, const Tensor& a, const Tensor& k,
+                                              const Tensor& c, std::string_view activation,
+                                              double param) {
+  return not_differentiated<kBackwardElemt,
+                            Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   std::string_view, double)>(
+      {&grad_out, &input, &mean, &scale, &shift, &a, &k, &c}, grad_out, input, mean, scale, shift,
+      a, k, c, activation, param);
 }
 
 Grads3 batch_norm_act_backward_reduce_from_output_autograd(const Tensor& grad_out,
@@ -623,6 +652,8 @@ TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("batch_norm_act_inplace_backward", &batch_norm_act_inplace_backward_autograd);
   m.impl("batch_norm_act_elemt", &batch_norm_act_elemt_autograd);
   m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce_autograd);
+  m.impl("batch_norm_act_backward_sums", &batch_norm_act_backward_sums_autograd);
+  m.impl("batch_norm_act_backward_elemt", &batch_norm_act_backward_elemt_autograd);
   m.impl("batch_norm_act_backward_reduce_from_output",
          &batch_norm_act_backward_reduce_from_output_autograd);
   m.impl("batch_norm_act_inplace_backward_reduce",

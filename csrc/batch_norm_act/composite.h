@@ -5,6 +5,12 @@
 //   (g, sum g, sum g * (x - mean)) = act_backward_reduce(dy, x, mean, scale, shift, residual,
 //                                                        kind, param)
 //       g = dy * act'(u), u recomputed as in act_elemt
+//   (sum g, sum g * (x - mean)) = act_backward_sums(dy, x, mean, scale, shift, kind, param)
+//       the same sums, g not stored (no residual)
+//   dx = act_backward_elemt(dy, x, mean, scale, shift, a, k, c, kind, param)
+//       dx = a * g + k * (x - mean) + c, g recomputed as act_backward_reduce does
+//   (g, sum g, sum g * (x - mean)) = act_backward_reduce_from_output(dy, x, y, mean, kind, param)
+//       g = dy * act'(u) from the output y (piecewise linear activations)
 //   (g, sum g, sum g * xmu) = inplace_backward_reduce(dy, y, shift, inv_scale, kind, param)
 //   dx = inplace_backward_elemt(g, y, shift, inv_scale, a, k, c, kind, param)
 //       dx = a * g + k * xmu + c
@@ -14,8 +20,9 @@
 //
 // The forward is Batch Norm's (or Batch Renorm's) with the activation as the
 // epilogue of its elementwise pass. The backward is Batch Norm's applied to
-// g = dy * act'(u): the reduce pass computes and stores g (the residual's
-// gradient too), Batch Norm's elementwise pass finishes with g for dy.
+// g = dy * act'(u). With a residual, g is its gradient too: the reduce pass
+// stores it and Batch Norm's elementwise pass finishes with g for dy. Without
+// one, both passes compute g from dy and x, and it is never stored.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -113,6 +120,43 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward_reduce(
   return K::act_backward_reduce(same_layout(grad_out, x), x, per_channel(mean, opmath),
                                 per_channel(scale, opmath), per_channel(shift, opmath),
                                 residual_like(value_or_undefined(residual), x), a.kind, a.param);
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> batch_norm_act_backward_sums(const Tensor& grad_out, const Tensor& input,
+                                                        const Tensor& mean, const Tensor& scale,
+                                                        const Tensor& shift,
+                                                        std::string_view activation, double param) {
+  const char* op = "bnext::batch_norm_act_backward_sums";
+  check_input(op, input, 2);
+  batch_norm::check_channel_vectors(op, input, {&mean, &scale, &shift});
+  batch_norm::check_grad_out(op, grad_out, input);
+  const Activation a = parse_activation(op, activation, param);
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor x = canonical(input);
+  const auto opmath = opmath_dtype(input.scalar_type());
+  return K::act_backward_sums(same_layout(grad_out, x), x, per_channel(mean, opmath),
+                              per_channel(scale, opmath), per_channel(shift, opmath), a.kind,
+                              a.param);
+}
+
+template <class K>
+Tensor batch_norm_act_backward_elemt(const Tensor& grad_out, const Tensor& input,
+                                     const Tensor& mean, const Tensor& scale, const Tensor& shift,
+                                     const Tensor& a, const Tensor& k, const Tensor& c,
+                                     std::string_view activation, double param) {
+  const char* op = "bnext::batch_norm_act_backward_elemt";
+  check_input(op, input, 2);
+  batch_norm::check_channel_vectors(op, input, {&mean, &scale, &shift, &a, &k, &c});
+  batch_norm::check_grad_out(op, grad_out, input);
+  const Activation act = parse_activation(op, activation, param);
+  const typename K::DeviceGuard guard(input.device());
+  const Tensor x = canonical(input);
+  const auto opmath = opmath_dtype(input.scalar_type());
+  return K::act_backward_elemt(same_layout(grad_out, x), x, per_channel(mean, opmath),
+                               per_channel(scale, opmath), per_channel(shift, opmath),
+                               per_channel(a, opmath), per_channel(k, opmath),
+                               per_channel(c, opmath), act.kind, act.param);
 }
 
 template <class K>
@@ -289,28 +333,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
   const Tensor r = per_channel(r_t, opmath);
   const Tensor d = per_channel(d_t, opmath);
 
-  Tensor g, sum_g, sum_gx;
+  const int64_t count = C > 0 ? x.numel() / C : 0;
+  const auto finish = [&](const Tensor& sum_g, const Tensor& sum_gx, const auto& elemt) {
+    const batch_norm::BackwardCoefficients co =
+        batch_norm::backward_coefficients<K>(sum_g, sum_gx, var, w, r, d, eps, training, count);
+    const auto [grad_weight, grad_bias] = batch_norm::param_grads(co.grad_weight, sum_g, w_in);
+    return std::tuple{elemt(co), grad_weight, grad_bias};
+  };
   if (y.defined()) {
-    std::tie(g, sum_g, sum_gx) =
+    const auto [g, sum_g, sum_gx] =
         K::act_backward_reduce_from_output(dy, x, same_layout(y, x), mean, a.kind, a.param);
-  } else {
-    const Tensor scale = empty_channel_vector(x, opmath);
-    const Tensor shift = empty_channel_vector(x, opmath);
-    AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_act_backward", [&] {
-      const RecomputeStep<scalar_t> recompute{
-          var.const_data_ptr<scalar_t>(),     data_or_null<scalar_t>(w),
-          data_or_null<scalar_t>(b),          data_or_null<scalar_t>(r),
-          data_or_null<scalar_t>(d),          scale.mutable_data_ptr<scalar_t>(),
-          shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
-      K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) { recompute(c); });
+    const auto [dx, dw, db] = finish(sum_g, sum_gx, [&](const auto& co) {
+      return K::backward_elemt(g, x, mean, co.a, co.k, co.c);
     });
-    std::tie(g, sum_g, sum_gx) = K::act_backward_reduce(
-        dy, x, mean, scale, shift, residual_like(value_or_undefined(residual), x), a.kind, a.param);
+    return {dx, dw, db, g};
   }
-  const batch_norm::BackwardCoefficients co = batch_norm::backward_coefficients<K>(
-      sum_g, sum_gx, var, w, r, d, eps, training, C > 0 ? x.numel() / C : 0);
-  const auto [grad_weight, grad_bias] = batch_norm::param_grads(co.grad_weight, sum_g, w_in);
-  return {K::backward_elemt(g, x, mean, co.a, co.k, co.c), grad_weight, grad_bias, g};
+  const Tensor scale = empty_channel_vector(x, opmath);
+  const Tensor shift = empty_channel_vector(x, opmath);
+  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_act_backward", [&] {
+    const RecomputeStep<scalar_t> recompute{
+        var.const_data_ptr<scalar_t>(),     data_or_null<scalar_t>(w),
+        data_or_null<scalar_t>(b),          data_or_null<scalar_t>(r),
+        data_or_null<scalar_t>(d),          scale.mutable_data_ptr<scalar_t>(),
+        shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
+    K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) { recompute(c); });
+  });
+  const Tensor& res = value_or_undefined(residual);
+  if (res.defined()) {
+    // g is the residual's gradient: stored once, read back for dx.
+    const auto [g, sum_g, sum_gx] =
+        K::act_backward_reduce(dy, x, mean, scale, shift, residual_like(res, x), a.kind, a.param);
+    const auto [dx, dw, db] = finish(sum_g, sum_gx, [&](const auto& co) {
+      return K::backward_elemt(g, x, mean, co.a, co.k, co.c);
+    });
+    return {dx, dw, db, g};
+  }
+  // No residual: g is recomputed where it is needed, never stored (a tensor
+  // written and read back less).
+  const auto [sum_g, sum_gx] = K::act_backward_sums(dy, x, mean, scale, shift, a.kind, a.param);
+  const auto [dx, dw, db] = finish(sum_g, sum_gx, [&](const auto& co) {
+    return K::act_backward_elemt(dy, x, mean, scale, shift, co.a, co.k, co.c, a.kind, a.param);
+  });
+  return {dx, dw, db, at::empty({0}, x.options())};
 }
 
 // ------------------------------------------------------------ in-place mode
@@ -423,6 +487,8 @@ template <class K>
 void register_kernels(torch::Library& m) {
   m.impl("batch_norm_act_elemt", &batch_norm_act_elemt<K>);
   m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce<K>);
+  m.impl("batch_norm_act_backward_sums", &batch_norm_act_backward_sums<K>);
+  m.impl("batch_norm_act_backward_elemt", &batch_norm_act_backward_elemt<K>);
   m.impl("batch_norm_act_backward_reduce_from_output",
          &batch_norm_act_backward_reduce_from_output<K>);
   m.impl("batch_norm_act_inplace_backward_reduce", &batch_norm_act_inplace_backward_reduce<K>);

@@ -32,6 +32,17 @@ inline void define_schemas(torch::Library& m) {
       "batch_norm_act_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor scale, "
       "Tensor shift, Tensor? residual, str activation, float activation_param) "
       "-> (Tensor grad_pre, Tensor sum_dy, Tensor sum_dy_xmu)");
+  // The same sums without a residual, grad_pre not stored, and the
+  // elementwise pass that recomputes it: dx = a * grad_pre + k * (x - mean) + c
+  // (batch_norm_backward_elemt's, for whose grad_out this one reads grad_pre).
+  m.def(
+      "batch_norm_act_backward_sums(Tensor grad_out, Tensor input, Tensor mean, Tensor scale, "
+      "Tensor shift, str activation, float activation_param) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "batch_norm_act_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor scale, "
+      "Tensor shift, Tensor a, Tensor k, Tensor c, str activation, float activation_param) "
+      "-> Tensor");
   // The same for a piecewise linear activation (identity, relu, leaky_relu,
   // relu6) with act'(u) from its output (a layer with a residual keeps its
   // output, which the next layer keeps anyway, rather than the residual).
@@ -65,7 +76,8 @@ inline void define_schemas(torch::Library& m) {
       "Tensor? weight, Tensor? bias, Tensor? residual, float eps, Tensor r_max, Tensor d_max, "
       "str activation, float activation_param) "
       "-> (Tensor out, Tensor mean, Tensor var, Tensor r, Tensor d)");
-  // grad_pre is the gradient of the activation's input: that of `residual`.
+  // grad_pre is the gradient of the activation's input: that of `residual`
+  // (without a residual or the output, an empty tensor: it is never stored).
   // r and d: Batch Renorm's correction (both or neither). `output`: the
   // forward's output, for act' of a piecewise linear activation instead of
   // recomputing it (then no residual is needed).

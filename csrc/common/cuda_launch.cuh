@@ -53,6 +53,10 @@ struct DeviceGuard {
 };
 
 inline int64_t num_sms() { return emu::num_sms(); }
+// The grid limits the launch plans cap at; the loops stride over the rest.
+// The emulator's tests lower them to run those loops on small shapes.
+inline int64_t max_grid_x() { return emu::max_grid_x(); }
+inline int64_t max_grid_y() { return emu::max_grid_y(); }
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
@@ -73,6 +77,10 @@ struct DeviceGuard {
 };
 
 inline int64_t num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// The grid limits the launch plans cap at: y's is the hardware's; x's is the
+// portable one the LayerNorm plans keep to. The loops stride over the rest.
+constexpr int64_t max_grid_x() { return 65535; }
+constexpr int64_t max_grid_y() { return 65535; }
 
 // On the current stream of the current device (which the ops' device guards set).
 template <typename... Params, typename... Args>

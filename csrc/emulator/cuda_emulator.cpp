@@ -25,7 +25,7 @@ namespace emu {
 namespace {
 
 constexpr unsigned kMaxThreadsPerBlock = 1024;
-constexpr unsigned kMaxGridYZ = 65535;
+constexpr int64_t kMaxGridYZ = 65535;
 constexpr std::size_t kStackBytes = 256 * 1024;
 
 enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
@@ -59,6 +59,8 @@ Schedule g_schedule = Schedule::kForward;
 std::mt19937_64 g_rng;
 int64_t g_num_sms = 4;
 int64_t g_launches = 0;
+int64_t g_max_grid_x = 65535;
+int64_t g_max_grid_y = kMaxGridYZ;
 std::vector<std::unique_ptr<char[]>> g_stacks;
 
 Fiber& self() {
@@ -195,7 +197,7 @@ void check_config(dim3 grid, dim3 block) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > kMaxThreadsPerBlock || block.z > 64) {
     os << "block of (" << block.x << ", " << block.y << ", " << block.z << ") threads";
-  } else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > kMaxGridYZ ||
+  } else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > g_max_grid_y ||
              grid.z > kMaxGridYZ || grid.x > 0x7fffffffu) {
     os << "grid of (" << grid.x << ", " << grid.y << ", " << grid.z << ") blocks";
   } else {
@@ -294,6 +296,16 @@ void set_num_sms(int64_t n) {
   g_num_sms = n;
 }
 int64_t launch_count() { return g_launches; }
+
+int64_t max_grid_x() { return g_max_grid_x; }
+int64_t max_grid_y() { return g_max_grid_y; }
+void set_grid_caps(int64_t x, int64_t y) {
+  if (x < 1 || x > 65535 || y < 1 || y > kMaxGridYZ) {
+    throw std::invalid_argument("bnext emulator: grid caps must be in [1, 65535]");
+  }
+  g_max_grid_x = x;
+  g_max_grid_y = y;
+}
 
 }  // namespace emu
 }  // namespace bnext

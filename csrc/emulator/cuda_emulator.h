@@ -82,6 +82,13 @@ int64_t num_sms();
 void set_num_sms(int64_t n);
 // Launches so far (tests check that a path takes the launches it should).
 int64_t launch_count();
+// The grid limits the launch plans cap their grids at (cuda::max_grid_x/y):
+// 65535 as on the GPU, lowered by tests so that the loops that stride over a
+// capped grid run on small shapes. A launch whose grid exceeds the y limit is
+// refused, as a GPU refuses one beyond 65535.
+int64_t max_grid_x();
+int64_t max_grid_y();
+void set_grid_caps(int64_t x, int64_t y);
 
 template <typename T>
 T shuffle(T v, int src_lane, unsigned mask) {

@@ -36,6 +36,8 @@ namespace {
 void set_num_sms_op(int64_t n) { set_num_sms(n); }
 int64_t num_sms_op() { return num_sms(); }
 int64_t launch_count_op() { return launch_count(); }
+void set_grid_caps_op(int64_t x, int64_t y) { set_grid_caps(x, y); }
+std::vector<int64_t> grid_caps_op() { return {max_grid_x(), max_grid_y()}; }
 
 void set_schedule_op(const std::string& name, int64_t seed) {
   const Schedule kind = name == "forward"   ? Schedule::kForward
@@ -72,6 +74,9 @@ TORCH_LIBRARY(bnext_emu, m) {
   m.def("set_num_sms(int n) -> ()", &bnext::emu::set_num_sms_op);
   m.def("num_sms() -> int", &bnext::emu::num_sms_op);
   m.def("launch_count() -> int", &bnext::emu::launch_count_op);
+  // The grid limits the launch plans cap at (65535 each, lowered by tests).
+  m.def("set_grid_caps(int x, int y) -> ()", &bnext::emu::set_grid_caps_op);
+  m.def("grid_caps() -> int[]", &bnext::emu::grid_caps_op);
   // The order of blocks and of a block's ready threads (cuda_emulator.h).
   m.def("set_schedule(str name, int seed=0) -> ()", &bnext::emu::set_schedule_op);
   m.def("schedule() -> str", &bnext::emu::schedule_op);

@@ -110,6 +110,8 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(reductions_kernel, dim3(1), dim3(2048), p);
   } else if (name == "grid_y_too_large") {
     cuda::launch(block_order_kernel, dim3(1, 65536), dim3(32), p);
+  } else if (name == "grid_y_of_3") {  // refused under a y cap below 3 (set_grid_caps)
+    cuda::launch(block_order_kernel, dim3(1, 3), dim3(32), p);
   } else {
     TORCH_CHECK(false, "unknown emulator self-test '", name, "'");
   }

@@ -332,7 +332,7 @@ inline ChannelPlan channel_plan(int64_t P, int64_t C) {
                                std::min(kMinChannelLanes, most), most);
   const int threads = cuda::kWarpSize * lanes;
   const int64_t per_sm = std::min<int64_t>(kThreadsPerSm / threads, kMaxBlocksPerSm);
-  const int64_t blocks = std::min({tiles, cuda::num_sms() * per_sm, kMaxGridX});
+  const int64_t blocks = std::min({tiles, cuda::num_sms() * per_sm, cuda::max_grid_x()});
   return {dim3(static_cast<unsigned>(blocks)),
           dim3(static_cast<unsigned>(cuda::kWarpSize), static_cast<unsigned>(lanes))};
 }
@@ -379,7 +379,7 @@ void launch_channel_backward(ChannelBackwardArgs<scalar_t> a, bool columns, Tens
   a.dw_parts = dw_parts.mutable_data_ptr<T>();
   a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   cuda::launch(channel_backward_kernel<scalar_t, kCentred, true>, plan.grid, plan.block, a);
-  const int64_t grid_x = std::min(cuda::ceil_div(a.C, kColumnTile), kMaxGridX);
+  const int64_t grid_x = std::min(cuda::ceil_div(a.C, kColumnTile), cuda::max_grid_x());
   cuda::launch(column_merge_kernel<T, kCentred, 1>, dim3(static_cast<unsigned>(grid_x)),
                dim3(kColumnTile, kColumnLanes), static_cast<const T*>(a.dw_parts),
                static_cast<const T*>(a.db_parts), parts, a.C, dw, db);

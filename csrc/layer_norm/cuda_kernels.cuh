@@ -76,8 +76,6 @@ template <int VEC>
 constexpr int unroll_for() {
   return VEC <= 4 ? 4 : 16 / VEC;
 }
-constexpr int64_t kMaxGridX = 65535;  // the portable limit; loops stride over the rest
-constexpr int64_t kMaxGridY = 65535;
 
 // Column sums: 32 threads of VEC columns (one warp's coalesced row segment)
 // by 8 row lanes.
@@ -729,7 +727,7 @@ inline RowPlan row_plan(int64_t M, int64_t N, int64_t nvec) {
     blocks = M;
   }
   const int64_t resident = std::max<int64_t>(1, cuda::num_sms() * (kThreadsPerSm / threads));
-  plan.grid = dim3(static_cast<unsigned>(std::min({blocks, resident, kMaxGridX})));
+  plan.grid = dim3(static_cast<unsigned>(std::min({blocks, resident, cuda::max_grid_x()})));
   plan.block = dim3(static_cast<unsigned>(threads));
   return plan;
 }
@@ -759,10 +757,10 @@ template <typename scalar_t, bool kCentred, int VEC>
 void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) {
   using T = at::opmath_type<scalar_t>;
   const int64_t tiles = cuda::ceil_div(a.N, kColumnTile * VEC);
-  const int64_t grid_x = std::min(tiles, kMaxGridX);
+  const int64_t grid_x = std::min(tiles, cuda::max_grid_x());
   const int64_t target = 4 * cuda::num_sms();
   const int64_t max_parts =
-      std::max<int64_t>(1, std::min(cuda::ceil_div(a.M, kMinRowsPerPart), kMaxGridY));
+      std::max<int64_t>(1, std::min(cuda::ceil_div(a.M, kMinRowsPerPart), cuda::max_grid_y()));
   const int64_t rows_per_part =
       cuda::ceil_div(a.M, std::clamp<int64_t>(cuda::ceil_div(target, grid_x), 1, max_parts));
   const int64_t parts = cuda::ceil_div(a.M, rows_per_part);
@@ -828,7 +826,7 @@ void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& pl
   a.dw_parts = dw_parts.mutable_data_ptr<T>();
   a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
-  const int64_t grid_x = std::min(cuda::ceil_div(a.N, kColumnTile * VEC), kMaxGridX);
+  const int64_t grid_x = std::min(cuda::ceil_div(a.N, kColumnTile * VEC), cuda::max_grid_x());
   cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)),
                dim3(kColumnTile, kColumnLanes), static_cast<const T*>(a.dw_parts),
                static_cast<const T*>(a.db_parts), parts, a.N, dw, db);

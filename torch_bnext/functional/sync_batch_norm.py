@@ -12,9 +12,9 @@ operators (csrc/distributed/ops.cpp):
               -> batch_norm_backward_coeffs -> batch_norm_backward_elemt
 
 With an activation (SyncBatchNormAct, InPlaceABNSync) the forward's
-elementwise pass is batch_norm_act_elemt and the backward's reduce
-batch_norm_act_backward_reduce, whose g = dy * act'(u) the elementwise pass
-then takes for dy.
+elementwise pass is batch_norm_act_elemt and the backward's passes
+batch_norm_act_backward_sums and batch_norm_act_backward_elemt, both of which
+recompute g = dy * act'(u) from dy and the input.
 
 The all-gather is an all-reduce of a (world, 2C + 1) float64 table in which
 each rank fills its own row: every backend has all-reduce, zeros add exactly,
@@ -132,10 +132,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         input, weight, mean, var, count, r, d, scale, shift = ctx.saved_tensors
         channels = input.shape[1]
         activation, activation_param = ctx.activation
-        if activation is not None and input.numel() > 0:
-            # The activation's derivative first: Batch Norm's backward of g.
-            grad_out, sum_dy, sum_dy_xmu = _ops.batch_norm_act_backward_reduce(
-                grad_out, input, mean, scale, shift, None, activation, activation_param
+        fused = activation is not None and input.numel() > 0
+        if fused:
+            # Batch Norm's backward of g = dy * act'(u), which both passes
+            # recompute from dy and the input (it is never stored).
+            sum_dy, sum_dy_xmu = _ops.batch_norm_act_backward_sums(
+                grad_out, input, mean, scale, shift, activation, activation_param
             )
         else:
             sum_dy, sum_dy_xmu = _local_sums(grad_out, input, mean)
@@ -146,11 +148,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
             a, k, c, _ = _ops.batch_norm_backward_coeffs(
                 total[:channels], total[channels:], var, weight, r, d, ctx.eps, count
             )
-            grad_input = (
-                _ops.batch_norm_backward_elemt(grad_out, input, mean, a, k, c)
-                if input.numel() > 0
-                else torch.zeros_like(input)
-            )
+            if fused:
+                grad_input = _ops.batch_norm_act_backward_elemt(
+                    grad_out, input, mean, scale, shift, a, k, c, activation, activation_param
+                )
+            elif input.numel() > 0:
+                grad_input = _ops.batch_norm_backward_elemt(grad_out, input, mean, a, k, c)
+            else:
+                grad_input = torch.zeros_like(input)
         # Parameter gradients are this rank's share (DDP sums them over ranks).
         if ctx.needs_input_grad[1]:
             _, _, _, grad_weight = _ops.batch_norm_backward_coeffs(

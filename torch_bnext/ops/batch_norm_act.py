@@ -18,6 +18,18 @@ def _backward_reduce_fake(
     return empty_canonical(input), channel_vector(input), channel_vector(input)
 
 
+@torch.library.register_fake("bnext::batch_norm_act_backward_sums")
+def _backward_sums_fake(grad_out, input, mean, scale, shift, activation, activation_param):
+    return channel_vector(input), channel_vector(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_act_backward_elemt")
+def _backward_elemt_fake(
+    grad_out, input, mean, scale, shift, a, k, c, activation, activation_param
+):
+    return empty_canonical(input)
+
+
 @torch.library.register_fake("bnext::batch_norm_act_backward_reduce_from_output")
 def _backward_reduce_from_output_fake(grad_out, input, output, mean, activation, param):
     return empty_canonical(input), channel_vector(input), channel_vector(input)
@@ -98,7 +110,11 @@ def _backward_fake(
     training,
     output=None,
 ):
-    return batch_norm_backward_outputs(input, weight) + (empty_canonical(input),)
+    # grad_pre is stored only with a residual (its gradient), or with the
+    # output kept in the residual's stead.
+    stored = residual is not None or output is not None
+    grad_pre = empty_canonical(input) if stored else input.new_empty((0,))
+    return batch_norm_backward_outputs(input, weight) + (grad_pre,)
 
 
 @torch.library.register_fake("bnext::batch_norm_act_train_")

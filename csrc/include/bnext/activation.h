@@ -83,6 +83,7 @@ struct ScalarMath {
   using V = T;
   C10_HOST_DEVICE static V splat(T v) { return v; }
   C10_HOST_DEVICE static V exp(V v) { return std::exp(v); }
+  C10_HOST_DEVICE static V exp_in_derivative(V v) { return std::exp(v); }
   C10_HOST_DEVICE static V expm1(V v) { return std::expm1(v); }
   C10_HOST_DEVICE static V log1p(V v) { return std::log1p(v); }
   C10_HOST_DEVICE static V erf(V v) { return std::erf(v); }
@@ -136,7 +137,9 @@ C10_HOST_DEVICE inline typename M::V forward(KindTag<K>, typename M::V u, typena
   }
 }
 
-// act'(u): the factor that turns the gradient of act(u) into that of u.
+// act'(u): the factor that turns the gradient of act(u) into that of u. Its
+// exponentials are M::exp_in_derivative: a policy may trade an ulp or two
+// there for speed (the fused backward evaluates act' in both of its passes).
 template <class M, Kind K>
 C10_HOST_DEVICE inline typename M::V derivative(KindTag<K>, typename M::V u, typename M::V param) {
   using V = typename M::V;
@@ -149,14 +152,14 @@ C10_HOST_DEVICE inline typename M::V derivative(KindTag<K>, typename M::V u, typ
   } else if constexpr (K == Kind::kLeakyRelu) {
     return M::if_gt(u, zero, one, param);
   } else if constexpr (K == Kind::kElu) {
-    return M::if_gt(u, zero, one, param * M::exp(u));
+    return M::if_gt(u, zero, one, param * M::exp_in_derivative(u));
   } else if constexpr (K == Kind::kSilu) {
-    const V s = one / (one + M::exp(zero - u));
+    const V s = one / (one + M::exp_in_derivative(zero - u));
     return s * (one + u * (one - s));
   } else if constexpr (K == Kind::kGelu) {
     using G = GeluConstants<V>;
     const V cdf = M::splat(0.5) * (one + M::erf(u * M::splat(G::kSqrt1_2)));
-    const V pdf = M::splat(G::kInvSqrt2Pi) * M::exp(M::splat(-0.5) * u * u);
+    const V pdf = M::splat(G::kInvSqrt2Pi) * M::exp_in_derivative(M::splat(-0.5) * u * u);
     return cdf + u * pdf;
   } else if constexpr (K == Kind::kGeluTanh) {
     using G = GeluConstants<V>;
