@@ -102,6 +102,7 @@ def test_emulated_suite_under_random_schedules():
         ("divergent_barrier", "different __syncthreads"),
         ("exited_lane", "lane that has exited"),
         ("barrier_or_shuffle", "deadlock"),
+        ("misaligned_vector", "misaligned address: a 16-byte vector access"),
         ("too_many_threads", "invalid configuration argument"),
         ("grid_y_too_large", "invalid configuration argument"),
     ],

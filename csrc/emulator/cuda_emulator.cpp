@@ -257,6 +257,16 @@ void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, u
   yield_to_scheduler(State::kAtWarpBarrier);
 }
 
+void check_vector_access(const void* p, std::size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return;
+  self();
+  const Fiber& f = *g_block->current;
+  std::ostringstream os;
+  os << "misaligned address: a " << bytes << "-byte vector access at " << p << " by thread ("
+     << f.idx.x << ", " << f.idx.y << ", " << f.idx.z << ")";
+  throw std::runtime_error(describe(*g_block, os.str().c_str()));
+}
+
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   check_config(grid, block);
   if (g_block != nullptr) throw std::runtime_error("bnext emulator: nested launch");

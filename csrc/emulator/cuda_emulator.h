@@ -68,6 +68,11 @@ void syncthreads(const char* file, int line);
 // the value of lane `src_lane` in `out`.
 void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask);
 
+// A vector load or store of `bytes` at `p`: a GPU faults ("misaligned
+// address") unless p is a multiple of `bytes`; x86 would not, so the emulator
+// throws instead.
+void check_vector_access(const void* p, std::size_t bytes);
+
 // Runs `body` once per thread of the grid; throws std::runtime_error for a
 // configuration CUDA would refuse, a divergent barrier or a bad shuffle.
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);

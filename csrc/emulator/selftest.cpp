@@ -13,6 +13,7 @@
 
 #include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
+#include "common/cuda_vec.cuh"
 
 namespace bnext {
 namespace emu {
@@ -87,6 +88,11 @@ __global__ void out_of_bounds_kernel(double* out) {
   if (threadIdx.x == 0) out[0] = p[8];
 }
 
+// A 16-byte vector load one double past an aligned address: a GPU faults.
+__global__ void misaligned_vector_kernel(double* out) {
+  if (threadIdx.x == 0) out[0] = cuda::load_vec<2>(out + 1).v[0];
+}
+
 at::Tensor selftest(const std::string& name) {
   at::Tensor out = at::zeros({8}, at::kDouble);
   double* p = out.data_ptr<double>();
@@ -106,6 +112,8 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(barrier_or_shuffle_kernel, dim3(1), dim3(64), p);
   } else if (name == "out_of_bounds") {
     cuda::launch(out_of_bounds_kernel, dim3(1), dim3(32), p);
+  } else if (name == "misaligned_vector") {
+    cuda::launch(misaligned_vector_kernel, dim3(1), dim3(32), p);
   } else if (name == "too_many_threads") {
     cuda::launch(reductions_kernel, dim3(1), dim3(2048), p);
   } else if (name == "grid_y_too_large") {
