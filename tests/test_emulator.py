@@ -96,6 +96,15 @@ def test_emulated_suite_under_random_schedules():
     assert result.returncode == 0, failure_report(result)
 
 
+def test_shared_memory_is_poisoned_at_every_block_start(emu):
+    """Statics would keep block 0's value for block 1; a GPU gives garbage,
+    the emulator NaN (every byte 0xff), so a kernel that reads shared memory
+    its block has not written fails its comparisons."""
+    out = emu.selftest("uninitialised_shared")
+    assert out[0].item() == 7.0
+    assert torch.isnan(out[1])
+
+
 @pytest.mark.parametrize(
     "case,message",
     [

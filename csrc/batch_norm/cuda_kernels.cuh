@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   using scalar_t = typename P::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
-  __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, cuda::kWarpSize>::kBytes];
+  BNEXT_SHARED(__align__(16) unsigned char, raw, cuda::SharedSlots<V, cuda::kWarpSize>::kBytes);
   const int64_t c = blockIdx.x;
   const int64_t y = blockIdx.y / Z;
   const int64_t z = blockIdx.y % Z;
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   using scalar_t = typename P::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
-  __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, kReduceThreads>::kBytes];
+  BNEXT_SHARED(__align__(16) unsigned char, raw, cuda::SharedSlots<V, kReduceThreads>::kBytes);
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < C;  // C % VEC == 0 on vector paths
   V v[VEC] = {};

@@ -22,6 +22,17 @@
 #include <cuda_runtime.h>
 #endif
 
+// BNEXT_SHARED(T, name, count...): a __shared__ array `T name[count]`. The
+// emulator also poisons it at every block start (emu::declare_shared), so
+// that a read of shared memory the block has not written shows in the tests.
+#ifdef BNEXT_EMULATE_CUDA
+#define BNEXT_SHARED(T, name, ...) \
+  static T name[__VA_ARGS__];      \
+  ::bnext::emu::declare_shared(name, sizeof(name))
+#else
+#define BNEXT_SHARED(T, name, ...) __shared__ T name[__VA_ARGS__]
+#endif
+
 namespace bnext {
 namespace cuda {
 

@@ -11,6 +11,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <numeric>
@@ -18,6 +19,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace bnext {
@@ -59,6 +61,8 @@ Schedule g_schedule = Schedule::kForward;
 std::mt19937_64 g_rng;
 int64_t g_num_sms = 4;
 int64_t g_launches = 0;
+uint64_t g_blocks_run = 0;                       // the running block's serial number, from 1
+std::unordered_map<void*, uint64_t> g_poisoned;  // shared memory -> block that poisoned it
 int64_t g_max_grid_x = 65535;
 int64_t g_max_grid_y = kMaxGridYZ;
 std::vector<std::unique_ptr<char[]>> g_stacks;
@@ -267,6 +271,14 @@ void check_vector_access(const void* p, std::size_t bytes) {
   throw std::runtime_error(describe(*g_block, os.str().c_str()));
 }
 
+void declare_shared(void* p, std::size_t bytes) {
+  self();
+  uint64_t& block = g_poisoned[p];
+  if (block == g_blocks_run) return;
+  block = g_blocks_run;
+  std::memset(p, 0xff, bytes);
+}
+
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   check_config(grid, block);
   if (g_block != nullptr) throw std::runtime_error("bnext emulator: nested launch");
@@ -285,6 +297,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     for (const uint64_t i : order) {
       b.block_idx = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
                      static_cast<unsigned>(i / (uint64_t(grid.x) * grid.y))};
+      ++g_blocks_run;
       run_block(b);
     }
   } catch (...) {

@@ -7,7 +7,10 @@
 // that switch at every barrier and every warp shuffle. The semantics that the
 // kernels rely on are kept:
 //   - __shared__ variables are shared by the threads of a block (they become
-//     function statics, which one block at a time may use);
+//     function statics, which one block at a time may use); those declared
+//     with BNEXT_SHARED (cuda_launch.cuh), as the kernels' are, are poisoned
+//     at every block start: a read of shared memory the block has not written
+//     gets NaNs, as a GPU gives garbage;
 //   - __syncthreads() waits for every live thread of the block, all at the same
 //     call (source line);
 //   - __shfl_*_sync exchange values between the 32 lanes of a warp, which must
@@ -24,8 +27,8 @@
 // another schedule; the tests run the kernels under several.
 //
 // Not emulated: memory-model races between blocks (blocks run one at a time,
-// so a last-block-merges pattern always sees every partial), shared memory
-// being uninitialised (statics start as zero), timing. The GPU remains the
+// so a last-block-merges pattern always sees every partial), races within a
+// block between barriers (beyond what the schedules show), timing. The GPU remains the
 // judge of those; this is for the arithmetic, the indexing and the launch plans.
 #pragma once
 
@@ -72,6 +75,11 @@ void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, u
 // address") unless p is a multiple of `bytes`; x86 would not, so the emulator
 // throws instead.
 void check_vector_access(const void* p, std::size_t bytes);
+
+// A thread of the running block reaches the declaration of `bytes` of shared
+// memory at `p`: the first to do so in this block fills them with 0xff (NaN
+// in every float type, -1 in every integer one).
+void declare_shared(void* p, std::size_t bytes);
 
 // Runs `body` once per thread of the grid; throws std::runtime_error for a
 // configuration CUDA would refuse, a divergent barrier or a bad shuffle.

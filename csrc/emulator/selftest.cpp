@@ -55,6 +55,15 @@ __global__ void missing_barrier_kernel(double* out) {
   out[threadIdx.x] = published;
 }
 
+// Block 0 writes shared memory that every block reads: block 1 reads memory
+// that no thread of its own wrote (garbage on a GPU, NaN here).
+__global__ void uninitialised_shared_kernel(double* out) {
+  BNEXT_SHARED(double, value, 1);
+  if (blockIdx.x == 0 && threadIdx.x == 0) value[0] = 7;
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = value[0];
+}
+
 // Both halves pass one barrier each, but not the same one: undefined on a GPU.
 __global__ void divergent_barrier_kernel(double* out) {
   if (threadIdx.x < 16) {
@@ -112,6 +121,8 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(barrier_or_shuffle_kernel, dim3(1), dim3(64), p);
   } else if (name == "out_of_bounds") {
     cuda::launch(out_of_bounds_kernel, dim3(1), dim3(32), p);
+  } else if (name == "uninitialised_shared") {
+    cuda::launch(uninitialised_shared_kernel, dim3(2), dim3(32), p);
   } else if (name == "misaligned_vector") {
     cuda::launch(misaligned_vector_kernel, dim3(1), dim3(32), p);
   } else if (name == "too_many_threads") {

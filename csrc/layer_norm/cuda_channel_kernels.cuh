@@ -171,8 +171,9 @@ __global__ void __launch_bounds__(kMaxChannelThreads)
   using T = at::opmath_type<scalar_t>;
   using Acc = StatsAcc<T, kCentred>;
   // Raw bytes: Welford's member initialisers are not allowed on __shared__.
-  __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<Acc, kMaxChannelThreads>::kBytes];
-  __shared__ Pair<T> shared_stats[cuda::kWarpSize];
+  BNEXT_SHARED(__align__(16) unsigned char, raw,
+               cuda::SharedSlots<Acc, kMaxChannelThreads>::kBytes);
+  BNEXT_SHARED(Pair<T>, shared_stats, cuda::kWarpSize);
   const int64_t tiles = cuda::ceil_div(a.P, cuda::kWarpSize);
   // The tile loop's bound is uniform over the block: every thread reaches the barriers.
   ChannelCursor at = first_position(a.S);
@@ -266,8 +267,8 @@ __global__ void __launch_bounds__(kMaxChannelThreads)
     channel_backward_kernel(ChannelBackwardArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
   using Acc = GradAcc<T, kCentred>;
-  __shared__ Acc scratch[kMaxChannelThreads];
-  __shared__ RowBackwardCoeffs<T> shared_coeffs[cuda::kWarpSize];
+  BNEXT_SHARED(Acc, scratch, kMaxChannelThreads);
+  BNEXT_SHARED(RowBackwardCoeffs<T>, shared_coeffs, cuda::kWarpSize);
   const int64_t tiles = cuda::ceil_div(a.P, cuda::kWarpSize);
   ChannelCursor at = first_position(a.S);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, advance(at, a)) {

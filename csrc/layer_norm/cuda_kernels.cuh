@@ -233,8 +233,8 @@ __device__ __forceinline__ void for_each_row_of_group(int64_t M, int group, F&& 
 template <typename V, class Op, class F>
 __device__ __forceinline__ auto block_reduce_broadcast(V v, Op op, F&& finish) {
   using P = decltype(finish(v));
-  __shared__ __align__(16) unsigned char raw[cuda::SharedSlots<V, cuda::kWarpSize>::kBytes];
-  __shared__ __align__(16) unsigned char shared_pair[sizeof(P)];
+  BNEXT_SHARED(__align__(16) unsigned char, raw, cuda::SharedSlots<V, cuda::kWarpSize>::kBytes);
+  BNEXT_SHARED(__align__(16) unsigned char, shared_pair, sizeof(P));
   v = cuda::block_reduce(v, op, reinterpret_cast<V*>(raw), V{});
   P* out = reinterpret_cast<P*>(shared_pair);
   if (threadIdx.x == 0) *out = finish(v);
@@ -515,7 +515,7 @@ __device__ __forceinline__ void store_group_columns(const LaneColumns<T, VEC, kC
                                                     T* dw_row, T* db_row, int64_t nvec, int group) {
   using S = ColumnSums<T, VEC, kCentred>;
   constexpr int kWarps = kShortRowThreads / cuda::kWarpSize;
-  __shared__ S scratch[kWarps * cuda::kWarpSize];
+  BNEXT_SHARED(S, scratch, kWarps * cuda::kWarpSize);
   const int lane = threadIdx.x % cuda::kWarpSize;
   const int warp = threadIdx.x / cuda::kWarpSize;
 #pragma unroll
@@ -608,7 +608,7 @@ __global__ void __launch_bounds__(kColumnThreads)
                            at::opmath_type<scalar_t>* out_dw, at::opmath_type<scalar_t>* out_db) {
   using T = at::opmath_type<scalar_t>;
   using S = ColumnSums<T, VEC, kCentred>;
-  __shared__ S scratch[kColumnThreads];
+  BNEXT_SHARED(S, scratch, kColumnThreads);
   const int64_t part = blockIdx.y;
   const int64_t r0 = part * rows_per_part;
   const int64_t r1 = std::min(a.M, r0 + rows_per_part);
@@ -662,7 +662,7 @@ __global__ void __launch_bounds__(kColumnThreads)
     column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, T* dw,
                         T* db) {
   using S = ColumnSums<T, VEC, kCentred>;
-  __shared__ S scratch[kColumnThreads];
+  BNEXT_SHARED(S, scratch, kColumnThreads);
   const int64_t tiles = cuda::ceil_div(N, kColumnTile * VEC);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t c0 = (tile * kColumnTile + threadIdx.x) * VEC;
