@@ -812,6 +812,32 @@ void dispatch_residual(const Tensor& residual, F&& f) {
   }
 }
 
+// The backward reduce's per-channel (sum g, sum g * (x - mean)): opmath
+// vectors like `like`, zeros (nothing launched) for an empty x. For x's dtype
+// (dispatched here), launch(r) runs reduce() with r = GradReducer<scalar_t,
+// kCentred> writing them (`mean` read by the reducer unless kCentred).
+template <bool kCentred, class F>
+std::tuple<Tensor, Tensor> grad_sums(const Tensor& x, const Tensor& mean, const Tensor& like,
+                                     const F& launch) {
+  if (x.numel() == 0)
+    return {at::zeros({x.size(1)}, like.options()), at::zeros({x.size(1)}, like.options())};
+  // Every channel is written by the kernels.
+  Tensor sum = at::empty({x.size(1)}, like.options());
+  Tensor sum_xmu = at::empty({x.size(1)}, like.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_grad_sums_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        launch(GradReducer<scalar_t, kCentred>{kCentred ? nullptr : mean.const_data_ptr<T>(),
+                                               sum.mutable_data_ptr<T>(),
+                                               sum_xmu.mutable_data_ptr<T>()});
+      });
+  return {sum, sum_xmu};
+}
+
+// The scalar type of a reducer handed to grad_sums' launch.
+template <class R>
+using scalar_of = typename std::decay_t<R>::scalar_t;
+
 }  // namespace cuda_kernels
 
 // ------------------------------------------------------------------- backend
@@ -843,21 +869,12 @@ Tensor CudaBackend::elemt(const Tensor& x, const Tensor& mean, const Tensor& sca
 std::tuple<Tensor, Tensor> CudaBackend::backward_reduce(const Tensor& dy, const Tensor& x,
                                                         const Tensor& mean) {
   cuda_kernels::check_same_device("bnext::batch_norm_backward_reduce", dy, x);
-  if (x.numel() == 0)
-    return {at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
-  Tensor sum_dy = at::empty({x.size(1)}, mean.options());
-  Tensor sum_dy_xmu = at::empty({x.size(1)}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_reduce_cuda", [&] {
-        using T = at::opmath_type<scalar_t>;
-        const cuda_kernels::GradReducer<scalar_t> r{mean.const_data_ptr<T>(),
-                                                    sum_dy.mutable_data_ptr<T>(),
-                                                    sum_dy_xmu.mutable_data_ptr<T>()};
-        const cuda_kernels::Inputs<scalar_t, 2> p{
-            {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()}, nullptr};
-        cuda_kernels::reduce(r, p, channel_view(x), x);
-      });
-  return {sum_dy, sum_dy_xmu};
+  return cuda_kernels::grad_sums<false>(x, mean, mean, [&](const auto& r) {
+    using scalar_t = cuda_kernels::scalar_of<decltype(r)>;
+    const cuda_kernels::Inputs<scalar_t, 2> p{
+        {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()}, nullptr};
+    cuda_kernels::reduce(r, p, channel_view(x), x);
+  });
 }
 
 Tensor CudaBackend::backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
@@ -899,32 +916,26 @@ std::tuple<Tensor, Tensor, Tensor> CudaBackend::act_backward_reduce(
     const Tensor& residual, act::Kind kind, double param) {
   cuda_kernels::check_same_device("bnext::batch_norm_act_backward_reduce", dy, x);
   Tensor g = empty_same_layout(x, x.scalar_type());
-  if (x.numel() == 0)
-    return {g, at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
-  Tensor sum_g = at::empty({x.size(1)}, mean.options());
-  Tensor sum_g_xmu = at::empty({x.size(1)}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_reduce_cuda", [&] {
-        using T = at::opmath_type<scalar_t>;
-        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
-                                                          sum_g_xmu.mutable_data_ptr<T>()};
-        act::dispatch(kind, [&](auto tag) {
-          constexpr act::Kind K = decltype(tag)::value;
-          cuda_kernels::dispatch_residual(residual, [&](auto with_residual) {
-            constexpr bool kResidual = decltype(with_residual)::value;
-            cuda_kernels::ActGradPrologue<scalar_t, K, kResidual> p{};
-            p.in[0] = dy.const_data_ptr<scalar_t>();
-            p.in[1] = x.const_data_ptr<scalar_t>();
-            if constexpr (kResidual) p.in[2] = residual.const_data_ptr<scalar_t>();
-            p.out = g.mutable_data_ptr<scalar_t>();
-            p.mean = mean.const_data_ptr<T>();
-            p.scale = scale.const_data_ptr<T>();
-            p.shift = shift.const_data_ptr<T>();
-            p.param = static_cast<T>(param);
-            cuda_kernels::reduce(r, p, channel_view(x), x);
-          });
-        });
+  const auto [sum_g, sum_g_xmu] = cuda_kernels::grad_sums<true>(x, mean, mean, [&](const auto& r) {
+    using scalar_t = cuda_kernels::scalar_of<decltype(r)>;
+    using T = at::opmath_type<scalar_t>;
+    act::dispatch(kind, [&](auto tag) {
+      constexpr act::Kind K = decltype(tag)::value;
+      cuda_kernels::dispatch_residual(residual, [&](auto with_residual) {
+        constexpr bool kResidual = decltype(with_residual)::value;
+        cuda_kernels::ActGradPrologue<scalar_t, K, kResidual> p{};
+        p.in[0] = dy.const_data_ptr<scalar_t>();
+        p.in[1] = x.const_data_ptr<scalar_t>();
+        if constexpr (kResidual) p.in[2] = residual.const_data_ptr<scalar_t>();
+        p.out = g.mutable_data_ptr<scalar_t>();
+        p.mean = mean.const_data_ptr<T>();
+        p.scale = scale.const_data_ptr<T>();
+        p.shift = shift.const_data_ptr<T>();
+        p.param = static_cast<T>(param);
+        cuda_kernels::reduce(r, p, channel_view(x), x);
       });
+    });
+  });
   return {g, sum_g, sum_g_xmu};
 }
 
@@ -934,27 +945,20 @@ std::tuple<Tensor, Tensor> CudaBackend::act_backward_sums(const Tensor& dy, cons
                                                           const Tensor& shift, act::Kind kind,
                                                           double param) {
   cuda_kernels::check_same_device("bnext::batch_norm_act_backward_sums", dy, x);
-  if (x.numel() == 0)
-    return {at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
-  Tensor sum_g = at::empty({x.size(1)}, mean.options());
-  Tensor sum_g_xmu = at::empty({x.size(1)}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_sums_cuda", [&] {
-        using T = at::opmath_type<scalar_t>;
-        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
-                                                          sum_g_xmu.mutable_data_ptr<T>()};
-        act::dispatch(kind, [&](auto tag) {
-          const cuda_kernels::ActGradPrologue<scalar_t, decltype(tag)::value, false, false> p{
-              {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()},
-              nullptr,
-              mean.const_data_ptr<T>(),
-              scale.const_data_ptr<T>(),
-              shift.const_data_ptr<T>(),
-              static_cast<T>(param)};
-          cuda_kernels::reduce(r, p, channel_view(x), x);
-        });
-      });
-  return {sum_g, sum_g_xmu};
+  return cuda_kernels::grad_sums<true>(x, mean, mean, [&](const auto& r) {
+    using scalar_t = cuda_kernels::scalar_of<decltype(r)>;
+    using T = at::opmath_type<scalar_t>;
+    act::dispatch(kind, [&](auto tag) {
+      const cuda_kernels::ActGradPrologue<scalar_t, decltype(tag)::value, false, false> p{
+          {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>()},
+          nullptr,
+          mean.const_data_ptr<T>(),
+          scale.const_data_ptr<T>(),
+          shift.const_data_ptr<T>(),
+          static_cast<T>(param)};
+      cuda_kernels::reduce(r, p, channel_view(x), x);
+    });
+  });
 }
 
 template <typename>
@@ -986,26 +990,19 @@ std::tuple<Tensor, Tensor, Tensor> CudaBackend::act_backward_reduce_from_output(
   cuda_kernels::check_same_device(op, dy, x);
   cuda_kernels::check_same_device(op, y, x);
   Tensor g = empty_same_layout(x, x.scalar_type());
-  if (x.numel() == 0)
-    return {g, at::zeros({x.size(1)}, mean.options()), at::zeros({x.size(1)}, mean.options())};
-  Tensor sum_g = at::empty({x.size(1)}, mean.options());
-  Tensor sum_g_xmu = at::empty({x.size(1)}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_act_reduce_from_output_cuda", [&] {
-        using T = at::opmath_type<scalar_t>;
-        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
-                                                          sum_g_xmu.mutable_data_ptr<T>()};
-        cuda_kernels::dispatch_piecewise_linear(kind, op, [&](auto tag) {
-          constexpr act::Kind K = decltype(tag)::value;
-          const cuda_kernels::OutputGradPrologue<scalar_t, K> p{
-              {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-               y.const_data_ptr<scalar_t>()},
-              g.mutable_data_ptr<scalar_t>(),
-              mean.const_data_ptr<T>(),
-              static_cast<T>(param)};
-          cuda_kernels::reduce(r, p, channel_view(x), x);
-        });
-      });
+  const auto [sum_g, sum_g_xmu] = cuda_kernels::grad_sums<true>(x, mean, mean, [&](const auto& r) {
+    using scalar_t = cuda_kernels::scalar_of<decltype(r)>;
+    using T = at::opmath_type<scalar_t>;
+    cuda_kernels::dispatch_piecewise_linear(kind, op, [&](auto tag) {
+      const cuda_kernels::OutputGradPrologue<scalar_t, decltype(tag)::value> p{
+          {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+           y.const_data_ptr<scalar_t>()},
+          g.mutable_data_ptr<scalar_t>(),
+          mean.const_data_ptr<T>(),
+          static_cast<T>(param)};
+      cuda_kernels::reduce(r, p, channel_view(x), x);
+    });
+  });
   return {g, sum_g, sum_g_xmu};
 }
 
@@ -1016,18 +1013,12 @@ std::tuple<Tensor, Tensor, Tensor> CudaBackend::inplace_backward_reduce(
   const char* op = "bnext::batch_norm_act_inplace_backward_reduce";
   cuda_kernels::check_same_device(op, dy, y);
   Tensor g = empty_same_layout(y, y.scalar_type());
-  if (y.numel() == 0)
-    return {g, at::zeros({y.size(1)}, shift.options()), at::zeros({y.size(1)}, shift.options())};
-  Tensor sum_g = at::empty({y.size(1)}, shift.options());
-  Tensor sum_g_xmu = at::empty({y.size(1)}, shift.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, y.scalar_type(), "bnext_inplace_reduce_cuda", [&] {
+  const auto [sum_g, sum_g_xmu] =
+      cuda_kernels::grad_sums<true>(y, Tensor(), shift, [&](const auto& r) {
+        using scalar_t = cuda_kernels::scalar_of<decltype(r)>;
         using T = at::opmath_type<scalar_t>;
-        const cuda_kernels::GradReducer<scalar_t, true> r{nullptr, sum_g.mutable_data_ptr<T>(),
-                                                          sum_g_xmu.mutable_data_ptr<T>()};
         cuda_kernels::dispatch_invertible(kind, op, [&](auto tag) {
-          constexpr act::Kind K = decltype(tag)::value;
-          const cuda_kernels::InplaceGradPrologue<scalar_t, K> p{
+          const cuda_kernels::InplaceGradPrologue<scalar_t, decltype(tag)::value> p{
               {dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>()},
               g.mutable_data_ptr<scalar_t>(),
               shift.const_data_ptr<T>(),
