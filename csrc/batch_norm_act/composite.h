@@ -299,7 +299,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_renorm_act_train(
 
 // Gradients of act(y + residual), y = (x - mean) * invstd * weight' + bias'
 // (Batch Norm's backward with dy * act'(u) for dy); also returns that
-// product, the gradient of the residual.
+// product, the gradient of the residual (empty where neither a residual nor
+// the output was given: then it is never stored).
 template <class K>
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
     const Tensor& grad_out, const Tensor& input, const Tensor& mean_in, const Tensor& var_in,
