@@ -10,6 +10,7 @@
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 
@@ -69,6 +70,11 @@ inline int64_t num_sms() { return emu::num_sms(); }
 inline int64_t max_grid_x() { return emu::max_grid_x(); }
 inline int64_t max_grid_y() { return emu::max_grid_y(); }
 
+// A vector access of `bytes` at `p`: an error unless aligned, as on a GPU.
+inline void check_vector_access(const void* p, std::size_t bytes) {
+  emu::check_vector_access(p, bytes);
+}
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   emu::launch(grid, block, [&] { kernel(static_cast<Params>(args)...); });
@@ -92,6 +98,9 @@ inline int64_t num_sms() { return at::cuda::getCurrentDeviceProperties()->multiP
 // portable one the LayerNorm plans keep to. The loops stride over the rest.
 constexpr int64_t max_grid_x() { return 65535; }
 constexpr int64_t max_grid_y() { return 65535; }
+
+// The hardware itself faults on a misaligned vector access.
+__device__ __forceinline__ void check_vector_access(const void* /*p*/, std::size_t /*bytes*/) {}
 
 // On the current stream of the current device (which the ops' device guards set).
 template <typename... Params, typename... Args>

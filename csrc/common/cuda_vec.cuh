@@ -23,21 +23,17 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// The emulator checks each access's alignment, which a GPU requires (it
-// faults) and x86 does not.
+// The emulator checks each access's alignment (check_vector_access), which a
+// GPU requires (it faults) and x86 does not.
 template <int N, typename T>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-#ifdef BNEXT_EMULATE_CUDA
-  emu::check_vector_access(p, sizeof(Vec<T, N>));
-#endif
+  check_vector_access(p, sizeof(Vec<T, N>));
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-#ifdef BNEXT_EMULATE_CUDA
-  emu::check_vector_access(p, sizeof(Vec<T, N>));
-#endif
+  check_vector_access(p, sizeof(Vec<T, N>));
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
