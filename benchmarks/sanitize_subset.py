@@ -1,6 +1,6 @@
 """A few small calls of every CUDA kernel path, for compute-sanitizer
-(memcheck, racecheck) in benchmarks/gpu_check.sh: small so that the
-sanitizer's slowdown (10-100x) stays within seconds.
+(memcheck, racecheck, synccheck, initcheck) in benchmarks/gpu_check.sh: small
+so that the sanitizer's slowdown (10-100x) stays within seconds.
 
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize_subset.py
 """

@@ -96,13 +96,39 @@ def test_emulated_suite_under_random_schedules():
     assert result.returncode == 0, failure_report(result)
 
 
-def test_shared_memory_is_poisoned_at_every_block_start(emu):
-    """Statics would keep block 0's value for block 1; a GPU gives garbage,
-    the emulator NaN (every byte 0xff), so a kernel that reads shared memory
-    its block has not written fails its comparisons."""
-    out = emu.selftest("uninitialised_shared")
-    assert out[0].item() == 7.0
-    assert torch.isnan(out[1])
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random:1"])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        # The unchecked twin of this kernel gives the right answer in the
+        # forward order (test above); the checker names the race in any order.
+        (
+            "racy_publish",
+            r"thread \(\d+, 0, 0\) (reads|writes) what (thread \(\d+, 0, 0\)|several threads)",
+        ),
+        ("racy_sum", r"(reads|writes) what thread .* since the last barrier \(a race\)"),
+        # Block 1 reads what block 0 wrote: statics would hand it over, a GPU
+        # gives garbage.
+        ("uninitialised_shared", r"reads a byte no thread of its block has written"),
+        ("shared_out_of_bounds", r"thread \(31, 0, 0\) writes 8 bytes .* outside its arrays"),
+        ("too_much_shared", r"too much shared memory: `values` in too_much_shared_kernel"),
+    ],
+    ids=lambda v: v if v.isidentifier() else "",
+)
+def test_shared_memory_checker_names_the_bug(case, message, schedule, emu):
+    """Racecheck and initcheck on the CPU: every BNEXT_SHARED access is
+    checked, per byte, against the block's writes and reads since its last
+    barrier."""
+    before = emu.schedule()
+    try:
+        name, _, seed = schedule.partition(":")
+        emu.set_schedule(name, int(seed or 0))
+        with pytest.raises(RuntimeError, match=message) as caught:
+            emu.selftest(case)
+    finally:
+        emu.set_schedule(before)
+    # The array, its declaration and the byte are named.
+    assert "of `" in str(caught.value) or "too much" in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -155,18 +181,12 @@ def _asan_env():
     )
 
 
-@pytest.mark.slow  # builds the library with ASan (a minute), then runs 100 cases 5x slower
-def test_kernels_stay_within_their_tensors_under_address_sanitizer():
-    """The emulated kernels built with AddressSanitizer, so that every load and
-    store is checked against the bounds of its tensor (what compute-sanitizer's
-    memcheck does on a GPU): first a kernel that reads one element past its
-    tensor must be caught, then the selection must run clean."""
-    env = _asan_env()
+def _selftest_in_subprocess(case, env):
     probe = (
         "import sys; sys.path.insert(0, 'tests'); from emulated_cuda import load; "
-        "load().selftest('out_of_bounds')"
+        f"load().selftest('{case}')"
     )
-    bad = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", probe],
         cwd=ROOT,
         env=env,
@@ -174,7 +194,37 @@ def test_kernels_stay_within_their_tensors_under_address_sanitizer():
         text=True,
         timeout=1200,
     )
+
+
+@pytest.mark.slow  # builds the library with ASan (minutes), then runs 100 cases 5x slower
+def test_kernels_stay_within_their_tensors_under_address_sanitizer():
+    """The emulated kernels built with AddressSanitizer and UBSan, so that
+    every load and store is checked against the bounds of its tensor (what
+    compute-sanitizer's memcheck does on a GPU) and index arithmetic against
+    overflow: first a kernel that reads one element past its tensor and one
+    that overflows a 32-bit index must be caught, then the selection must run
+    clean."""
+    env = _asan_env()
+    bad = _selftest_in_subprocess("out_of_bounds", env)
     assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr, bad.stderr[-2000:]
+    bad = _selftest_in_subprocess("signed_overflow", env)
+    assert bad.returncode != 0 and "signed integer overflow" in bad.stderr, bad.stderr[-2000:]
     run = run_pytest(ASAN_SELECTION, env, 1800)
     assert run.returncode == 0, failure_report(run, 3000, 3000)
     assert "AddressSanitizer" not in run.stderr.replace("ASan doesn't fully support", "")
+    assert "runtime error:" not in run.stderr
+
+
+def test_mutation_catalogue_still_applies():
+    """tools/mutate.py puts each bug of its catalogue into the kernels in
+    turn (the emulated suite must catch every one); its texts must still be
+    in the sources, or the check would silently test nothing."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import mutate
+
+    mutations = mutate.catalogue()
+    barriers = [m for m in mutations if m.id.startswith("barrier:")]
+    assert len(barriers) >= 10 and len(mutations) >= len(barriers) + 10
+    for m in mutations:
+        text, at = mutate.locate(m)
+        assert text[at : at + len(m.old)] == m.old

@@ -81,3 +81,18 @@ def test_emulator_macro_stays_behind_the_seam():
             if "BNEXT_EMULATE_CUDA" in open(os.path.join(folder, name)).read():
                 users.append(path)
     assert users == []
+
+
+def test_kernels_declare_shared_memory_through_the_checked_macro():
+    """A plain __shared__ array would be a static the emulator cannot check
+    (races, uninitialised reads, bounds); kernels use BNEXT_SHARED."""
+    seam = os.path.join("common", "cuda_launch.cuh")
+    plain = []
+    for folder, _, files in os.walk(CSRC):
+        for name in files:
+            path = os.path.relpath(os.path.join(folder, name), CSRC)
+            if path.startswith("emulator" + os.sep) or path == seam:
+                continue
+            lines = open(os.path.join(folder, name)).read().splitlines()
+            plain += [f"{path}: {line.strip()}" for line in lines if "__shared__" in line]
+    assert plain == []

@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   using scalar_t = typename P::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
-  BNEXT_SHARED(__align__(16) unsigned char, raw, cuda::SharedSlots<V, cuda::kWarpSize>::kBytes);
+  BNEXT_SHARED(V, scratch, cuda::kWarpSize);
   const int64_t c = blockIdx.x;
   const int64_t y = blockIdx.y / Z;
   const int64_t z = blockIdx.y % Z;
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kReduceThreads)
       }
     }
   }
-  v = cuda::block_reduce(v, typename R::Op{}, reinterpret_cast<V*>(raw), V{});
+  v = cuda::block_reduce(v, typename R::Op{}, scratch, V{});
   if (threadIdx.x == 0) {
     if (gridDim.y == 1) {
       r.finish(v, c);
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   using scalar_t = typename P::scalar_t;
   using T = typename R::T;
   using V = typename R::V;
-  BNEXT_SHARED(__align__(16) unsigned char, raw, cuda::SharedSlots<V, kReduceThreads>::kBytes);
+  BNEXT_SHARED(V, scratch, kReduceThreads);
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < C;  // C % VEC == 0 on vector paths
   V v[VEC] = {};
@@ -394,7 +394,6 @@ __global__ void __launch_bounds__(kReduceThreads)
       if constexpr (P::kStores) cuda::store_vec<VEC>(p.out + row * C + c0, buf[0][0]);
     }
   }
-  V* scratch = reinterpret_cast<V*>(raw);
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     const V total = cuda::column_reduce(v[e], typename R::Op{}, scratch);

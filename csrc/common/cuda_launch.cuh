@@ -23,15 +23,21 @@
 #include <cuda_runtime.h>
 #endif
 
-// BNEXT_SHARED(T, name, count...): a __shared__ array `T name[count]`. The
-// emulator also poisons it at every block start (emu::declare_shared), so
-// that a read of shared memory the block has not written shows in the tests.
+// BNEXT_SHARED(T, name, count...): `name` points to `count` values of T in
+// the block's shared memory, the only way kernels declare it. Under nvcc they
+// are raw bytes (a __shared__ T may not have default member initialisers, as
+// Welford has); in the emulator every access to them is checked (races,
+// uninitialised reads, bounds: emu::SharedRef), so kernels index `name` and
+// pass it on as a template parameter, never as a raw T*.
 #ifdef BNEXT_EMULATE_CUDA
-#define BNEXT_SHARED(T, name, ...) \
-  static T name[__VA_ARGS__];      \
-  ::bnext::emu::declare_shared(name, sizeof(name))
+#define BNEXT_SHARED(T, name, ...)                                       \
+  static const char name##_site = 0;                                     \
+  const ::bnext::emu::SharedPtr<T> name = ::bnext::emu::shared_array<T>( \
+      &name##_site, __VA_ARGS__, ::bnext::emu::SharedSite{#name, __func__, __FILE__, __LINE__})
 #else
-#define BNEXT_SHARED(T, name, ...) __shared__ T name[__VA_ARGS__]
+#define BNEXT_SHARED(T, name, ...)                                                \
+  __shared__ __align__(16) unsigned char name##_bytes[sizeof(T) * (__VA_ARGS__)]; \
+  T* const name = reinterpret_cast<T*>(name##_bytes)
 #endif
 
 namespace bnext {

@@ -55,13 +55,6 @@ struct WelfordOp {
   }
 };
 
-// Raw shared storage for n values of V: Welford has default member
-// initialisers, which __shared__ arrays do not allow.
-template <typename V, int n>
-struct SharedSlots {
-  static constexpr int kBytes = n * static_cast<int>(sizeof(V));
-};
-
 // The combined value of the 32 lanes ends up in lane 0.
 template <typename T, class Op>
 __device__ __forceinline__ T warp_reduce(T v, Op op) {
@@ -71,10 +64,10 @@ __device__ __forceinline__ T warp_reduce(T v, Op op) {
 }
 
 // Reduction over a 1-D block (blockDim.x a multiple of 32, at most 1024);
-// the result is valid in thread 0. `scratch` holds at least 32 values.
-// Ends with a barrier so that `scratch` may be reused right away.
-template <typename T, class Op>
-__device__ __forceinline__ T block_reduce(T v, Op op, T* scratch, const T& identity) {
+// the result is valid in thread 0. `scratch` (a BNEXT_SHARED array) holds at
+// least 32 values. Ends with a barrier so that `scratch` may be reused right away.
+template <typename T, class Op, class Shared>
+__device__ __forceinline__ T block_reduce(T v, Op op, Shared scratch, const T& identity) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
@@ -82,7 +75,7 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T* scratch, const T& ident
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < warps ? scratch[lane] : identity;
+    v = lane < warps ? static_cast<T>(scratch[lane]) : identity;
     v = warp_reduce(v, op);
   }
   __syncthreads();
@@ -92,15 +85,18 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T* scratch, const T& ident
 // Reduction over threadIdx.y of a 2-D block, separately for every column
 // threadIdx.x (blockDim.y a power of two). A fixed tree, so the result does not
 // depend on scheduling; it is valid in the threads with threadIdx.y == 0.
-// `scratch` holds blockDim.x * blockDim.y values. Ends with a barrier so that
-// `scratch` may be reused right away.
-template <typename T, class Op>
-__device__ __forceinline__ T column_reduce(T v, Op op, T* scratch) {
+// `scratch` (a BNEXT_SHARED array) holds blockDim.x * blockDim.y values. Ends
+// with a barrier so that `scratch` may be reused right away.
+template <typename T, class Op, class Shared>
+__device__ __forceinline__ T column_reduce(T v, Op op, Shared scratch) {
   const int idx = threadIdx.y * blockDim.x + threadIdx.x;
   scratch[idx] = v;
   __syncthreads();
   for (int stride = blockDim.y / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.y < stride) scratch[idx] = op(scratch[idx], scratch[idx + stride * blockDim.x]);
+    if (threadIdx.y < stride) {
+      scratch[idx] =
+          op(static_cast<T>(scratch[idx]), static_cast<T>(scratch[idx + stride * blockDim.x]));
+    }
     __syncthreads();
   }
   if (threadIdx.y == 0) v = scratch[idx];

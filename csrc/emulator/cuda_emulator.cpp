@@ -19,7 +19,6 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace bnext {
@@ -29,6 +28,10 @@ namespace {
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr std::size_t kStackBytes = 256 * 1024;
+// CUDA's limit on a block's static shared memory.
+constexpr std::size_t kMaxSharedBytes = 48 * 1024;
+constexpr std::size_t kSharedAlign = 16;
+constexpr int kSeveralThreads = -1;
 
 enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
@@ -44,6 +47,23 @@ struct Fiber {
   unsigned mask = 0;
 };
 
+// A shared array of the running block.
+struct SharedArray {
+  const void* key;
+  std::size_t offset;
+  std::size_t bytes;
+  SharedSite site;
+};
+
+// What the block has done to one byte of its shared memory. Intervals are
+// counted from 1 (0: never); a barrier ends one.
+struct SharedByte {
+  uint64_t written = 0;  // the interval of the last write
+  int writer = 0;
+  uint64_t read = 0;  // the interval of the last reads
+  int reader = 0;     // the one thread that read it then, or kSeveralThreads
+};
+
 struct Block {
   dim3 grid;
   dim3 block;
@@ -54,6 +74,9 @@ struct Block {
   ucontext_t scheduler;
   Fiber* current = nullptr;
   std::exception_ptr error;
+  uint64_t interval = 1;  // barrier intervals begun in this block
+  std::vector<SharedArray> shared;
+  std::size_t shared_used = 0;
 };
 
 Block* g_block = nullptr;
@@ -61,8 +84,8 @@ Schedule g_schedule = Schedule::kForward;
 std::mt19937_64 g_rng;
 int64_t g_num_sms = 4;
 int64_t g_launches = 0;
-uint64_t g_blocks_run = 0;                       // the running block's serial number, from 1
-std::unordered_map<void*, uint64_t> g_poisoned;  // shared memory -> block that poisoned it
+alignas(kSharedAlign) unsigned char g_shared[kMaxSharedBytes];
+SharedByte g_shared_bytes[kMaxSharedBytes];
 int64_t g_max_grid_x = 65535;
 int64_t g_max_grid_y = kMaxGridYZ;
 std::vector<std::unique_ptr<char[]>> g_stacks;
@@ -143,6 +166,7 @@ bool release_block(Block& b) {
   for (Fiber& f : b.fibers) {
     if (f.state != State::kDone) f.state = State::kReady;
   }
+  ++b.interval;
   return true;
 }
 
@@ -158,6 +182,9 @@ const std::vector<int>& schedule_order(std::vector<int>& order, int n) {
 void run_block(Block& b) {
   const unsigned threads = b.block.x * b.block.y * b.block.z;
   b.fibers.assign(threads, Fiber());
+  b.interval = 1;
+  b.shared.clear();
+  b.shared_used = 0;
   b.slots.assign((threads + kWarpSize - 1) / kWarpSize * kWarpSize * kMaxShuffleBytes, 0);
   while (g_stacks.size() < threads) g_stacks.emplace_back(new char[kStackBytes]);
   for (unsigned i = 0; i < threads; ++i) {
@@ -271,12 +298,105 @@ void check_vector_access(const void* p, std::size_t bytes) {
   throw std::runtime_error(describe(*g_block, os.str().c_str()));
 }
 
-void declare_shared(void* p, std::size_t bytes) {
+void* block_shared(const void* key, std::size_t bytes, const SharedSite& site) {
   self();
-  uint64_t& block = g_poisoned[p];
-  if (block == g_blocks_run) return;
-  block = g_blocks_run;
-  std::memset(p, 0xff, bytes);
+  Block& b = *g_block;
+  for (const SharedArray& a : b.shared) {
+    if (a.key == key) return g_shared + a.offset;
+  }
+  const std::size_t offset = (b.shared_used + kSharedAlign - 1) / kSharedAlign * kSharedAlign;
+  if (offset + bytes > kMaxSharedBytes) {
+    std::ostringstream os;
+    os << "too much shared memory: `" << site.name << "` in " << site.function << " (" << site.file
+       << ":" << site.line << ") needs " << bytes << " bytes after " << offset << " of the "
+       << kMaxSharedBytes << " a block may declare";
+    throw std::runtime_error(describe(b, os.str().c_str()));
+  }
+  b.shared.push_back({key, offset, bytes, site});
+  b.shared_used = offset + bytes;
+  // Garbage, as a GPU gives: NaN in every float type, -1 in every integer one.
+  std::memset(g_shared + offset, 0xff, bytes);
+  std::fill(g_shared_bytes + offset, g_shared_bytes + offset + bytes, SharedByte());
+  return g_shared + offset;
+}
+
+namespace {
+
+std::string thread_name(const Block& b, int linear) {
+  if (linear == kSeveralThreads) return "several threads";
+  const uint3& i = b.fibers[linear].idx;
+  std::ostringstream os;
+  os << "thread (" << i.x << ", " << i.y << ", " << i.z << ")";
+  return os.str();
+}
+
+[[noreturn]] void shared_error(const Block& b, const SharedArray& a, std::size_t byte,
+                               const std::string& what) {
+  std::ostringstream os;
+  os << "shared memory: " << what << " (byte " << byte << " of `" << a.site.name << "` in "
+     << a.site.function << ", " << a.site.file << ":" << a.site.line << ")";
+  throw std::runtime_error(describe(b, os.str().c_str()));
+}
+
+}  // namespace
+
+void shared_access(const void* p, std::size_t bytes, bool write) {
+  const Fiber& f = self();
+  const Block& b = *g_block;
+  const auto at = static_cast<const unsigned char*>(p) - g_shared;
+  // The array the access starts in or, past every array's end, the last
+  // array before it (the one an off-by-one overruns).
+  const SharedArray* array = nullptr;
+  for (const SharedArray& a : b.shared) {
+    if (static_cast<std::ptrdiff_t>(a.offset) <= at &&
+        (array == nullptr || a.offset > array->offset)) {
+      array = &a;
+    }
+  }
+  const auto me = [&] { return thread_name(b, f.linear); };
+  if (array == nullptr || at + bytes > array->offset + array->bytes) {
+    std::ostringstream os;
+    os << me() << " " << (write ? "writes" : "reads") << " " << bytes << " bytes at offset " << at
+       << " of the block's shared memory, outside its arrays";
+    if (array == nullptr)
+      throw std::runtime_error(describe(b, ("shared memory: " + os.str()).c_str()));
+    os << " (`" << array->site.name << "` has " << array->bytes << ")";
+    shared_error(b, *array, at - array->offset, os.str());
+  }
+  const uint64_t now = b.interval;
+  for (std::size_t i = 0; i < bytes; ++i) {
+    SharedByte& s = g_shared_bytes[at + i];
+    const std::size_t byte = at + i - array->offset;
+    if (write) {
+      if (s.written == now && s.writer != f.linear) {
+        shared_error(b, *array, byte,
+                     me() + " writes what " + thread_name(b, s.writer) +
+                         " wrote since the last barrier (a race)");
+      }
+      if (s.read == now && s.reader != f.linear) {
+        shared_error(b, *array, byte,
+                     me() + " writes what " + thread_name(b, s.reader) +
+                         " read since the last barrier (a race)");
+      }
+      s.written = now;
+      s.writer = f.linear;
+    } else {
+      if (s.written == 0) {
+        shared_error(b, *array, byte, me() + " reads a byte no thread of its block has written");
+      }
+      if (s.written == now && s.writer != f.linear) {
+        shared_error(b, *array, byte,
+                     me() + " reads what " + thread_name(b, s.writer) +
+                         " wrote since the last barrier (a race)");
+      }
+      if (s.read != now) {
+        s.read = now;
+        s.reader = f.linear;
+      } else if (s.reader != f.linear) {
+        s.reader = kSeveralThreads;
+      }
+    }
+  }
 }
 
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
@@ -297,7 +417,6 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     for (const uint64_t i : order) {
       b.block_idx = {static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
                      static_cast<unsigned>(i / (uint64_t(grid.x) * grid.y))};
-      ++g_blocks_run;
       run_block(b);
     }
   } catch (...) {

@@ -6,11 +6,14 @@
 // blocks one after another, each block's threads as fibers on one OS thread
 // that switch at every barrier and every warp shuffle. The semantics that the
 // kernels rely on are kept:
-//   - __shared__ variables are shared by the threads of a block (they become
-//     function statics, which one block at a time may use); those declared
-//     with BNEXT_SHARED (cuda_launch.cuh), as the kernels' are, are poisoned
-//     at every block start: a read of shared memory the block has not written
-//     gets NaNs, as a GPU gives garbage;
+//   - shared memory is per block: arrays declared with BNEXT_SHARED
+//     (cuda_launch.cuh), as the kernels' are, live in a 48 KiB arena that
+//     every block starts afresh, filled with 0xff, and every access to them
+//     goes through SharedRef, which checks it (the CPU's compute-sanitizer
+//     racecheck and initcheck): a read of a byte no thread of the block has
+//     written, an access outside the array, and two threads touching a byte
+//     between the same two barriers with at least one write are errors that
+//     name the array, the byte and both threads;
 //   - __syncthreads() waits for every live thread of the block, all at the same
 //     call (source line);
 //   - __shfl_*_sync exchange values between the 32 lanes of a warp, which must
@@ -27,9 +30,10 @@
 // another schedule; the tests run the kernels under several.
 //
 // Not emulated: memory-model races between blocks (blocks run one at a time,
-// so a last-block-merges pattern always sees every partial), races within a
-// block between barriers (beyond what the schedules show), timing. The GPU remains the
-// judge of those; this is for the arithmetic, the indexing and the launch plans.
+// so a last-block-merges pattern always sees every partial), races through
+// global memory within a block (beyond what the schedules show), timing. The
+// GPU remains the judge of those; this is for the arithmetic, the indexing,
+// the use of shared memory and the launch plans.
 #pragma once
 
 #ifndef BNEXT_EMULATE_CUDA
@@ -76,13 +80,70 @@ void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, u
 // throws instead.
 void check_vector_access(const void* p, std::size_t bytes);
 
-// A thread of the running block reaches the declaration of `bytes` of shared
-// memory at `p`: the first to do so in this block fills them with 0xff (NaN
-// in every float type, -1 in every integer one).
-void declare_shared(void* p, std::size_t bytes);
+// Where a shared array is declared, for the error messages.
+struct SharedSite {
+  const char* name;
+  const char* function;
+  const char* file;
+  int line;
+};
+
+// Shared memory. A thread of the running block reaches the declaration of
+// `bytes` of shared memory identified by `key` (one per declaration and
+// template instantiation): the first thread to do so in this block allocates
+// them in the block's arena; the others get the same bytes.
+void* block_shared(const void* key, std::size_t bytes, const SharedSite& site);
+// The calling thread reads or writes `bytes` at `p`, inside a block_shared
+// array: throws for an uninitialised read, an access outside the array or a
+// race with another thread of the block since the last barrier.
+void shared_access(const void* p, std::size_t bytes, bool write);
+
+// A value in shared memory: reads and writes of it are checked.
+template <typename T>
+class SharedRef {
+ public:
+  explicit SharedRef(T* p) : p_(p) {}
+  operator T() const {
+    shared_access(p_, sizeof(T), false);
+    T v;
+    std::memcpy(static_cast<void*>(&v), p_, sizeof(T));
+    return v;
+  }
+  const SharedRef& operator=(const T& v) const {
+    shared_access(p_, sizeof(T), true);
+    std::memcpy(static_cast<void*>(p_), &v, sizeof(T));
+    return *this;
+  }
+  const SharedRef& operator=(const SharedRef& other) const { return *this = static_cast<T>(other); }
+
+ private:
+  T* p_;
+};
+
+// What BNEXT_SHARED declares in emulator builds: a pointer whose elements are
+// SharedRefs (under nvcc, a plain pointer into __shared__ memory).
+template <typename T>
+class SharedPtr {
+ public:
+  explicit SharedPtr(T* p) : p_(p) {}
+  SharedRef<T> operator[](std::ptrdiff_t i) const { return SharedRef<T>(p_ + i); }
+  SharedRef<T> operator*() const { return SharedRef<T>(p_); }
+  SharedPtr operator+(std::ptrdiff_t i) const { return SharedPtr(p_ + i); }
+
+ private:
+  T* p_;
+};
+
+template <typename T>
+SharedPtr<T> shared_array(const void* key, std::size_t count, const SharedSite& site) {
+  static_assert(std::is_trivially_copyable<T>::value, "shared memory holds plain values");
+  static_assert(alignof(T) <= 16, "the arena aligns arrays to 16 bytes");
+  return SharedPtr<T>(static_cast<T*>(block_shared(key, sizeof(T) * count, site)));
+}
 
 // Runs `body` once per thread of the grid; throws std::runtime_error for a
-// configuration CUDA would refuse, a divergent barrier or a bad shuffle.
+// configuration CUDA would refuse, a divergent barrier, a bad shuffle or a
+// shared-memory error.
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);
 
 // The order in which blocks, and the ready threads of a block, are run.

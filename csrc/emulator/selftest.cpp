@@ -22,7 +22,7 @@ namespace {
 // out[0] = sum over the block by block_reduce, out[1 + w] = warp w's butterfly
 // sum (__shfl_xor_sync), read back by every lane.
 __global__ void reductions_kernel(double* out) {
-  __shared__ double scratch[cuda::kWarpSize];
+  BNEXT_SHARED(double, scratch, cuda::kWarpSize);
   const double v = threadIdx.x + 1.0;
   double all = v;
   for (int m = 16; m > 0; m >>= 1) all += __shfl_xor_sync(0xffffffffu, all, m);
@@ -33,7 +33,7 @@ __global__ void reductions_kernel(double* out) {
 
 // out[x] = sum over threadIdx.y of (x + 1) * (y + 1), for a (4, 8) block.
 __global__ void column_kernel(double* out) {
-  __shared__ double scratch[32];
+  BNEXT_SHARED(double, scratch, 32);
   const double v = (threadIdx.x + 1.0) * (threadIdx.y + 1.0);
   const double total = cuda::column_reduce(v, cuda::SumOp(), scratch);
   if (threadIdx.y == 0) out[threadIdx.x] = total;
@@ -45,7 +45,8 @@ __global__ void block_order_kernel(double* out) {
 }
 
 // Thread 0 publishes a value without the barrier the readers need after it:
-// right only when thread 0 happens to run first (the forward schedule).
+// right only when thread 0 happens to run first (the forward schedule). A
+// plain static, unchecked, to show what the schedules alone find.
 __global__ void missing_barrier_kernel(double* out) {
   __shared__ double published;
   if (threadIdx.x == 0) published = 0;
@@ -55,13 +56,49 @@ __global__ void missing_barrier_kernel(double* out) {
   out[threadIdx.x] = published;
 }
 
+// The same kernel with the value in checked shared memory: a race under
+// every schedule (read after write in the forward one, write after read in
+// the reverse one).
+__global__ void racy_publish_kernel(double* out) {
+  BNEXT_SHARED(double, published, 1);
+  if (threadIdx.x == 0) *published = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) *published = 42;
+  out[threadIdx.x] = *published;
+}
+
+// Every thread adds its index into one slot between two barriers.
+__global__ void racy_sum_kernel(double* out) {
+  BNEXT_SHARED(double, sum, 1);
+  if (threadIdx.x == 0) *sum = 0;
+  __syncthreads();
+  *sum = *sum + threadIdx.x;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = *sum;
+}
+
 // Block 0 writes shared memory that every block reads: block 1 reads memory
-// that no thread of its own wrote (garbage on a GPU, NaN here).
+// that no thread of its own wrote (garbage on a GPU).
 __global__ void uninitialised_shared_kernel(double* out) {
   BNEXT_SHARED(double, value, 1);
   if (blockIdx.x == 0 && threadIdx.x == 0) value[0] = 7;
   __syncthreads();
   if (threadIdx.x == 0) out[blockIdx.x] = value[0];
+}
+
+// Writes one value past the end of a 32-value array.
+__global__ void shared_out_of_bounds_kernel(double* out) {
+  BNEXT_SHARED(double, values, cuda::kWarpSize);
+  values[threadIdx.x + 1] = 1;
+  __syncthreads();
+  out[0] = values[0];
+}
+
+// Declares more than the 48 KiB of static shared memory a block may have.
+__global__ void too_much_shared_kernel(double* out) {
+  BNEXT_SHARED(double, values, 6200);
+  values[threadIdx.x] = 1;
+  out[0] = values[threadIdx.x];
 }
 
 // Both halves pass one barrier each, but not the same one: undefined on a GPU.
@@ -97,6 +134,14 @@ __global__ void out_of_bounds_kernel(double* out) {
   if (threadIdx.x == 0) out[0] = p[8];
 }
 
+// An index computed in 32 bits that overflows (2^30 * 32): the kernels index
+// with int64_t; UndefinedBehaviorSanitizer reports this in the ASan build.
+__global__ void signed_overflow_kernel(double* out) {
+  volatile int big = 1 << 30;
+  const int index = big * static_cast<int>(blockDim.x);
+  if (threadIdx.x == 0) out[0] = index;
+}
+
 // A 16-byte vector load one double past an aligned address: a GPU faults.
 __global__ void misaligned_vector_kernel(double* out) {
   if (threadIdx.x == 0) out[0] = cuda::load_vec<2>(out + 1).v[0];
@@ -121,8 +166,18 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(barrier_or_shuffle_kernel, dim3(1), dim3(64), p);
   } else if (name == "out_of_bounds") {
     cuda::launch(out_of_bounds_kernel, dim3(1), dim3(32), p);
+  } else if (name == "racy_publish") {
+    cuda::launch(racy_publish_kernel, dim3(1), dim3(8), p);
+  } else if (name == "racy_sum") {
+    cuda::launch(racy_sum_kernel, dim3(1), dim3(8), p);
+  } else if (name == "shared_out_of_bounds") {
+    cuda::launch(shared_out_of_bounds_kernel, dim3(1), dim3(32), p);
+  } else if (name == "too_much_shared") {
+    cuda::launch(too_much_shared_kernel, dim3(1), dim3(32), p);
   } else if (name == "uninitialised_shared") {
     cuda::launch(uninitialised_shared_kernel, dim3(2), dim3(32), p);
+  } else if (name == "signed_overflow") {
+    cuda::launch(signed_overflow_kernel, dim3(1), dim3(32), p);
   } else if (name == "misaligned_vector") {
     cuda::launch(misaligned_vector_kernel, dim3(1), dim3(32), p);
   } else if (name == "too_many_threads") {

@@ -170,9 +170,7 @@ __global__ void __launch_bounds__(kMaxChannelThreads)
     channel_forward_kernel(ChannelForwardArgs<scalar_t> a) {
   using T = at::opmath_type<scalar_t>;
   using Acc = StatsAcc<T, kCentred>;
-  // Raw bytes: Welford's member initialisers are not allowed on __shared__.
-  BNEXT_SHARED(__align__(16) unsigned char, raw,
-               cuda::SharedSlots<Acc, kMaxChannelThreads>::kBytes);
+  BNEXT_SHARED(Acc, scratch, kMaxChannelThreads);
   BNEXT_SHARED(Pair<T>, shared_stats, cuda::kWarpSize);
   const int64_t tiles = cuda::ceil_div(a.P, cuda::kWarpSize);
   // The tile loop's bound is uniform over the block: every thread reaches the barriers.
@@ -195,7 +193,7 @@ __global__ void __launch_bounds__(kMaxChannelThreads)
         }
       }
     });
-    acc = cuda::column_reduce(acc, StatsOp<kCentred>{}, reinterpret_cast<Acc*>(raw));
+    acc = cuda::column_reduce(acc, StatsOp<kCentred>{}, scratch);
     // Every thread reads its position's pair before it can pass the next
     // tile's first barrier, after which the y == 0 thread alone rewrites it.
     if (threadIdx.y == 0) {

@@ -233,13 +233,12 @@ __device__ __forceinline__ void for_each_row_of_group(int64_t M, int group, F&& 
 template <typename V, class Op, class F>
 __device__ __forceinline__ auto block_reduce_broadcast(V v, Op op, F&& finish) {
   using P = decltype(finish(v));
-  BNEXT_SHARED(__align__(16) unsigned char, raw, cuda::SharedSlots<V, cuda::kWarpSize>::kBytes);
-  BNEXT_SHARED(__align__(16) unsigned char, shared_pair, sizeof(P));
-  v = cuda::block_reduce(v, op, reinterpret_cast<V*>(raw), V{});
-  P* out = reinterpret_cast<P*>(shared_pair);
-  if (threadIdx.x == 0) *out = finish(v);
+  BNEXT_SHARED(V, scratch, cuda::kWarpSize);
+  BNEXT_SHARED(P, shared_pair, 1);
+  v = cuda::block_reduce(v, op, scratch, V{});
+  if (threadIdx.x == 0) *shared_pair = finish(v);
   __syncthreads();
-  return *out;
+  return static_cast<P>(*shared_pair);
 }
 
 // ------------------------------------------------------------------- forward
@@ -528,7 +527,9 @@ __device__ __forceinline__ void store_group_columns(const LaneColumns<T, VEC, kC
     scratch[warp * cuda::kWarpSize + lane] = s;
     __syncthreads();
     if (warp == 0 && lane < group) {
-      for (int w = 1; w < kWarps; ++w) s = ColumnSumsOp()(s, scratch[w * cuda::kWarpSize + lane]);
+      for (int w = 1; w < kWarps; ++w) {
+        s = ColumnSumsOp()(s, static_cast<S>(scratch[w * cuda::kWarpSize + lane]));
+      }
       const int64_t j = lane + static_cast<int64_t>(k) * group;
       if (j < nvec) store_sums(s, dw_row, db_row, j * VEC);
     }
