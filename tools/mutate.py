@@ -9,7 +9,7 @@ without a GPU; a bug it lets through would reach the GPU unseen.
 
 Each mutation edits one source in place, runs pytest (which rebuilds the
 emulator library with ninja: only the units that include the edited file),
-and restores the source, also on Ctrl-C. A mutation whose text is no longer
+and restores the source, also on Ctrl-C or a kill. A mutation whose text is no longer
 in its source is an error: the catalogue follows the kernels. The report
 gives each mutation's verdict (caught: the suite failed; survived: it
 passed; broken: the emulator no longer compiles, which proves nothing) and
@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -181,7 +182,9 @@ def apply(m):
 
 def run_suite(timeout):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Not the test of this catalogue itself: a mutation changes its texts.
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
+    cmd += ["-k", "not mutation_catalogue"]
     try:
         r = subprocess.run(
             cmd + SUITES, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -194,7 +197,10 @@ def run_suite(timeout):
     if "error building extension" in out or "ninja: build stopped" in out:
         return "broken", "the emulator does not compile"
     failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return "caught", failed[0][:160] if failed else out.strip().splitlines()[-1][:160]
+    # What caught it: the emulator's own error, or a comparison.
+    why = [line[1:].strip() for line in out.splitlines() if line.startswith("E ")]
+    detail = failed[0] if failed else out.strip().splitlines()[-1]
+    return "caught", (detail[:120] + (" -- " + why[0][:200] if why else ""))
 
 
 def main():
@@ -209,6 +215,8 @@ def main():
             locate(m)
             print(f"{m.id:50s} {m.what}")
         return 0
+    # A kill (SIGTERM) still restores the mutated source (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("mutate.py: terminated"))
     verdicts = {}
     for m in todo:
         t0 = time.time()
