@@ -70,29 +70,28 @@ def test_each_family_registers_under_one_name():
             )
 
 
-def test_emulator_macro_stays_behind_the_seam():
+def product_sources():
+    """(path under csrc/, text) of every source but the emulator and its seam."""
     seam = os.path.join("common", "cuda_launch.cuh")
-    users = []
     for folder, _, files in os.walk(CSRC):
         for name in files:
             path = os.path.relpath(os.path.join(folder, name), CSRC)
-            if path.startswith("emulator" + os.sep) or path == seam:
-                continue
-            if "BNEXT_EMULATE_CUDA" in open(os.path.join(folder, name)).read():
-                users.append(path)
+            if not path.startswith("emulator" + os.sep) and path != seam:
+                yield path, open(os.path.join(folder, name)).read()
+
+
+def test_emulator_macro_stays_behind_the_seam():
+    users = [path for path, text in product_sources() if "BNEXT_EMULATE_CUDA" in text]
     assert users == []
 
 
 def test_kernels_declare_shared_memory_through_the_checked_macro():
     """A plain __shared__ array would be a static the emulator cannot check
     (races, uninitialised reads, bounds); kernels use BNEXT_SHARED."""
-    seam = os.path.join("common", "cuda_launch.cuh")
-    plain = []
-    for folder, _, files in os.walk(CSRC):
-        for name in files:
-            path = os.path.relpath(os.path.join(folder, name), CSRC)
-            if path.startswith("emulator" + os.sep) or path == seam:
-                continue
-            lines = open(os.path.join(folder, name)).read().splitlines()
-            plain += [f"{path}: {line.strip()}" for line in lines if "__shared__" in line]
+    plain = [
+        f"{path}: {line.strip()}"
+        for path, text in product_sources()
+        for line in text.splitlines()
+        if "__shared__" in line
+    ]
     assert plain == []
