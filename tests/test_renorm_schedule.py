@@ -113,6 +113,31 @@ def test_invalid_tensor_limit_on_gpu_gives_nan_not_a_clipped_value():
     assert out.isnan().all() and r.isnan().all() and d.isnan().all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_cpu_limits_beside_a_gpu_input_are_read_on_the_host_and_capture_in_a_cuda_graph():
+    """A CPU limit is read as a float limit is (checked, and no pageable copy
+    to the GPU, which would synchronise and fail CUDA graph capture)."""
+    x = torch.randn(8, 3, 5, device="cuda") + 1
+    rm, rv = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    with pytest.raises(ValueError, match="r_max"):
+        _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, t(0.5), t(1.0))
+    limits = (t(1.5), t(0.5))
+    want = _ops.batch_renorm_train.default(x, rm, rv, None, None, 1e-5, 1.5, 0.5)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
+        _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, *limits)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = _ops.batch_renorm_train_scheduled(x, rm, rv, None, None, 1e-5, *limits)
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+
+
 def test_opcheck_tensor_overload():
     torch.manual_seed(1)
     for fmt in ("contiguous", "channels_last"):

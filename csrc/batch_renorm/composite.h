@@ -43,25 +43,51 @@ struct Limits {
   C10_HOST_DEVICE T d() const { return d_max_p ? *d_max_p : d_max; }
 };
 
-// The limits as tensors the kernel may read: on `device`, in `opmath`, one
-// element each. Reading a CPU value costs no synchronisation, so there they
-// are checked as float limits are; on the GPU the shared math turns a bad
-// limit into NaN.
-inline std::tuple<Tensor, Tensor> device_limits(const char* op, at::Device device,
-                                                at::ScalarType opmath, const Tensor& r_max,
-                                                const Tensor& d_max) {
-  Tensor out[2];
+// r_max and d_max given as 0-dim tensors, as the kernels take them. A tensor
+// on the kernels' device is read there, per channel (a schedule evaluated
+// inside the graph); on the GPU the shared math turns a bad limit into NaN.
+// A CPU tensor beside a CUDA input is read here, as a float limit: that costs
+// no synchronisation, where copying it to the GPU (pageable memory) would
+// synchronise and break CUDA graph capture. Values read on the host are
+// checked as float limits are.
+struct TensorLimits {
+  Tensor r_max_t;  // on the device, in opmath; undefined when read on the host
+  Tensor d_max_t;
+  double r_max = 1;
+  double d_max = 0;
+
+  template <typename T>
+  Limits<T> as() const {
+    return {static_cast<T>(r_max), static_cast<T>(d_max), data_or_null<T>(r_max_t),
+            data_or_null<T>(d_max_t)};
+  }
+};
+
+inline TensorLimits tensor_limits(const char* op, at::Device device, at::ScalarType opmath,
+                                  const Tensor& r_max, const Tensor& d_max) {
+  TensorLimits out;
+  Tensor* on_device[2] = {&out.r_max_t, &out.d_max_t};
+  double* on_host[2] = {&out.r_max, &out.d_max};
   const Tensor* in[2] = {&r_max, &d_max};
   const char* names[2] = {"r_max", "d_max"};
+  bool host_read = false;
   for (int i = 0; i < 2; ++i) {
     TORCH_CHECK(in[i]->dim() == 0, op, ": expected ", names[i],
                 " to be a 0-dim tensor (one value for every channel), got shape ", in[i]->sizes());
     TORCH_CHECK(at::isFloatingType(in[i]->scalar_type()), op, ": expected ", names[i],
                 " to be a floating-point tensor, got ", in[i]->scalar_type());
-    out[i] = in[i]->to(device, opmath).contiguous();
+    if (in[i]->is_cpu() && !device.is_cpu()) {
+      *on_host[i] = in[i]->item<double>();
+      host_read = true;
+    } else {
+      *on_device[i] = in[i]->to(device, opmath).contiguous();
+      // Reading a CPU value costs nothing either.
+      if (device.is_cpu()) *on_host[i] = on_device[i]->item<double>();
+      host_read = host_read || device.is_cpu();
+    }
   }
-  if (device.is_cpu()) check_limits(op, out[0].item<double>(), out[1].item<double>());
-  return {out[0], out[1]};
+  if (host_read) check_limits(op, out.r_max, out.d_max);
+  return out;
 }
 
 // `elemt`: the elementwise pass (batch_norm/composite.h, stats_normalize).
@@ -76,11 +102,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
   const typename K::DeviceGuard guard(input.device());
   const Tensor x = canonical(input);
   const auto opmath = opmath_dtype(x.scalar_type());
-  Tensor rmax_t, dmax_t;
+  TensorLimits tl;
   if (r_max_t.defined()) {
-    std::tie(rmax_t, dmax_t) = device_limits(op, x.device(), opmath, r_max_t, d_max_t);
+    tl = tensor_limits(op, x.device(), opmath, r_max_t, d_max_t);
   } else {
     check_limits(op, r_max, d_max);
+    tl.r_max = r_max;
+    tl.d_max = d_max;
   }
   const Tensor rm = batch_norm::per_channel(running_mean, opmath);
   const Tensor rv = batch_norm::per_channel(running_var, opmath);
@@ -101,8 +129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_with_limits(
     scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
     scalar_t* shift_p = shift.mutable_data_ptr<scalar_t>();
     const auto eps_ = static_cast<scalar_t>(eps);
-    const Limits<scalar_t> limits{static_cast<scalar_t>(r_max), static_cast<scalar_t>(d_max),
-                                  data_or_null<scalar_t>(rmax_t), data_or_null<scalar_t>(dmax_t)};
+    const Limits<scalar_t> limits = tl.as<scalar_t>();
     std::tie(out, mean, var) = batch_norm::stats_normalize<K, scalar_t>(
         x, scale, shift,
         [=] C10_HOST_DEVICE(int64_t c, scalar_t mean_c, scalar_t var_c) {

@@ -60,9 +60,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_ga
   const Tensor b = per_channel(value_or_undefined(bias), dtype);
   const Tensor rm = per_channel(rm_in, dtype);
   const Tensor rv = per_channel(rv_in, dtype);
-  Tensor rmax_t, dmax_t;
-  if (rmax_in.defined())
-    std::tie(rmax_t, dmax_t) = batch_renorm::device_limits(op, device, dtype, rmax_in, dmax_in);
+  batch_renorm::TensorLimits tl;  // r_max = 1, d_max = 0 without them: Batch Norm
+  if (rmax_in.defined()) tl = batch_renorm::tensor_limits(op, device, dtype, rmax_in, dmax_in);
   const auto options = means.options();
   Tensor mean = at::empty({C}, options), var = at::empty({C}, options);
   Tensor scale = at::empty({C}, options), shift = at::empty({C}, options);
@@ -75,8 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_ga
     const scalar_t* b_p = data_or_null<scalar_t>(b);
     const scalar_t* rm_p = data_or_null<scalar_t>(rm);
     const scalar_t* rv_p = data_or_null<scalar_t>(rv);
-    const batch_renorm::Limits<scalar_t> limits{
-        scalar_t(1), scalar_t(0), data_or_null<scalar_t>(rmax_t), data_or_null<scalar_t>(dmax_t)};
+    const batch_renorm::Limits<scalar_t> limits = tl.as<scalar_t>();
     scalar_t* mean_p = mean.mutable_data_ptr<scalar_t>();
     scalar_t* var_p = var.mutable_data_ptr<scalar_t>();
     scalar_t* scale_p = scale.mutable_data_ptr<scalar_t>();
