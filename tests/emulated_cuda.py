@@ -20,11 +20,7 @@ import csrc_sources  # noqa: E402  (the extension's source list, shared with set
 # BNEXT_EMULATOR_ASAN=1 builds the library with AddressSanitizer: the kernels'
 # loads and stores are then checked against the bounds of every tensor (the
 # CPU's counterpart of compute-sanitizer's memcheck). The process must preload
-# the runtime: LD_PRELOAD=$(gcc -print-file-name=libasan.so). The same build
-# has UndefinedBehaviorSanitizer, fatal at the first report: signed overflow
-# (an index computed in 32 bits), misaligned scalar accesses, shifts, bounds
-# of fixed-size arrays. (vptr is left out: torch's classes come from
-# libraries built without it.)
+# the runtime: LD_PRELOAD=$(gcc -print-file-name=libasan.so).
 ASAN = os.environ.get("BNEXT_EMULATOR_ASAN") == "1"
 
 
@@ -36,16 +32,7 @@ def load():
         ROOT, "build", f"emulator-torch{torch.__version__}" + ("-asan" if ASAN else "")
     )
     os.makedirs(build, exist_ok=True)
-    sanitize = (
-        [
-            "-fsanitize=address,undefined",
-            "-fno-sanitize=vptr",
-            "-fno-sanitize-recover=undefined",
-            "-fno-omit-frame-pointer",
-        ]
-        if ASAN
-        else []
-    )
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
     cpp_extension.load(
         name="bnext_emu_asan" if ASAN else "bnext_emu",
         sources=csrc_sources.unit_sources(

@@ -134,14 +134,6 @@ __global__ void out_of_bounds_kernel(double* out) {
   if (threadIdx.x == 0) out[0] = p[8];
 }
 
-// An index computed in 32 bits that overflows (2^30 * 32): the kernels index
-// with int64_t; UndefinedBehaviorSanitizer reports this in the ASan build.
-__global__ void signed_overflow_kernel(double* out) {
-  volatile int big = 1 << 30;
-  const int index = big * static_cast<int>(blockDim.x);
-  if (threadIdx.x == 0) out[0] = index;
-}
-
 // A 16-byte vector load one double past an aligned address: a GPU faults.
 __global__ void misaligned_vector_kernel(double* out) {
   if (threadIdx.x == 0) out[0] = cuda::load_vec<2>(out + 1).v[0];
@@ -176,8 +168,6 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(too_much_shared_kernel, dim3(1), dim3(32), p);
   } else if (name == "uninitialised_shared") {
     cuda::launch(uninitialised_shared_kernel, dim3(2), dim3(32), p);
-  } else if (name == "signed_overflow") {
-    cuda::launch(signed_overflow_kernel, dim3(1), dim3(32), p);
   } else if (name == "misaligned_vector") {
     cuda::launch(misaligned_vector_kernel, dim3(1), dim3(32), p);
   } else if (name == "too_many_threads") {
