@@ -673,3 +673,10 @@ def test_converted_decoder_layer_compiles_without_graph_breaks():
     torch.testing.assert_close(y, run(hidden), rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert hidden.grad is not None
+
+
+def test_sync_batch_norm_act_is_a_top_level_name():
+    """Issue 20 names the sync variant beside BatchNormAct2d and InPlaceABNSync."""
+    assert tb.SyncBatchNormAct is tb.modules.zoo.SyncBatchNormAct
+    assert "SyncBatchNormAct" in tb.__all__
+    assert issubclass(tb.SyncBatchNormAct, tb.SyncBatchNorm)

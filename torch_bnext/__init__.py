@@ -28,6 +28,7 @@ from .modules import (
     SyncBatchNorm,
     SyncBatchRenorm,
 )
+from .modules.zoo import SyncBatchNormAct
 from .onnx import onnx_translations
 from .schedule import LinearRamp, Schedule, renorm_schedule
 
@@ -53,6 +54,7 @@ __all__ = [
     "RMSNorm2d",
     "Schedule",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "SyncBatchRenorm",
     "conversion_report",
     "convert_model",
