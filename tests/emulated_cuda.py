@@ -33,6 +33,21 @@ def load():
     )
     os.makedirs(build, exist_ok=True)
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
+    # Without ASan's runtime, its instrumentation serves the traffic counter
+    # (csrc/emulator/traffic.cpp): every load and store the compiler leaves in
+    # memory becomes a call, which returns at once unless a counted launch runs.
+    traffic = (
+        []
+        if ASAN
+        else [
+            "-DBNEXT_EMULATOR_TRAFFIC",
+            "-fsanitize=address",
+            "--param=asan-instrumentation-with-call-threshold=0",
+            "--param=asan-stack=0",
+            "--param=asan-globals=0",
+            "-fno-sanitize-address-use-after-scope",
+        ]
+    )
     cpp_extension.load(
         name="bnext_emu_asan" if ASAN else "bnext_emu",
         sources=csrc_sources.unit_sources(
@@ -40,7 +55,7 @@ def load():
         ),
         extra_include_paths=[CSRC, os.path.join(CSRC, "include")],
         # Hidden symbols: this library repeats names of torch_bnext._C's.
-        extra_cflags=["-O2", "-DBNEXT_EMULATE_CUDA", "-fvisibility=hidden"] + sanitize,
+        extra_cflags=["-O2", "-DBNEXT_EMULATE_CUDA", "-fvisibility=hidden"] + sanitize + traffic,
         extra_ldflags=["-Wl,-Bsymbolic"] + sanitize,
         build_directory=build,
         is_python_module=False,

@@ -136,6 +136,7 @@ def test_shared_memory_checker_names_the_bug(case, message, schedule, emu):
     [
         ("divergent_barrier", "different __syncthreads"),
         ("exited_lane", "lane that has exited"),
+        ("divergent_shuffle", "shuffle in divergent code"),
         ("barrier_or_shuffle", "deadlock"),
         ("misaligned_vector", "misaligned address: a 16-byte vector access"),
         ("too_many_threads", "invalid configuration argument"),

@@ -10,8 +10,12 @@
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 #ifdef BNEXT_EMULATE_CUDA
@@ -81,9 +85,37 @@ inline void check_vector_access(const void* p, std::size_t bytes) {
   emu::check_vector_access(p, bytes);
 }
 
+// One access of the whole vector, as the GPU's 16-byte load or store (a host
+// compiler would split the copy of a struct of 8 halves into two 8-byte moves,
+// which the traffic counter would take for two half-coalesced accesses).
+template <typename V>
+__attribute__((always_inline)) inline V load_vector(const V* p) {
+  check_vector_access(p, sizeof(V));
+  V v;
+  emu::vector_load(&v, p, sizeof(V), sizeof(V) > sizeof(p->v[0]));
+  return v;
+}
+template <typename V>
+__attribute__((always_inline)) inline void store_vector(V* p, const V& v) {
+  check_vector_access(p, sizeof(V));
+  emu::vector_store(p, &v, sizeof(V), sizeof(V) > sizeof(p->v[0]));
+}
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
-  emu::launch(grid, block, [&] { kernel(static_cast<Params>(args)...); });
+  emu::launch(reinterpret_cast<const void*>(kernel), grid, block,
+              [&] { kernel(static_cast<Params>(args)...); });
+}
+
+// resident_blocks(kernel, threads): blocks of `threads` that one SM keeps
+// resident running `kernel`, at least 1. Its registers and shared memory
+// decide, not the thread count alone (at 128 registers a thread, an SM keeps
+// 512 of its 2048 threads), so plans whose blocks stride over the work size
+// their grids with it: more blocks would only queue, fewer leave SMs idle.
+// The emulator answers from ptxas's figures when the tests give them.
+template <typename... Params>
+int64_t resident_blocks(void (*kernel)(Params...), int threads) {
+  return std::max<int64_t>(1, emu::resident_blocks(reinterpret_cast<const void*>(kernel), threads));
 }
 
 #else
@@ -107,6 +139,37 @@ constexpr int64_t max_grid_y() { return 65535; }
 
 // The hardware itself faults on a misaligned vector access.
 __device__ __forceinline__ void check_vector_access(const void* /*p*/, std::size_t /*bytes*/) {}
+
+template <typename V>
+__device__ __forceinline__ V load_vector(const V* p) {
+  return *p;
+}
+template <typename V>
+__device__ __forceinline__ void store_vector(V* p, const V& v) {
+  *p = v;
+}
+
+namespace detail {
+// The runtime's answer depends on the device only through its architecture,
+// but a process may hold different GPUs; the query costs a driver call, so
+// once per device, kernel and block size.
+inline int64_t resident_blocks(const void* kernel, int threads) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int>, int64_t> known;
+  const auto key = std::make_tuple(static_cast<int>(c10::cuda::current_device()), kernel, threads);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  return known[key] = std::max(blocks, 1);
+}
+}  // namespace detail
+
+template <typename... Params>
+int64_t resident_blocks(void (*kernel)(Params...), int threads) {
+  return detail::resident_blocks(reinterpret_cast<const void*>(kernel), threads);
+}
 
 // On the current stream of the current device (which the ops' device guards set).
 template <typename... Params, typename... Args>

@@ -10,6 +10,8 @@ namespace bnext {
 namespace cuda {
 
 constexpr int kVecBytes = 16;
+// What DRAM and L2 move per access: a warp's access costs its distinct sectors.
+constexpr int kSectorBytes = 32;
 
 template <typename scalar_t>
 constexpr int vec_size() {
@@ -23,18 +25,16 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// The emulator checks each access's alignment (check_vector_access), which a
-// GPU requires (it faults) and x86 does not.
+// One access of the whole vector (load_vector / store_vector, cuda_launch.cuh),
+// whose alignment the emulator checks: a GPU requires it (it faults), x86 not.
 template <int N, typename T>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  check_vector_access(p, sizeof(Vec<T, N>));
-  return *reinterpret_cast<const Vec<T, N>*>(p);
+  return load_vector(reinterpret_cast<const Vec<T, N>*>(p));
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  check_vector_access(p, sizeof(Vec<T, N>));
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
+  store_vector(reinterpret_cast<Vec<T, N>*>(p), v);
 }
 
 inline bool is_aligned(const void* p, int64_t bytes) {

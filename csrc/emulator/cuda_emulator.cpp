@@ -7,6 +7,7 @@
 // thread that must reach it has, and reports an error when the threads wait at
 // different barriers.
 #include "emulator/cuda_emulator.h"
+#include "emulator/traffic.h"
 
 #include <ucontext.h>
 
@@ -42,7 +43,7 @@ struct Fiber {
   State state = State::kReady;
   uint64_t block_barriers = 0;  // __syncthreads passed, to catch divergence
   uint64_t warp_barriers = 0;
-  const char* file = nullptr;  // the __syncthreads() it waits at
+  const char* file = nullptr;  // the __syncthreads() or shuffle it waits at
   int line = 0;
   unsigned mask = 0;
 };
@@ -144,6 +145,14 @@ bool release_warps(Block& b) {
       if (f.warp_barriers != first->warp_barriers) {
         throw std::runtime_error(describe(b, "lanes of a warp shuffle at different points"));
       }
+      // Lanes that diverged and shuffle in their own branches: CUDA leaves the
+      // result undefined (all lanes a mask names must run the same shuffle).
+      if (f.line != first->line || std::strcmp(f.file, first->file) != 0) {
+        std::ostringstream os;
+        os << "lanes of a warp shuffle at different calls (" << first->file << ":" << first->line
+           << " and " << f.file << ":" << f.line << "): a shuffle in divergent code";
+        throw std::runtime_error(describe(b, os.str().c_str()));
+      }
       f.state = State::kReady;
     }
     released = true;
@@ -187,6 +196,7 @@ void run_block(Block& b) {
   b.shared_used = 0;
   b.slots.assign((threads + kWarpSize - 1) / kWarpSize * kWarpSize * kMaxShuffleBytes, 0);
   while (g_stacks.size() < threads) g_stacks.emplace_back(new char[kStackBytes]);
+  traffic::begin_block(b.fibers.data(), b.fibers.size() * sizeof(Fiber));
   for (unsigned i = 0; i < threads; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = static_cast<int>(i);
@@ -204,7 +214,9 @@ void run_block(Block& b) {
       Fiber& f = b.fibers[i];
       if (f.state != State::kReady) continue;
       b.current = &f;
+      traffic::enter_thread(i, g_stacks[i].get(), kStackBytes);
       swapcontext(&b.scheduler, &f.context);
+      traffic::leave_thread();
       b.current = nullptr;
       ran = true;
       if (b.error) std::rethrow_exception(b.error);
@@ -219,6 +231,7 @@ void run_block(Block& b) {
                      "shuffle"));
       }
     }
+    traffic::end_block();
     return;
   }
 }
@@ -262,8 +275,11 @@ void syncthreads(const char* file, int line) {
   yield_to_scheduler(State::kAtBlockBarrier);
 }
 
-void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask) {
+void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask,
+                   const char* file, int line) {
   Fiber& f = self();
+  f.file = file;
+  f.line = line;
   Block& b = *g_block;
   const int lane = f.linear % kWarpSize;
   const int warp0 = f.linear - lane;
@@ -399,10 +415,12 @@ void shared_access(const void* p, std::size_t bytes, bool write) {
   }
 }
 
-void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+void launch(const void* kernel, dim3 grid, dim3 block, const std::function<void()>& body) {
   check_config(grid, block);
   if (g_block != nullptr) throw std::runtime_error("bnext emulator: nested launch");
   ++g_launches;
+  log_launch(kernel, grid, block);
+  if (traffic::counting()) traffic::begin_launch(kernel, grid, block, g_shared, kMaxSharedBytes);
   Block b;
   b.grid = grid;
   b.block = block;
@@ -421,9 +439,11 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     }
   } catch (...) {
     g_block = nullptr;
+    traffic::abandon_launch();
     throw;
   }
   g_block = nullptr;
+  traffic::end_launch();
 }
 
 void set_schedule(Schedule schedule, uint64_t seed) {

@@ -44,7 +44,10 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 struct uint3 {
   unsigned x, y, z;
@@ -72,13 +75,21 @@ int lane_id();
 // __syncthreads() calls are an error even when their counts agree.
 void syncthreads(const char* file, int line);
 // Every live lane of the calling warp contributes `bytes` from `in` and receives
-// the value of lane `src_lane` in `out`.
-void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask);
+// the value of lane `src_lane` in `out`. `file` and `line` name the shuffle:
+// lanes that reach different shuffles (divergent code) are an error.
+void warp_exchange(const void* in, void* out, std::size_t bytes, int src_lane, unsigned mask,
+                   const char* file, int line);
 
 // A vector load or store of `bytes` at `p`: a GPU faults ("misaligned
 // address") unless p is a multiple of `bytes`; x86 would not, so the emulator
 // throws instead.
 void check_vector_access(const void* p, std::size_t bytes);
+
+// A load or store of `bytes` from `src` to `dst`, as one access (the traffic
+// counter sees one access of `bytes`, however the host copies it); `wide`: of
+// more than one element (a vector path's access, not a 1-wide fallback).
+void vector_load(void* dst, const void* src, std::size_t bytes, bool wide);
+void vector_store(void* dst, const void* src, std::size_t bytes, bool wide);
 
 // Where a shared array is declared, for the error messages.
 struct SharedSite {
@@ -141,10 +152,29 @@ SharedPtr<T> shared_array(const void* key, std::size_t count, const SharedSite& 
   return SharedPtr<T>(static_cast<T*>(block_shared(key, sizeof(T) * count, site)));
 }
 
-// Runs `body` once per thread of the grid; throws std::runtime_error for a
-// configuration CUDA would refuse, a divergent barrier, a bad shuffle or a
-// shared-memory error.
-void launch(dim3 grid, dim3 block, const std::function<void()>& body);
+// Runs `body` (a launch of `kernel`) once per thread of the grid; throws
+// std::runtime_error for a configuration CUDA would refuse, a divergent
+// barrier, a bad shuffle or a shared-memory error.
+void launch(const void* kernel, dim3 grid, dim3 block, const std::function<void()>& body);
+
+// What ptxas gave a kernel (kernel_resources.cpp): set by the tests from the
+// CUDA build's report, by kernel symbol.
+struct KernelResources {
+  int64_t registers = 0;  // per thread
+  int64_t shared_bytes = 0;
+};
+void set_kernel_resources(std::map<std::string, KernelResources> resources);
+// Blocks of `threads` that one SM (sm_90) keeps resident running `kernel`, as
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor answers on a GPU: from `r`, or
+// the figures set for the kernel, or the thread limits alone without them.
+int64_t resident_blocks(const void* kernel, int threads, const KernelResources* r = nullptr);
+// The kernel's symbol (mangled, as ptxas names it), or "" if unknown.
+std::string kernel_symbol(const void* kernel);
+// With logging on, every launch is recorded as "symbol gx gy gz bx by bz";
+// take_launch_log returns the records so far and forgets them.
+void set_launch_logging(bool on);
+void log_launch(const void* kernel, dim3 grid, dim3 block);
+std::vector<std::string> take_launch_log();
 
 // The order in which blocks, and the ready threads of a block, are run.
 enum class Schedule { kForward, kReverse, kRandom };
@@ -165,11 +195,11 @@ int64_t max_grid_y();
 void set_grid_caps(int64_t x, int64_t y);
 
 template <typename T>
-T shuffle(T v, int src_lane, unsigned mask) {
+T shuffle(T v, int src_lane, unsigned mask, const char* file, int line) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= kMaxShuffleBytes,
                 "shuffles move scalars");
   T out = v;
-  warp_exchange(&v, &out, sizeof(T), src_lane, mask);
+  warp_exchange(&v, &out, sizeof(T), src_lane, mask, file, line);
   return out;
 }
 
@@ -192,24 +222,27 @@ T shuffle(T v, int src_lane, unsigned mask) {
 inline void __threadfence() {}
 
 template <typename T>
-T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
+                   const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   const int lane = ::bnext::emu::lane_id();
   const int end = lane / width * width + width;
   const int src = lane + static_cast<int>(delta) < end ? lane + static_cast<int>(delta) : lane;
-  return ::bnext::emu::shuffle(v, src, mask);
+  return ::bnext::emu::shuffle(v, src, mask, file, line);
 }
 
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
+                  const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   const int lane = ::bnext::emu::lane_id();
   const int src = lane ^ lane_mask;
-  return ::bnext::emu::shuffle(v, src / width == lane / width ? src : lane, mask);
+  return ::bnext::emu::shuffle(v, src / width == lane / width ? src : lane, mask, file, line);
 }
 
 template <typename T>
-T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32,
+              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   const int lane = ::bnext::emu::lane_id();
-  return ::bnext::emu::shuffle(v, lane / width * width + src_lane % width, mask);
+  return ::bnext::emu::shuffle(v, lane / width * width + src_lane % width, mask, file, line);
 }
 
 // Blocks run one at a time, so read-modify-write is atomic already.

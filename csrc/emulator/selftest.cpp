@@ -15,6 +15,26 @@
 #include "common/cuda_reduce.cuh"
 #include "common/cuda_vec.cuh"
 
+// Outside bnext::emu, whose code the traffic counter leaves out as the
+// emulator's own.
+namespace bnext {
+namespace selftest {
+
+// Each thread copies one float (or four, with `vector`), the threads' loads
+// `stride` elements apart: what the traffic counter must see as one 128-byte
+// line per warp (stride 1), or a sector per lane (stride 8).
+__global__ void strided_copy_kernel(const float* in, float* out, int64_t stride, bool vector) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (vector) {
+    cuda::store_vec<4>(out + 4 * t, cuda::load_vec<4>(in + 4 * t * stride));
+  } else {
+    out[t] = in[t * stride];
+  }
+}
+
+}  // namespace selftest
+}  // namespace bnext
+
 namespace bnext {
 namespace emu {
 namespace {
@@ -117,6 +137,20 @@ __global__ void exited_lane_kernel(double* out) {
   out[0] = __shfl_down_sync(0xffffffffu, 1.0, 16);
 }
 
+// The two halves of a warp shuffle in their own branches. The same number of
+// shuffles, so only the call sites tell: undefined on a GPU (a full mask names
+// lanes that run another shuffle), so an error here.
+__global__ void divergent_shuffle_kernel(double* out) {
+  const double v = threadIdx.x;
+  double got;
+  if (threadIdx.x < 16) {
+    got = __shfl_xor_sync(0xffffffffu, v, 16);
+  } else {
+    got = __shfl_xor_sync(0xffffffffu, v, 16);
+  }
+  if (threadIdx.x == 0) out[0] = got;
+}
+
 // Half of each warp waits at the barrier, the other half for a shuffle that
 // needs the first half: a hang on a GPU.
 __global__ void barrier_or_shuffle_kernel(double* out) {
@@ -139,6 +173,22 @@ __global__ void misaligned_vector_kernel(double* out) {
   if (threadIdx.x == 0) out[0] = cuda::load_vec<2>(out + 1).v[0];
 }
 
+// Two blocks of 64 threads copy `input` (at least 128 * stride floats, or 4x
+// that with `vector`) to a new tensor.
+at::Tensor strided_copy(const at::Tensor& input, int64_t stride, bool vector) {
+  const int64_t threads = 128;
+  const int64_t width = vector ? 4 : 1;
+  TORCH_CHECK(input.scalar_type() == at::kFloat && input.is_contiguous(),
+              "strided_copy: expected a contiguous float32 tensor");
+  TORCH_CHECK(stride >= 1 && input.numel() >= threads * width * stride,
+              "strided_copy: expected at least ", threads * width * stride, " elements, got ",
+              input.numel());
+  at::Tensor out = at::empty({threads * width}, input.options());
+  cuda::launch(selftest::strided_copy_kernel, dim3(2), dim3(64), input.data_ptr<float>(),
+               out.data_ptr<float>(), stride, vector);
+  return out;
+}
+
 at::Tensor selftest(const std::string& name) {
   at::Tensor out = at::zeros({8}, at::kDouble);
   double* p = out.data_ptr<double>();
@@ -154,6 +204,8 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(divergent_barrier_kernel, dim3(1), dim3(64), p);
   } else if (name == "exited_lane") {
     cuda::launch(exited_lane_kernel, dim3(1), dim3(32), p);
+  } else if (name == "divergent_shuffle") {
+    cuda::launch(divergent_shuffle_kernel, dim3(1), dim3(32), p);
   } else if (name == "barrier_or_shuffle") {
     cuda::launch(barrier_or_shuffle_kernel, dim3(1), dim3(64), p);
   } else if (name == "out_of_bounds") {
@@ -188,4 +240,6 @@ at::Tensor selftest(const std::string& name) {
 
 TORCH_LIBRARY_FRAGMENT(bnext_emu, m) {
   m.def("selftest(str name) -> Tensor", &bnext::emu::selftest);
+  m.def("strided_copy(Tensor input, int stride, bool vector) -> Tensor",
+        &bnext::emu::strided_copy);
 }
