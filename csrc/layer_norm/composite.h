@@ -45,6 +45,14 @@ inline Tensor in_input_layout(const Tensor& out, const Tensor& input) {
   return like.copy_(out);
 }
 
+// The (N,) opmath column sums of dweight or dbias, undefined unless `wanted`.
+// The backends write every value when there are rows: zeros (a memset before
+// kernels that overwrite it, on a GPU) only without rows.
+inline Tensor column_sums_buffer(bool wanted, const RowProblem& p, const at::TensorOptions& o) {
+  if (!wanted) return Tensor();
+  return p.M > 0 ? at::empty({p.N}, o) : at::zeros({p.N}, o);
+}
+
 // A requested parameter gradient of `param_shape`, in `dtype`, from an opmath
 // column sum; not requested gives an empty (0,) tensor, as the fake kernels do.
 inline Tensor finish_param_grad(const Tensor& column_sum, bool requested, const RowProblem& p,
@@ -107,8 +115,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
   const RowProblem p = prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kLikeInput);
   const bool columns = output_mask[0] || output_mask[1];
   Tensor dx = at::empty(input.sizes(), p.x.options());
-  Tensor dw_col = columns ? at::zeros({p.N}, rstd.options()) : Tensor();
-  Tensor db_col = columns ? at::zeros({p.N}, rstd.options()) : Tensor();
+  Tensor dw_col = column_sums_buffer(columns, p, rstd.options());
+  Tensor db_col = column_sums_buffer(columns, p, rstd.options());
   if (p.M > 0) {
     K::template backward<true>(p, mean.contiguous(), rstd.contiguous(), columns, dx, dw_col,
                                db_col);
@@ -128,7 +136,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
   TORCH_CHECK(w.defined() || !weight_grad, op, ": grad_weight requested without a weight");
   const RowProblem p = prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kAnyFloat);
   Tensor dx = at::empty(input.sizes(), p.x.options());
-  Tensor dw_col = weight_grad ? at::zeros({p.N}, rstd.options()) : Tensor();
+  Tensor dw_col = column_sums_buffer(weight_grad, p, rstd.options());
   Tensor no_db;
   if (p.M > 0)
     K::template backward<false>(p, Tensor(), rstd.contiguous(), weight_grad, dx, dw_col, no_db);
@@ -174,8 +182,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_2d_bwd(const Tensor& grad_out, const Ten
   if (rows.is_contiguous()) {
     const RowProblem p = channel_row_problem(rows, channel_rows(grad_out), weight, Tensor());
     Tensor dx = at::empty(rows.sizes(), rows.options());
-    Tensor dw = columns ? at::zeros({p.N}, rstd.options()) : Tensor();
-    Tensor db = columns && kCentred ? at::zeros({p.N}, rstd.options()) : Tensor();
+    Tensor dw = column_sums_buffer(columns, p, rstd.options());
+    Tensor db = column_sums_buffer(columns && kCentred, p, rstd.options());
     if (p.M > 0) {
       K::template backward<kCentred>(p, kCentred ? mean.contiguous() : Tensor(), rstd.contiguous(),
                                      columns, dx, dw, db);

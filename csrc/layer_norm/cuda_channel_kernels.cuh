@@ -68,9 +68,6 @@ constexpr int kMinChannelLanes = 4;
 constexpr int kMaxChannelThreads = cuda::kWarpSize * kMaxChannelLanes;
 // Channels whose loads a thread has in flight per input.
 constexpr int kChannelUnroll = 4;
-// Resident blocks per SM (sm_80 / sm_90): small blocks are bounded by this,
-// not by kThreadsPerSm.
-constexpr int64_t kMaxBlocksPerSm = 32;
 
 // The lane's position q = b * S + s in the block's current tile. The tiles
 // advance by the grid, gridDim.x * 32 positions, which the launch splits into
@@ -323,14 +320,17 @@ struct ChannelPlan {
   dim3 block;
 };
 
-inline ChannelPlan channel_plan(int64_t P, int64_t C) {
+template <typename Kernel>
+ChannelPlan channel_plan(int64_t P, int64_t C, Kernel kernel) {
   const int64_t tiles = cuda::ceil_div(P, cuda::kWarpSize);
   const int most = cuda::pow2_at_least(C, kMaxChannelLanes);
   const int64_t wanted = cuda::ceil_div(cuda::num_sms() * kThreadsPerSm, tiles * cuda::kWarpSize);
   const int lanes = std::clamp(cuda::pow2_at_least(wanted, kMaxChannelLanes),
                                std::min(kMinChannelLanes, most), most);
   const int threads = cuda::kWarpSize * lanes;
-  const int64_t per_sm = std::min<int64_t>(kThreadsPerSm / threads, kMaxBlocksPerSm);
+  // The tiles stride over the grid: as many blocks as the SMs keep resident
+  // (the kernel's registers decide).
+  const int64_t per_sm = cuda::resident_blocks(kernel, threads);
   const int64_t blocks = std::min({tiles, cuda::num_sms() * per_sm, cuda::max_grid_x()});
   return {dim3(static_cast<unsigned>(blocks)),
           dim3(static_cast<unsigned>(cuda::kWarpSize), static_cast<unsigned>(lanes))};
@@ -346,9 +346,10 @@ void set_steps(Args& a, const ChannelPlan& plan) {
 
 template <typename scalar_t, bool kCentred>
 void launch_channel_forward(ChannelForwardArgs<scalar_t> a) {
-  const ChannelPlan plan = channel_plan(a.P, a.C);
+  const auto kernel = channel_forward_kernel<scalar_t, kCentred>;
+  const ChannelPlan plan = channel_plan(a.P, a.C, kernel);
   set_steps(a, plan);
-  cuda::launch(channel_forward_kernel<scalar_t, kCentred>, plan.grid, plan.block, a);
+  cuda::launch(kernel, plan.grid, plan.block, a);
 }
 
 // dx, and with `columns` dw_col (and db_col): from the kernel directly when
@@ -357,10 +358,12 @@ template <typename scalar_t, bool kCentred>
 void launch_channel_backward(ChannelBackwardArgs<scalar_t> a, bool columns, Tensor& dw_col,
                              Tensor& db_col) {
   using T = at::opmath_type<scalar_t>;
-  const ChannelPlan plan = channel_plan(a.P, a.C);
+  const auto kernel = columns ? channel_backward_kernel<scalar_t, kCentred, true>
+                              : channel_backward_kernel<scalar_t, kCentred, false>;
+  const ChannelPlan plan = channel_plan(a.P, a.C, kernel);
   set_steps(a, plan);
   if (!columns) {
-    cuda::launch(channel_backward_kernel<scalar_t, kCentred, false>, plan.grid, plan.block, a);
+    cuda::launch(kernel, plan.grid, plan.block, a);
     return;
   }
   T* dw = dw_col.mutable_data_ptr<T>();
@@ -369,7 +372,7 @@ void launch_channel_backward(ChannelBackwardArgs<scalar_t> a, bool columns, Tens
   if (parts == 1) {
     a.dw_parts = dw;
     a.db_parts = db;
-    cuda::launch(channel_backward_kernel<scalar_t, kCentred, true>, plan.grid, plan.block, a);
+    cuda::launch(kernel, plan.grid, plan.block, a);
     return;
   }
   // Every partial is written by the dx kernel (each block has a tile).
@@ -377,11 +380,8 @@ void launch_channel_backward(ChannelBackwardArgs<scalar_t> a, bool columns, Tens
   Tensor db_parts = kCentred ? at::empty({parts, a.C}, dw_col.options()) : Tensor();
   a.dw_parts = dw_parts.mutable_data_ptr<T>();
   a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
-  cuda::launch(channel_backward_kernel<scalar_t, kCentred, true>, plan.grid, plan.block, a);
-  const int64_t grid_x = std::min(cuda::ceil_div(a.C, kColumnTile), cuda::max_grid_x());
-  cuda::launch(column_merge_kernel<T, kCentred, 1>, dim3(static_cast<unsigned>(grid_x)),
-               dim3(kColumnTile, kColumnLanes), static_cast<const T*>(a.dw_parts),
-               static_cast<const T*>(a.db_parts), parts, a.C, dw, db);
+  cuda::launch(kernel, plan.grid, plan.block, a);
+  launch_merge<T, kCentred, 1>(a.dw_parts, a.db_parts, parts, a.C, dw, db);
 }
 
 }  // namespace cuda_kernels

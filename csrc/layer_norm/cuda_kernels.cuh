@@ -66,8 +66,8 @@ constexpr int64_t kMaxShortRow = 1024;
 constexpr int kShortRowThreads = 256;
 constexpr int kMinLongRowThreads = 128;
 constexpr int kMaxLongRowThreads = 512;
-// Threads one SM keeps resident: grids beyond that only queue, so row loops
-// stride over a grid of this many threads per SM.
+// Threads one SM keeps resident at most (sm_80 / sm_90), whatever the
+// kernel: what the channel plans spread a tile's lanes over.
 constexpr int64_t kThreadsPerSm = 2048;
 // Vector loads in flight per thread and input: 4, but at most 16 values, so
 // that the 8-value vectors of 2-byte types (converted to float) do not push a
@@ -656,20 +656,22 @@ __global__ void __launch_bounds__(kColumnThreads)
   }
 }
 
-// Thread (tx, ty) adds parts ty, ty + 8, ... of its VEC columns in order, and
-// the 8 lanes merge by a fixed tree.
+// A block of kColumnThreads: thread (tx, ty) adds parts ty, ty + blockDim.y,
+// ... of its VEC columns in order, and the blockDim.y lanes merge by a fixed
+// tree (launch_merge picks the block's shape).
 template <typename T, bool kCentred, int VEC>
 __global__ void __launch_bounds__(kColumnThreads)
     column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, T* dw,
                         T* db) {
   using S = ColumnSums<T, VEC, kCentred>;
   BNEXT_SHARED(S, scratch, kColumnThreads);
-  const int64_t tiles = cuda::ceil_div(N, kColumnTile * VEC);
+  const int64_t width = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t tiles = cuda::ceil_div(N, width);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t c0 = (tile * kColumnTile + threadIdx.x) * VEC;
+    const int64_t c0 = tile * width + static_cast<int64_t>(threadIdx.x) * VEC;
     S sums = zero_sums<T, VEC, kCentred>();
     if (c0 < N) {
-      for (int64_t p = threadIdx.y; p < num_parts; p += kColumnLanes) {
+      for (int64_t p = threadIdx.y; p < num_parts; p += blockDim.y) {
         const Vec<T, VEC> w = cuda::load_vec<VEC>(dw_parts + p * N + c0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) sums.v[e] += w.v[e];
@@ -686,6 +688,21 @@ __global__ void __launch_bounds__(kColumnThreads)
 }
 
 // ------------------------------------------------------------------ launches
+
+// Merges `parts` partial rows of dw (and db) into dw (and db). Tiles narrower
+// than a warp's row segment when the columns are few, so that the merge keeps
+// a block per SM (tiles of 32 lanes made 16 blocks of 4096 columns), down to
+// a 32-byte sector per row.
+template <typename T, bool kCentred, int VEC>
+void launch_merge(const T* dw_parts, const T* db_parts, int64_t parts, int64_t N, T* dw, T* db) {
+  constexpr int kMinTile = std::max<int>(1, cuda::kSectorBytes / (VEC * sizeof(T)));
+  int tile = kColumnTile;
+  while (tile > kMinTile && cuda::ceil_div(N, tile * VEC) < cuda::num_sms()) tile /= 2;
+  const int64_t grid_x = std::min(cuda::ceil_div(N, tile * VEC), cuda::max_grid_x());
+  cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)),
+               dim3(static_cast<unsigned>(tile), static_cast<unsigned>(kColumnThreads / tile)),
+               dw_parts, db_parts, parts, N, dw, db);
+}
 
 // Vector loads need rows of whole vectors starting 16-byte aligned, and
 // parameters aligned to their (opmath) vector.
@@ -707,7 +724,8 @@ bool vectorizable(int64_t N, std::initializer_list<const void*> rows,
 struct RowPlan {
   bool short_rows;
   int group;  // lanes per row (short rows)
-  dim3 grid;
+  int64_t blocks;  // blocks the rows need
+  dim3 grid;  // set by fit_grid once the kernel is chosen
   dim3 block;
 };
 
@@ -715,29 +733,39 @@ inline RowPlan row_plan(int64_t M, int64_t N, int64_t nvec) {
   RowPlan plan;
   plan.short_rows = N <= kMaxShortRow;
   int threads;
-  int64_t blocks;
   if (plan.short_rows) {
     plan.group = cuda::pow2_at_least(nvec, cuda::kWarpSize);
     threads = kShortRowThreads;
-    blocks = cuda::ceil_div(M, threads / plan.group);
+    plan.blocks = cuda::ceil_div(M, threads / plan.group);
   } else {
     plan.group = 0;
     // About one unrolled batch of vectors per thread.
     threads = std::max(kMinLongRowThreads,
                        cuda::pow2_at_least(cuda::ceil_div(nvec, 4), kMaxLongRowThreads));
-    blocks = M;
+    plan.blocks = M;
   }
-  const int64_t resident = std::max<int64_t>(1, cuda::num_sms() * (kThreadsPerSm / threads));
-  plan.grid = dim3(static_cast<unsigned>(std::min({blocks, resident, cuda::max_grid_x()})));
   plan.block = dim3(static_cast<unsigned>(threads));
+  return plan;
+}
+
+// The blocks stride over the rows: as many as the SMs keep resident running
+// `kernel` (its registers decide), so that none queue behind the others; the
+// fused backward's partial rows, one per block, shrink with them.
+template <typename Kernel>
+RowPlan fit_grid(RowPlan plan, Kernel kernel) {
+  const int64_t resident =
+      cuda::num_sms() * cuda::resident_blocks(kernel, static_cast<int>(plan.block.x));
+  plan.grid = dim3(static_cast<unsigned>(std::min({plan.blocks, resident, cuda::max_grid_x()})));
   return plan;
 }
 
 template <class Args>
 void launch_rows(void (*short_kernel)(Args, int), void (*long_kernel)(Args, int), const Args& a,
                  int vec) {
-  const RowPlan plan = row_plan(a.M, a.N, a.N / vec);
-  cuda::launch(plan.short_rows ? short_kernel : long_kernel, plan.grid, plan.block, a, plan.group);
+  const RowPlan shape = row_plan(a.M, a.N, a.N / vec);
+  const auto kernel = shape.short_rows ? short_kernel : long_kernel;
+  const RowPlan plan = fit_grid(shape, kernel);
+  cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
 }
 
 template <typename scalar_t, bool kCentred>
@@ -781,8 +809,7 @@ void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_c
   cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
                dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts)), block, a,
                rows_per_part, dw_p, db_p);
-  cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)), block,
-               static_cast<const T*>(dw_p), static_cast<const T*>(db_p), parts, a.N, dw, db);
+  launch_merge<T, kCentred, VEC>(dw_p, db_p, parts, a.N, dw, db);
 }
 
 template <typename scalar_t, bool kCentred>
@@ -805,13 +832,22 @@ void column_sums(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) 
 // registers per value) and rows too long for the budget take the separate
 // column kernels.
 constexpr int kFusedColumnValues = 32;
+// Each block of the fused backward writes a partial row of dw (and db) that
+// the merge reads again: 16 bytes per column and block. Blocks for 256
+// threads an SM (about 32 KB of loads in flight per SM, what a copy needs at
+// an H100's bandwidth) keep that near 4% of the traffic at 16384 rows of 4096;
+// as many blocks as the registers allow added a third.
+constexpr int kFusedThreadsPerSm = 256;
 
 // The gridDim.x partial rows merged into dw_col / db_col; with one block the
 // kernel writes them directly, in a single launch.
 template <typename scalar_t, bool kCentred, int VEC, int KV>
-void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& plan,
+void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& shape,
                   BackwardArgs<scalar_t> a, Tensor& dw_col, Tensor& db_col) {
   using T = at::opmath_type<scalar_t>;
+  RowPlan plan = fit_grid(shape, kernel);
+  const int64_t fused = cuda::num_sms() * std::max<int64_t>(1, kFusedThreadsPerSm / plan.block.x);
+  plan.grid.x = static_cast<unsigned>(std::min<int64_t>(plan.grid.x, fused));
   T* dw = dw_col.mutable_data_ptr<T>();
   T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
   const int64_t parts = plan.grid.x;
@@ -827,10 +863,7 @@ void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& pl
   a.dw_parts = dw_parts.mutable_data_ptr<T>();
   a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
-  const int64_t grid_x = std::min(cuda::ceil_div(a.N, kColumnTile * VEC), cuda::max_grid_x());
-  cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)),
-               dim3(kColumnTile, kColumnLanes), static_cast<const T*>(a.dw_parts),
-               static_cast<const T*>(a.db_parts), parts, a.N, dw, db);
+  launch_merge<T, kCentred, VEC>(a.dw_parts, a.db_parts, parts, a.N, dw, db);
 }
 
 // dx with the fused column sums, if the thread's share of a row fits the
@@ -887,11 +920,12 @@ bool launch_backward_fused(const RowPlan& plan, const BackwardArgs<scalar_t>& a,
 template <typename scalar_t, bool kCentred, int VEC>
 void launch_backward_vec(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_col,
                          Tensor& db_col) {
-  const RowPlan plan = row_plan(a.M, a.N, a.N / VEC);
-  if (columns && launch_backward_fused<scalar_t, kCentred, VEC>(plan, a, dw_col, db_col)) return;
-  cuda::launch(plan.short_rows ? backward_short_kernel<scalar_t, kCentred, VEC, 0>
-                               : backward_long_kernel<scalar_t, kCentred, VEC, 0>,
-               plan.grid, plan.block, a, plan.group);
+  const RowPlan shape = row_plan(a.M, a.N, a.N / VEC);
+  if (columns && launch_backward_fused<scalar_t, kCentred, VEC>(shape, a, dw_col, db_col)) return;
+  const auto kernel = shape.short_rows ? backward_short_kernel<scalar_t, kCentred, VEC, 0>
+                                       : backward_long_kernel<scalar_t, kCentred, VEC, 0>;
+  const RowPlan plan = fit_grid(shape, kernel);
+  cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
   if (columns)
     column_sums<scalar_t, kCentred>({a.dy, a.x, a.mean, a.rstd, a.M, a.N}, dw_col, db_col);
 }
