@@ -15,6 +15,7 @@ Environment:
 """
 
 import os
+import shlex
 import shutil
 import site
 import sys
@@ -252,6 +253,22 @@ def cpu_variant_extension(variant):
     )
 
 
+def record_resource_usage():
+    """Puts tools/nvcc_resources.py in front of nvcc (torch's ninja build reads
+    PYTORCH_NVCC), so that every CUDA build writes ptxas's registers and spills
+    per kernel to build/resource-usage/ for tests/test_resource_usage.py."""
+    nvcc = os.environ.get("PYTORCH_NVCC") or shlex.quote(
+        os.path.join(os.environ.get("CUDA_HOME", DEFAULT_CUDA_HOME), "bin", "nvcc")
+    )
+    if "nvcc_resources.py" in nvcc:
+        return
+    wrapper = os.path.join(ROOT, "tools", "nvcc_resources.py")
+    report_dir = os.path.join(ROOT, "build", "resource-usage")
+    os.environ["PYTORCH_NVCC"] = " ".join(
+        [shlex.quote(sys.executable), shlex.quote(wrapper), shlex.quote(report_dir), nvcc, "--"]
+    )
+
+
 def operator_library():
     """torch_bnext._C: schemas, autograd, CUDA kernels, and the loader of the
     CPU variants (csrc/module.cpp). No -m flag: it runs on any CPU of the
@@ -270,6 +287,7 @@ def operator_library():
         # Without a visible GPU, torch would build for every architecture it knows.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     nvcc_flags = ["-O3", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
+    record_resource_usage()
     return CUDAExtension(
         "torch_bnext._C",
         extension_sources(cuda=True),
