@@ -239,8 +239,8 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
 }
 
 template <typename T>
-T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32,
-              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32, const char* file = __builtin_FILE(),
+              int line = __builtin_LINE()) {
   const int lane = ::bnext::emu::lane_id();
   return ::bnext::emu::shuffle(v, lane / width * width + src_lane % width, mask, file, line);
 }

@@ -25,7 +25,7 @@ constexpr int64_t kRegistersPerSm = 65536;
 constexpr int64_t kRegisterUnit = 256;  // registers are given to a warp in these
 constexpr int64_t kMaxWarpsPerSm = 64;
 constexpr int64_t kMaxBlocksPerSm = 32;
-constexpr int64_t kSharedPerSm = 233472;      // 228 KiB
+constexpr int64_t kSharedPerSm = 233472;  // 228 KiB
 constexpr int64_t kSharedReservedPerBlock = 1024;
 
 std::map<std::string, KernelResources> g_resources;

@@ -240,6 +240,5 @@ at::Tensor selftest(const std::string& name) {
 
 TORCH_LIBRARY_FRAGMENT(bnext_emu, m) {
   m.def("selftest(str name) -> Tensor", &bnext::emu::selftest);
-  m.def("strided_copy(Tensor input, int stride, bool vector) -> Tensor",
-        &bnext::emu::strided_copy);
+  m.def("strided_copy(Tensor input, int stride, bool vector) -> Tensor", &bnext::emu::strided_copy);
 }

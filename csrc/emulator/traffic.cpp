@@ -241,8 +241,8 @@ void end_launch() {
   if (g_launch == nullptr) return;
   const Launch& l = *g_launch;
   std::ostringstream os;
-  os << (l.symbol.empty() ? "?" : l.symbol) << ' ' << l.grid.x << ' ' << l.grid.y << ' '
-     << l.grid.z << ' ' << l.block.x << ' ' << l.block.y << ' ' << l.block.z;
+  os << (l.symbol.empty() ? "?" : l.symbol) << ' ' << l.grid.x << ' ' << l.grid.y << ' ' << l.grid.z
+     << ' ' << l.block.x << ' ' << l.block.y << ' ' << l.block.z;
   for (int s = 0; s < 2; ++s) {
     os << ' ' << l.totals.bytes[s] << ' ' << l.totals.requests[s] << ' ' << l.totals.sectors[s]
        << ' ' << l.totals.useful[s] << ' ' << l.distinct[s].size() << ' '
@@ -283,13 +283,14 @@ __attribute__((noinline, no_sanitize_address)) void vector_store(void* dst, cons
 // no-ops.
 using bnext::emu::traffic::record;  // NOLINT
 
-#define BNEXT_HOOK_NO_SANITIZE extern "C" __attribute__((no_sanitize_address, visibility("default")))
-#define BNEXT_ACCESS_HOOKS(N)                                          \
-  BNEXT_HOOK_NO_SANITIZE void __asan_load##N(uintptr_t p) {            \
-    record(p, N, false, (uintptr_t)__builtin_return_address(0));       \
-  }                                                                    \
-  BNEXT_HOOK_NO_SANITIZE void __asan_store##N(uintptr_t p) {           \
-    record(p, N, true, (uintptr_t)__builtin_return_address(0));        \
+#define BNEXT_HOOK_NO_SANITIZE \
+  extern "C" __attribute__((no_sanitize_address, visibility("default")))
+#define BNEXT_ACCESS_HOOKS(N)                                    \
+  BNEXT_HOOK_NO_SANITIZE void __asan_load##N(uintptr_t p) {      \
+    record(p, N, false, (uintptr_t)__builtin_return_address(0)); \
+  }                                                              \
+  BNEXT_HOOK_NO_SANITIZE void __asan_store##N(uintptr_t p) {     \
+    record(p, N, true, (uintptr_t)__builtin_return_address(0));  \
   }
 BNEXT_ACCESS_HOOKS(1)
 BNEXT_ACCESS_HOOKS(2)

@@ -723,9 +723,9 @@ bool vectorizable(int64_t N, std::initializer_list<const void*> rows,
 
 struct RowPlan {
   bool short_rows;
-  int group;  // lanes per row (short rows)
+  int group;       // lanes per row (short rows)
   int64_t blocks;  // blocks the rows need
-  dim3 grid;  // set by fit_grid once the kernel is chosen
+  dim3 grid;       // set by fit_grid once the kernel is chosen
   dim3 block;
 };
 
