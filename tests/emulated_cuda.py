@@ -22,15 +22,19 @@ import csrc_sources  # noqa: E402  (the extension's source list, shared with set
 # CPU's counterpart of compute-sanitizer's memcheck). The process must preload
 # the runtime: LD_PRELOAD=$(gcc -print-file-name=libasan.so).
 ASAN = os.environ.get("BNEXT_EMULATOR_ASAN") == "1"
+# The traffic counter (csrc/emulator/traffic.cpp) needs every load and store
+# instrumented, which makes the library's units slow to compile: with
+# BNEXT_EMULATOR_TRAFFIC=0 (tools/mutate.py sets it) a build without it, whose
+# traffic tests skip.
+TRAFFIC = not ASAN and os.environ.get("BNEXT_EMULATOR_TRAFFIC", "1") != "0"
 
 
 @functools.cache
 def load():
     """Compiles (ninja recompiles what a changed source or header touches) and
     loads the library; returns torch.ops.bnext_emu."""
-    build = os.path.join(
-        ROOT, "build", f"emulator-torch{torch.__version__}" + ("-asan" if ASAN else "")
-    )
+    flavour = "-asan" if ASAN else "" if TRAFFIC else "-plain"
+    build = os.path.join(ROOT, "build", f"emulator-torch{torch.__version__}{flavour}")
     os.makedirs(build, exist_ok=True)
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
     # Without ASan's runtime, its instrumentation serves the traffic counter
@@ -38,7 +42,7 @@ def load():
     # memory becomes a call, which returns at once unless a counted launch runs.
     traffic = (
         []
-        if ASAN
+        if not TRAFFIC
         else [
             "-DBNEXT_EMULATOR_TRAFFIC",
             "-fsanitize=address",
