@@ -131,8 +131,8 @@ CATALOGUE = [
     Mutation(
         "partial:column_merge",
         "layer_norm/cuda_kernels.cuh",
-        "for (int64_t p = threadIdx.y; p < num_parts; p += kColumnLanes)",
-        "for (int64_t p = threadIdx.y + 1; p < num_parts; p += kColumnLanes)",
+        "for (int64_t p = threadIdx.y; p < num_parts; p += blockDim.y)",
+        "for (int64_t p = threadIdx.y + 1; p < num_parts; p += blockDim.y)",
         "dropped partial: LayerNorm's column merge skips the first part",
     ),
     Mutation(
