@@ -14,15 +14,18 @@ from subprocess_pytest import ROOT, failure_report, run_pytest
 
 def test_reductions_give_cuda_results(emu):
     out = emu.selftest("reductions")
-    # 96 threads valued 1..96: the block sum, then each warp's butterfly sum.
-    assert out[:4].tolist() == [
+    # 96 threads valued 1..96: the block sum, then each warp's butterfly sum,
+    # then the sum of squares from a second reduction on the same scratch.
+    assert out[:5].tolist() == [
         96 * 97 / 2,
         sum(range(1, 33)),
         sum(range(33, 65)),
         sum(range(65, 97)),
+        sum(k * k for k in range(1, 97)),
     ]
     col = emu.selftest("column")
     assert col[:4].tolist() == [(x + 1) * 36 for x in range(4)]
+    assert col[4:].tolist() == [(x + 1) ** 2 * sum(y * y for y in range(1, 9)) for x in range(4)]
 
 
 def test_runs_blocks_one_at_a_time_in_the_schedules_order(emu):

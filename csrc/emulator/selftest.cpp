@@ -40,7 +40,9 @@ namespace emu {
 namespace {
 
 // out[0] = sum over the block by block_reduce, out[1 + w] = warp w's butterfly
-// sum (__shfl_xor_sync), read back by every lane.
+// sum (__shfl_xor_sync), read back by every lane; out[4] the sum of squares,
+// by a second block_reduce on the same scratch right after the first (the
+// reuse its closing barrier promises).
 __global__ void reductions_kernel(double* out) {
   BNEXT_SHARED(double, scratch, cuda::kWarpSize);
   const double v = threadIdx.x + 1.0;
@@ -48,15 +50,24 @@ __global__ void reductions_kernel(double* out) {
   for (int m = 16; m > 0; m >>= 1) all += __shfl_xor_sync(0xffffffffu, all, m);
   if (threadIdx.x % cuda::kWarpSize == 0) out[1 + threadIdx.x / cuda::kWarpSize] = all;
   const double total = cuda::block_reduce(v, cuda::SumOp(), scratch, 0.0);
-  if (threadIdx.x == 0) out[0] = total;
+  const double squares = cuda::block_reduce(v * v, cuda::SumOp(), scratch, 0.0);
+  if (threadIdx.x == 0) {
+    out[0] = total;
+    out[4] = squares;
+  }
 }
 
-// out[x] = sum over threadIdx.y of (x + 1) * (y + 1), for a (4, 8) block.
+// out[x] = sum over threadIdx.y of (x + 1) * (y + 1), for a (4, 8) block, and
+// out[4 + x] that of its square, by a second column_reduce on the same scratch.
 __global__ void column_kernel(double* out) {
   BNEXT_SHARED(double, scratch, 32);
   const double v = (threadIdx.x + 1.0) * (threadIdx.y + 1.0);
   const double total = cuda::column_reduce(v, cuda::SumOp(), scratch);
-  if (threadIdx.y == 0) out[threadIdx.x] = total;
+  const double squares = cuda::column_reduce(v * v, cuda::SumOp(), scratch);
+  if (threadIdx.y == 0) {
+    out[threadIdx.x] = total;
+    out[4 + threadIdx.x] = squares;
+  }
 }
 
 // Blocks run one after another, as the last-block patterns assume.
