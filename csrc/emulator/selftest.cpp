@@ -9,6 +9,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 
 #include "common/cuda_launch.cuh"
@@ -58,14 +59,22 @@ __global__ void reductions_kernel(double* out) {
 }
 
 // out[x] = sum over threadIdx.y of (x + 1) * (y + 1), for a (4, 8) block, and
-// out[4 + x] that of its square, by a second column_reduce on the same scratch.
+// out[4 + x] that of its square, by a second column_reduce on the same scratch;
+// then the scratch is reused at once in another layout (column x's values at
+// x * 8 + y), whose sum must give the total again (NaN otherwise).
 __global__ void column_kernel(double* out) {
   BNEXT_SHARED(double, scratch, 32);
   const double v = (threadIdx.x + 1.0) * (threadIdx.y + 1.0);
   const double total = cuda::column_reduce(v, cuda::SumOp(), scratch);
   const double squares = cuda::column_reduce(v * v, cuda::SumOp(), scratch);
+  scratch[threadIdx.x * blockDim.y + threadIdx.y] = v;
+  __syncthreads();
   if (threadIdx.y == 0) {
-    out[threadIdx.x] = total;
+    double again = 0;
+    for (unsigned y = 0; y < blockDim.y; ++y) {
+      again += static_cast<double>(scratch[threadIdx.x * blockDim.y + y]);
+    }
+    out[threadIdx.x] = again == total ? total : std::nan("");
     out[4 + threadIdx.x] = squares;
   }
 }
