@@ -199,10 +199,14 @@ def test_functorch_transforms_match_torch(name, device):
     expected = torch.func.jvp(theirs, primals, tangents)
     for g, e in zip(got, expected):
         assert_close_rel(g, e, D, f"{name} jvp")
+    # torch's Jacobians of contiguous copies: the same values, and torch 2.11's
+    # vmap refuses its own CUDA Batch Norm backward on a channels-last input
+    # ("NYI: querying is_contiguous inside of vmap").
+    dense = tuple(t.contiguous() for t in primals)
     for transform in (torch.func.jacfwd, torch.func.jacrev):
         assert_close_rel(
             transform(ours)(*primals),
-            transform(theirs)(*primals),
+            transform(theirs)(*dense),
             D,
             f"{name} {transform.__name__}",
             factor=100,

@@ -37,8 +37,10 @@ def run(kind, x, shape, weight, bias, eps=1e-5):
         y = rms_norm(x, shape, w, eps)
     else:
         y = F.rms_norm(x, shape, w, eps)
-    gen = torch.Generator(device=x.device).manual_seed(7)
-    dy = torch.randn(y.shape, generator=gen, device=x.device, dtype=torch.float64).to(y.dtype)
+    # Drawn on the CPU for every device: a CUDA generator with the same seed
+    # draws other numbers, and results on two devices must be comparable.
+    gen = torch.Generator().manual_seed(7)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(x.device, y.dtype)
     y.backward(dy)
     return [y] + [t.grad for t in [x] + params if t is not None]
 
@@ -139,7 +141,10 @@ def test_mixed_precision_float32_params(kind, dtype, device):
     w = randn(96, device=device)
     b = randn(96, device=device) if kind == "ln" else None
     ours = check_against_reference(kind, x, [96], w, b, REL_TOL[dtype])
-    theirs = run("ref_" + kind, x, [96], w, b)
+    # torch's dtypes on the CPU: its CUDA layer_norm before 2.14 refuses
+    # float32 parameters beside a bfloat16 input ("expected scalar type").
+    cpu = lambda t: t.cpu() if t is not None else None  # noqa: E731
+    theirs = run("ref_" + kind, cpu(x), [96], cpu(w), cpu(b))
     assert ours[0].dtype == theirs[0].dtype == dtype
     assert (
         [g.dtype for g in ours[2:]]
@@ -315,7 +320,18 @@ def opcheck_samples():
     dy = torch.randn_like(x)
     _, mean, rstd = ops.layer_norm_fwd(x, [10], w, b, 1e-5)
     _, rms_rstd = ops.rms_norm_fwd(x, [10], w, 1e-5)
+    # Dense but not contiguous (a channels-last map flattened, as timm's
+    # LayerNorm2d after a permute gives): the fake kernels must say which
+    # layout each output takes.
+    xp = torch.randn(3, 10, 4).transpose(1, 2)
+    dyp = torch.randn(3, 10, 4).transpose(1, 2)
+    _, mean_p, rstd_p = ops.layer_norm_fwd(xp, [10], w, b, 1e-5)
+    _, rms_rstd_p = ops.rms_norm_fwd(xp, [10], w, 1e-5)
     return [
+        (ops.layer_norm_fwd.default, (xp, [10], w, b, 1e-5)),
+        (ops.layer_norm_bwd.default, (dyp, xp, mean_p, rstd_p, w, 1e-5, [True, True])),
+        (ops.rms_norm_fwd.default, (xp, [10], w, 1e-5)),
+        (ops.rms_norm_bwd.default, (dyp, xp, rms_rstd_p, w, 1e-5, True)),
         (ops.layer_norm_fwd.default, (x, [10], w, b, 1e-5)),
         (ops.layer_norm_fwd.default, (xr, [4, 10], None, None, 1e-6)),
         (ops.layer_norm_fwd.default, (xr, [10], wr, None, 1e-5)),

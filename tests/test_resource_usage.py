@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 from emulated_cuda import load
-from resource_report import REPORT_DIR, resident_blocks
+from resource_report import REPORT_DIR, emulating, resident_blocks
 from resource_report import load as load_report
 
 import torch_bnext
@@ -118,18 +118,12 @@ def test_resident_blocks_agree_with_the_emulator():
 def measured(emu):
     """The emulator with the report's sm_90 figures, 4 SMs and a launch log."""
     sm90 = [k for k in KERNELS if k.arch == "sm_90"]
-    old = emu.num_sms()
-    emu.set_kernel_resources(
-        [k.symbol for k in sm90], [k.registers for k in sm90], [k.shared_bytes for k in sm90]
-    )
-    emu.set_num_sms(4)
-    emu.set_launch_logging(True)
-    try:
-        yield emu, {k.symbol: k for k in sm90}
-    finally:
-        emu.set_launch_logging(False)
-        emu.set_kernel_resources([], [], [])
-        emu.set_num_sms(old)
+    with emulating(emu, sm90, num_sms=4):
+        emu.set_launch_logging(True)
+        try:
+            yield emu, {k.symbol: k for k in sm90}
+        finally:
+            emu.set_launch_logging(False)
 
 
 def _rows(M, N, dtype):

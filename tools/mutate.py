@@ -172,11 +172,25 @@ def locate(m):
     return text, starts[m.occurrence]
 
 
+def write_source(path, text):
+    """Replaces a source in one step (a temporary file renamed over it), with
+    SIGTERM and SIGINT held back meanwhile: a kill that came during a plain
+    write once left a restored source empty."""
+    signals = {signal.SIGTERM, signal.SIGINT}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        tmp = path + ".mutate-tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
 def apply(m):
     """Returns the source's original text after writing the mutated one."""
     text, at = locate(m)
-    with open(os.path.join(CSRC, m.path), "w") as f:
-        f.write(text[:at] + m.new + text[at + len(m.old) :])
+    write_source(os.path.join(CSRC, m.path), text[:at] + m.new + text[at + len(m.old) :])
     return text
 
 
@@ -227,8 +241,7 @@ def main():
         try:
             verdict, detail = run_suite(args.timeout)
         finally:
-            with open(os.path.join(CSRC, m.path), "w") as f:
-                f.write(original)
+            write_source(os.path.join(CSRC, m.path), original)
         verdicts[m.id] = verdict
         print(f"{verdict:9s} {m.id} ({time.time() - t0:.0f} s) {detail}", flush=True)
     caught = sum(v == "caught" for v in verdicts.values())

@@ -14,6 +14,7 @@ SM's threads resident at their launch bounds' block size (--all: every kernel).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import os
@@ -128,6 +129,25 @@ def resident_blocks(registers, shared_bytes, threads):
     if per_warp:
         blocks = min(blocks, REGISTERS_PER_SM // per_warp // warps)
     return min(blocks, SHARED_PER_SM // (shared_bytes + SHARED_RESERVED_PER_BLOCK))
+
+
+@contextlib.contextmanager
+def emulating(emu, kernels, num_sms):
+    """The emulator planning as a GPU with `num_sms` SMs and these kernels'
+    registers and shared memory would (cuda::resident_blocks); its defaults
+    again afterwards."""
+    old = emu.num_sms()
+    emu.set_kernel_resources(
+        [k.symbol for k in kernels],
+        [k.registers for k in kernels],
+        [k.shared_bytes for k in kernels],
+    )
+    emu.set_num_sms(num_sms)
+    try:
+        yield
+    finally:
+        emu.set_num_sms(old)
+        emu.set_kernel_resources([], [], [])
 
 
 def main():

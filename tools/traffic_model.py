@@ -228,23 +228,17 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, os.path.join(os.path.dirname(here), "tests"))
     from emulated_cuda import load
+    from resource_report import emulating, resident_blocks
     from resource_report import load as load_report
-    from resource_report import resident_blocks
 
     emu = load()
     kernels = {k.symbol: k for k in load_report() if k.arch == "sm_90"}
-    names = list(kernels)
-    emu.set_kernel_resources(
-        names, [kernels[n].registers for n in names], [kernels[n].shared_bytes for n in names]
-    )
-    old_sms = emu.num_sms()
-    emu.set_num_sms(NUM_SMS)
 
     def resident_of(launch):
         k = kernels.get(launch.symbol)
         return resident_blocks(k.registers, k.shared_bytes, launch.threads) if k else 0
 
-    try:
+    with emulating(emu, kernels.values(), NUM_SMS):
         cases = []
         for shape in RESNET50_BN:
             for cl in (False, True):
@@ -252,9 +246,6 @@ def main():
         for N in LLM_WIDTHS:
             for rms in (False, True):
                 cases += layer_norm_at(emu, LLM_ROWS, N, torch.bfloat16, rms) or []
-    finally:
-        emu.set_num_sms(old_sms)
-        emu.set_kernel_resources([], [], [])
     print(f"MODEL: emulated traffic at {NUM_SMS} SMs (tools/traffic_model.py), not a measurement")
     if not kernels:
         print("(no ptxas report in build/resource-usage: build with CUDA for the share column)")

@@ -33,8 +33,9 @@ def _param_grad(input, axis, requested, weight):
 @torch.library.register_fake("bnext::layer_norm_fwd")
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
     axis = _check_shape(input, normalized_shape)
-    # RMSNorm keeps the input's memory format, as torch's does; LayerNorm's is contiguous.
-    return torch.empty_like(input), _row_stat(input, axis), _row_stat(input, axis)
+    # Contiguous whatever the input's layout, as torch's layer_norm gives it.
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    return out, _row_stat(input, axis), _row_stat(input, axis)
 
 
 @torch.library.register_fake("bnext::layer_norm_bwd")
