@@ -23,10 +23,13 @@ SUMS_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6, tor
 # (shape, channels_last): channels-first planes long and short, (N, C) input
 # (channels-last rows), odd channel counts, vector-friendly and unfriendly sizes.
 SHAPES = [
-    ((4, 3, 5, 7), False),  # S = 35: scalar loads, several planes per block
+    ((4, 3, 5, 7), False),  # S = 35: ragged planes (vector middles, scalar edges)
+    ((3, 5, 14, 14), False),  # S = 196: ResNet's 14x14 maps, ragged in 16-bit types
     ((2, 5, 8, 8), False),  # S = 64: vector loads
     ((1, 1, 1), False),  # one value
+    ((2, 6, 5), False),  # S = 5: shorter than a vector, scalar loads
     ((3, 2, 4096), False),  # long planes: stripes split across blocks
+    ((2, 3, 4099), False),  # long ragged planes: the edges in the first stripe only
     ((9, 65), False),  # (N, C): channels-last rows, C odd
     ((6, 64, 3, 3), True),  # channels-last, vector loads
     ((5, 3, 4, 2), True),  # channels-last, C = 3

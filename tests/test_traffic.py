@@ -117,27 +117,40 @@ def test_layer_norm_traffic_is_the_passes_at_16384_rows(at_132_sms, N, rms):
 
 
 def _vectorizable(shape, channels_last):
-    """Whether the data passes can move 8 bfloat16 at a time: NHWC rows of C,
-    NCHW planes of H * W (an odd-sized plane takes the scalar path)."""
-    n = shape[1] if channels_last else shape[2] * shape[3]
-    return n % 8 == 0
+    """Whether the data passes move 8 bfloat16 at a time: NHWC rows of C, NCHW
+    planes of H * W that hold a vector (RaggedPlane reads a plane's edges one
+    element at a time when H * W is no multiple of 8)."""
+    return shape[1] % 8 == 0 if channels_last else shape[2] * shape[3] >= 8
 
 
-def _check_vector_launches(case, expect_vectors):
+def _sector_bound(shape, channels_last):
+    """The share of the touched sectors the vector accesses must use: 90%; on
+    NCHW planes whose bytes are no multiple of 32, less: each plane's run of
+    whole vectors (16-byte aligned, at least (H * W - 7) // 8 of them) may
+    start and end in the middle of a sector, so a run of L bytes may touch
+    L + 32 bytes of sectors (7x7 bfloat16: 80 of 112)."""
+    S = shape[2] * shape[3]
+    if channels_last or (2 * S) % 32 == 0:
+        return 0.9
+    run = (S - 7) // 8 * 16
+    return min(0.9, run / (run + 32))
+
+
+def _check_vector_launches(case, expect_vectors, bound=0.9):
     vector = [x for x in case.launches if x.vector_efficiency is not None]
     if expect_vectors:
         assert vector, f"{case.name}: no launch made a vector access"
     for x in vector:
-        assert x.vector_efficiency >= 0.9, (
+        assert x.vector_efficiency >= bound, (
             f"{case.name}: {x.symbol} uses {x.vector_efficiency:.1%} of the sectors its "
-            "vector accesses touch"
+            f"vector accesses touch (at least {bound:.1%})"
         )
 
 
 def test_vector_paths_use_their_sectors(at_132_sms):
     for shape, cl in BN:
         for case in _batch_norm(at_132_sms, shape, cl):
-            _check_vector_launches(case, _vectorizable(shape, cl))
+            _check_vector_launches(case, _vectorizable(shape, cl), _sector_bound(shape, cl))
     for N, rms in LN:
         for case in _layer_norm(at_132_sms, N, rms):
             _check_vector_launches(case, N % 8 == 0)

@@ -156,6 +156,20 @@ CATALOGUE = [
         "for (int64_t n = y * ppb + slot; n < N - 1; n += Y * ppb)",
         "off-by-one: Batch Norm's NCHW reduce skips the last sample",
     ),
+    Mutation(
+        "bound:ragged_tail",
+        "batch_norm/cuda_kernels.cuh",
+        "tail = S - head - nvec * VEC;",
+        "tail = S - head - nvec * VEC - (S - head - nvec * VEC > 0);",
+        "off-by-one: NCHW planes of ragged size lose their last element",
+    ),
+    Mutation(
+        "offset:ragged_edge",
+        "batch_norm/cuda_kernels.cuh",
+        "return e < head ? e : e + nvec * VEC;",
+        "return e < head ? e : e + (nvec - 1) * VEC;",
+        "wrong offset: a ragged plane's tail is read from inside its last vector",
+    ),
 ]
 
 

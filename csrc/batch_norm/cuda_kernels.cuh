@@ -284,10 +284,30 @@ __device__ __forceinline__ void prologue_element(
   if constexpr (P::kStores) buf[0][u].v[e] = static_cast<scalar_t>(stored);
 }
 
+// A plane of S elements at element offset `start`, split for vector access: its
+// first `head` elements, `nvec` whole vectors from start + head (16-byte aligned
+// when the tensor is), and the `tail` after them. When S is not a multiple of
+// VEC (7x7 and 14x14 maps of 16-bit types), the planes start at every offset
+// from a 16-byte boundary: head and tail, at most VEC - 1 elements each, are
+// read one element at a time, the rest as vectors.
+template <int VEC>
+struct RaggedPlane {
+  int64_t head, nvec, tail;
+  __device__ __forceinline__ RaggedPlane(int64_t start, int64_t S) {
+    const int64_t lead = (VEC - start % VEC) % VEC;
+    head = lead < S ? lead : S;
+    nvec = (S - head) / VEC;
+    tail = S - head - nvec * VEC;
+  }
+  // Element offset, from the plane's start, of the e-th of its head + tail elements.
+  __device__ __forceinline__ int64_t edge(int64_t e) const { return e < head ? e : e + nvec * VEC; }
+};
+
 // ------------------------------------------------------- channels-first reduce
 // Block (c, p): channel c, partial p = y * Z + z. Threads come in groups of
 // `tpp` per plane; group `slot` visits planes y * ppb + slot, stepping by
-// Y * ppb, and in each plane the vectors z * tpp + lane, stepping by Z * tpp.
+// Y * ppb, and in each plane the vectors z * tpp + lane, stepping by Z * tpp;
+// the plane's ragged edges go to the lanes of stripe z = 0.
 template <class R, class P, int VEC>
 __global__ void __launch_bounds__(kReduceThreads)
     reduce_planes_kernel(R r, P p, int64_t N, int64_t C, int64_t S, int tpp, int64_t Y, int64_t Z,
@@ -302,12 +322,26 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int lane = threadIdx.x % tpp;
   const int slot = threadIdx.x / tpp;
   const int64_t ppb = blockDim.x / tpp;
-  const int64_t nvec = S / VEC;
   const int64_t step = Z * tpp;
   const typename P::Channel co = p.channel(c);
   V v{};
   for (int64_t n = y * ppb + slot; n < N; n += Y * ppb) {
-    const int64_t base = (n * C + c) * S;
+    const int64_t start = (n * C + c) * S;
+    const RaggedPlane<VEC> ragged(start, S);
+    const int64_t base = start + ragged.head;
+    const int64_t nvec = ragged.nvec;
+    if (VEC > 1 && z == 0) {
+      for (int64_t e = lane; e < ragged.head + ragged.tail; e += tpp) {
+        const int64_t at = start + ragged.edge(e);
+        Vec<scalar_t, 1> one[P::kLoads][1];
+#pragma unroll
+        for (int i = 0; i < P::kLoads; ++i) one[i][0] = cuda::load_vec<1>(p.in[i] + at);
+        T vals[R::kInputs][1];
+        prologue_element<R>(p, co, one, 0, 0, vals, 0);
+        if constexpr (P::kStores) cuda::store_vec<1>(p.out + at, one[0][0]);
+        r.template add<1>(v, vals, c);
+      }
+    }
     for (int64_t j0 = z * tpp + lane; j0 < nvec; j0 += P::kUnroll * step) {
       Vec<scalar_t, VEC> buf[P::kLoads][P::kUnroll];
 #pragma unroll
@@ -454,7 +488,8 @@ void reduce(const R& r, const P& p, const ChannelView& v, const Tensor& like) {
   if (v.layout == Layout::kChannelsFirst) {
     TORCH_CHECK(v.C <= std::numeric_limits<int32_t>::max(),
                 "bnext: too many channels for the CUDA kernels: ", v.C);
-    const int vec = aligned && v.S % kVec == 0 ? kVec : 1;
+    // Vectors whenever a plane holds one (RaggedPlane reads the edges).
+    const int vec = aligned && v.S >= kVec ? kVec : 1;
     const int64_t nvec = v.S / vec;
     const int tpp = cuda::pow2_at_least(nvec, kReduceThreads);
     const int64_t ppb = kReduceThreads / tpp;
@@ -661,21 +696,28 @@ __device__ __forceinline__ void affine_vec(const AffineArgs<E>& p, const Channel
 }
 
 // Groups of `tpp` threads per plane (plane = n * C + c), `blockDim.x / tpp`
-// planes per block row; blockIdx.x splits long planes. The channel is worked
+// planes per block row; blockIdx.x splits long planes, and the lanes of
+// blockIdx.x = 0 take the ragged edges (RaggedPlane). The channel is worked
 // out once per plane, not per element.
 template <class E, bool kWithGrad, int VEC>
 __global__ void __launch_bounds__(kElemtThreads)
     affine_planes_kernel(AffineArgs<E> p, int64_t planes, int64_t C, int64_t S, int tpp) {
   const int lane = threadIdx.x % tpp;
   const int64_t ppb = blockDim.x / tpp;
-  const int64_t nvec = S / VEC;
   const int64_t step = static_cast<int64_t>(gridDim.x) * tpp;
   for (int64_t plane = blockIdx.y * ppb + threadIdx.x / tpp; plane < planes;
        plane += gridDim.y * ppb) {
     const auto co = coeffs_at<kWithGrad>(p, plane % C);
-    const int64_t base = plane * S;
-    for (int64_t j = static_cast<int64_t>(blockIdx.x) * tpp + lane; j < nvec; j += step) {
+    const int64_t start = plane * S;
+    const RaggedPlane<VEC> ragged(start, S);
+    const int64_t base = start + ragged.head;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * tpp + lane; j < ragged.nvec; j += step) {
       affine_vec<kWithGrad, VEC, true>(p, &co, base + j * VEC);
+    }
+    if (VEC > 1 && blockIdx.x == 0) {
+      for (int64_t e = lane; e < ragged.head + ragged.tail; e += tpp) {
+        affine_vec<kWithGrad, 1, true>(p, &co, start + ragged.edge(e));
+      }
     }
   }
 }
@@ -708,7 +750,7 @@ void launch_affine(const AffineArgs<E>& p, const ChannelView& v) {
     aligned = aligned && cuda::is_aligned(p.ends.residual, cuda::kVecBytes);
   const int64_t target = elemt_target_blocks();
   if (v.layout == Layout::kChannelsFirst) {
-    const int vec = aligned && v.S % kVec == 0 ? kVec : 1;
+    const int vec = aligned && v.S >= kVec ? kVec : 1;  // RaggedPlane reads the edges
     const int64_t nvec = v.S / vec;
     const int tpp = cuda::pow2_at_least(nvec, kElemtThreads);
     const int64_t planes = v.N * v.C;
