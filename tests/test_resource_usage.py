@@ -40,7 +40,8 @@ requires_report = pytest.mark.skipif(
 # - the row backward of float16/bfloat16 without fused columns on sm_80 (a
 #   stack frame for the loads of its two rows), and 16 fused columns.
 SPILL_ALLOWANCE = {
-    r"batch_norm::cuda_kernels::affine_planes_kernel<": 20,
+    # float64 with a gradient on sm_80: 24 B since the ragged planes' scalar edges
+    r"batch_norm::cuda_kernels::affine_planes_kernel<": 24,
     r"batch_norm::cuda_kernels::affine_rows_kernel<": 32,
     r"batch_norm::cuda_kernels::reduce_planes_kernel<": 64,
     r"batch_norm::cuda_kernels::reduce_rows_kernel<": 112,
