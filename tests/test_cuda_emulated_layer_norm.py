@@ -160,6 +160,16 @@ def test_match_cpu_and_float64(dtype, N, emu):
     _check_rms_norm(emu, x, dy, w, weight_grads=[True])
 
 
+@pytest.mark.parametrize("N", [64, 1000, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_params_beside_16_bit_rows(dtype, N, emu):
+    """AMP's float32 parameters take the opmath path; the input's own dtype
+    (the other tests) is read as it is: both as the CPU kernels."""
+    x, dy, w, b = _inputs(5, N, dtype)
+    _check_layer_norm(emu, x, dy, w.float(), b.float(), masks=[(True, True)])
+    _check_rms_norm(emu, x, dy, w.float(), weight_grads=[True])
+
+
 @pytest.mark.parametrize("N", ROW_LENGTHS)
 def test_single_row(N, emu):
     x, dy, w, b = _inputs(1, N, torch.float32)

@@ -22,8 +22,10 @@ using at::Tensor;
 struct RowProblem {
   Tensor x;   // contiguous input
   Tensor dy;  // contiguous grad_out (backward only)
-  Tensor w;   // contiguous opmath weight, or undefined
-  Tensor b;   // contiguous opmath bias, or undefined
+  // Contiguous weight and bias, or undefined: opmath, or in the input's own
+  // 16-bit dtype where the backend reads that (its kNarrowParams).
+  Tensor w;
+  Tensor b;
   int64_t M = 0;
   int64_t N = 0;
   std::vector<int64_t> stat_shape;   // leading (batch) dims: shape of mean/rstd
@@ -79,6 +81,14 @@ inline Tensor opmath_contiguous(const Tensor& t, at::ScalarType opmath) {
   return t.defined() ? t.to(opmath).contiguous() : t;
 }
 
+// A row kernel's parameter: the input's dtype kept when the backend reads it
+// (`narrow`): a bfloat16 model's weights then cost no cast launch per call.
+inline Tensor kernel_param(const Tensor& t, const Tensor& input, at::ScalarType opmath,
+                           bool narrow) {
+  if (narrow && t.defined() && t.scalar_type() == input.scalar_type()) return t.contiguous();
+  return opmath_contiguous(t, opmath);
+}
+
 inline void fill_view(RowProblem& p, const Tensor& input, int64_t axis) {
   const auto sizes = input.sizes();
   p.stat_shape.assign(sizes.begin(), sizes.begin() + axis);
@@ -113,14 +123,14 @@ inline void check_forward(const char* op, const Tensor& input, at::IntArrayRef n
 
 inline RowProblem prepare_forward(const char* op, const Tensor& input,
                                   at::IntArrayRef normalized_shape, const Tensor& weight,
-                                  const Tensor& bias, ParamDtype rule) {
+                                  const Tensor& bias, ParamDtype rule, bool narrow_params) {
   check_forward(op, input, normalized_shape, weight, bias, rule);
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   RowProblem p;
   const auto opmath = opmath_dtype(input.scalar_type());
   p.x = input.contiguous();
-  p.w = detail::opmath_contiguous(weight, opmath);
-  p.b = detail::opmath_contiguous(bias, opmath);
+  p.w = detail::kernel_param(weight, input, opmath, narrow_params);
+  p.b = detail::kernel_param(bias, input, opmath, narrow_params);
   detail::fill_view(p, input, input.dim() - nd);
   return p;
 }
@@ -128,7 +138,8 @@ inline RowProblem prepare_forward(const char* op, const Tensor& input,
 // `stat` (mean or rstd) carries the batch dims, so the normalized dims are
 // input's dims past stat.dim().
 inline RowProblem prepare_backward(const char* op, const Tensor& grad_out, const Tensor& input,
-                                   const Tensor& stat, const Tensor& weight, ParamDtype rule) {
+                                   const Tensor& stat, const Tensor& weight, ParamDtype rule,
+                                   bool narrow_params) {
   check_input(op, input, 0);
   detail::check_grad_like_input(op, grad_out, input);
   const auto opmath = opmath_dtype(input.scalar_type());
@@ -142,7 +153,7 @@ inline RowProblem prepare_backward(const char* op, const Tensor& grad_out, const
   detail::check_param_shape(op, "weight", weight, input, p.param_shape, rule);
   p.x = input.contiguous();
   p.dy = grad_out.contiguous();
-  p.w = detail::opmath_contiguous(weight, opmath);
+  p.w = detail::kernel_param(weight, input, opmath, narrow_params);
   return p;
 }
 

@@ -69,7 +69,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
   const typename K::DeviceGuard guard(input.device());
   const RowProblem p =
       prepare_forward("bnext::layer_norm_fwd", input, normalized_shape, value_or_undefined(weight),
-                      value_or_undefined(bias), ParamDtype::kLikeInput);
+                      value_or_undefined(bias), ParamDtype::kLikeInput, K::kNarrowParams);
   const auto stat_opts = p.x.options().dtype(opmath_dtype(input.scalar_type()));
   Tensor out = at::empty(input.sizes(), p.x.options());
   Tensor mean = at::empty(p.stat_shape, stat_opts);
@@ -90,8 +90,9 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef nor
     return reference::rms_norm(input, static_cast<int64_t>(normalized_shape.size()),
                                value_or_undefined(weight), eps);
   }
-  const RowProblem p = prepare_forward("bnext::rms_norm_fwd", input, normalized_shape,
-                                       value_or_undefined(weight), Tensor(), ParamDtype::kAnyFloat);
+  const RowProblem p =
+      prepare_forward("bnext::rms_norm_fwd", input, normalized_shape, value_or_undefined(weight),
+                      Tensor(), ParamDtype::kAnyFloat, K::kNarrowParams);
   Tensor out = at::empty(input.sizes(), p.x.options());
   Tensor rstd = at::empty(p.stat_shape, p.x.options().dtype(opmath_dtype(input.scalar_type())));
   Tensor no_mean;
@@ -112,7 +113,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
               op, ": mean and rstd differ: ", mean.sizes(), " ", mean.scalar_type(), " on ",
               mean.device(), " vs ", rstd.sizes(), " ", rstd.scalar_type(), " on ", rstd.device());
   TORCH_CHECK(w.defined() || !output_mask[0], op, ": grad_weight requested without a weight");
-  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kLikeInput);
+  const RowProblem p =
+      prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kLikeInput, K::kNarrowParams);
   const bool columns = output_mask[0] || output_mask[1];
   Tensor dx = at::empty(input.sizes(), p.x.options());
   Tensor dw_col = column_sums_buffer(columns, p, rstd.options());
@@ -134,7 +136,8 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
   const typename K::DeviceGuard guard(input.device());
   const Tensor& w = value_or_undefined(weight);
   TORCH_CHECK(w.defined() || !weight_grad, op, ": grad_weight requested without a weight");
-  const RowProblem p = prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kAnyFloat);
+  const RowProblem p =
+      prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kAnyFloat, K::kNarrowParams);
   Tensor dx = at::empty(input.sizes(), p.x.options());
   Tensor dw_col = column_sums_buffer(weight_grad, p, rstd.options());
   Tensor no_db;

@@ -14,6 +14,8 @@ struct CpuBackend {
   struct DeviceGuard {
     explicit DeviceGuard(at::Device) {}
   };
+  // The CPU kernels read opmath parameters: a cast of N values is small next to the rows.
+  static constexpr bool kNarrowParams = false;
 
   template <bool kCentred>
   static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd);

@@ -14,6 +14,8 @@ namespace layer_norm {
 
 struct CudaBackend {
   using DeviceGuard = cuda::DeviceGuard;
+  // The row kernels read 16-bit weights as they are (cuda_kernels::Param).
+  static constexpr bool kNarrowParams = true;
 
   template <bool kCentred>
   static void forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean, Tensor& rstd);

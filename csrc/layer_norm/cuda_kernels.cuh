@@ -187,6 +187,40 @@ __device__ __forceinline__ Vec<T, VEC> param_vec(const T* p, int64_t i, T fill) 
   return v;
 }
 
+// A row kernel's weight or bias: opmath, or `narrow`, in the input's 16-bit
+// type (a bfloat16 model's parameters, read as they are instead of cast to
+// float32 by a launch of their own on every call); null without one.
+template <typename scalar_t>
+struct Param {
+  using T = at::opmath_type<scalar_t>;
+  const void* data = nullptr;
+  bool narrow = false;
+
+  static Param of(const Tensor& t) {
+    if (!t.defined()) return {};
+    const bool narrow = t.scalar_type() != c10::CppTypeToScalarType<T>::value;
+    return {t.const_data_ptr(), narrow};
+  }
+  // The alignment its vectors of kVec values need.
+  int64_t vector_bytes(int vec) const {
+    return vec * static_cast<int64_t>(narrow ? sizeof(scalar_t) : sizeof(T));
+  }
+};
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ Vec<at::opmath_type<scalar_t>, VEC> param_vec(
+    const Param<scalar_t>& p, int64_t i, at::opmath_type<scalar_t> fill) {
+  using T = at::opmath_type<scalar_t>;
+  // The scalar kernels get opmath parameters only (opmath_unless_vector): the
+  // 16-bit branch made them spill on sm_80.
+  if (VEC == 1 || !p.narrow) return param_vec<VEC>(static_cast<const T*>(p.data), i, fill);
+  const Vec<scalar_t, VEC> v = cuda::load_vec<VEC>(static_cast<const scalar_t*>(p.data) + i);
+  Vec<T, VEC> out;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(v.v[e]);
+  return out;
+}
+
 template <typename T, int VEC, typename scalar_t>
 __device__ __forceinline__ void to_opmath(const Vec<scalar_t, VEC>& in, T (&out)[VEC]) {
 #pragma unroll
@@ -248,9 +282,9 @@ struct ForwardArgs {
   using T = at::opmath_type<scalar_t>;
   const scalar_t* x;
   scalar_t* y;
-  const T* w;  // may be null
-  const T* b;  // may be null (always for RMSNorm)
-  T* mean;     // null for RMSNorm
+  Param<scalar_t> w;  // may be null
+  Param<scalar_t> b;  // may be null (always for RMSNorm)
+  T* mean;            // null for RMSNorm
   T* rstd;
   int64_t M;
   int64_t N;
@@ -382,7 +416,7 @@ struct BackwardArgs {
   const scalar_t* x;
   const T* mean;  // null for RMSNorm
   const T* rstd;
-  const T* w;  // may be null
+  Param<scalar_t> w;  // may be null
   scalar_t* dx;
   int64_t M;
   int64_t N;
@@ -705,18 +739,17 @@ void launch_merge(const T* dw_parts, const T* db_parts, int64_t parts, int64_t N
 }
 
 // Vector loads need rows of whole vectors starting 16-byte aligned, and
-// parameters aligned to their (opmath) vector.
+// parameters aligned to their vector (of opmath or 16-bit values).
 template <typename scalar_t>
 bool vectorizable(int64_t N, std::initializer_list<const void*> rows,
-                  std::initializer_list<const void*> params) {
+                  std::initializer_list<Param<scalar_t>> params) {
   constexpr int kVec = cuda::vec_size<scalar_t>();
   if (kVec == 1 || N % kVec != 0) return false;
   for (const void* p : rows) {
     if (!cuda::is_aligned(p, cuda::kVecBytes)) return false;
   }
-  for (const void* p : params) {
-    if (!cuda::is_aligned(p, kVec * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>))))
-      return false;
+  for (const Param<scalar_t>& p : params) {
+    if (!cuda::is_aligned(p.data, p.vector_bytes(kVec))) return false;
   }
   return true;
 }
@@ -945,16 +978,35 @@ void launch_backward(const BackwardArgs<scalar_t>& a, bool columns, Tensor& dw_c
 
 // ------------------------------------------------------------------- backend
 
+namespace cuda_kernels {
+
+// 16-bit parameters as they are where the vector kernels will read them,
+// else cast to opmath (the scalar kernels read nothing else).
+template <typename scalar_t>
+std::pair<Tensor, Tensor> opmath_unless_vector(int64_t N, std::initializer_list<const void*> rows,
+                                               const Tensor& w, const Tensor& b) {
+  if (vectorizable<scalar_t>(N, rows, {Param<scalar_t>::of(w), Param<scalar_t>::of(b)})) {
+    return {w, b};
+  }
+  const auto opmath = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
+  const auto cast = [&](const Tensor& t) { return t.defined() ? t.to(opmath) : t; };
+  return {cast(w), cast(b)};
+}
+
+}  // namespace cuda_kernels
+
 template <bool kCentred>
 void CudaBackend::forward(const RowProblem& p, double eps, Tensor& out, Tensor& mean,
                           Tensor& rstd) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_fwd_cuda", [&] {
         using T = at::opmath_type<scalar_t>;
+        const auto [w, b] = cuda_kernels::opmath_unless_vector<scalar_t>(
+            p.N, {p.x.const_data_ptr(), out.const_data_ptr()}, p.w, kCentred ? p.b : Tensor());
         const cuda_kernels::ForwardArgs<scalar_t> a{p.x.const_data_ptr<scalar_t>(),
                                                     out.mutable_data_ptr<scalar_t>(),
-                                                    data_or_null<T>(p.w),
-                                                    kCentred ? data_or_null<T>(p.b) : nullptr,
+                                                    cuda_kernels::Param<scalar_t>::of(w),
+                                                    cuda_kernels::Param<scalar_t>::of(b),
                                                     kCentred ? mean.mutable_data_ptr<T>() : nullptr,
                                                     rstd.mutable_data_ptr<T>(),
                                                     p.M,
@@ -970,18 +1022,21 @@ void CudaBackend::backward(const RowProblem& p, const Tensor& mean, const Tensor
   // No rows (the column sums stay the zeros they come as) or rows of no
   // values (everything is empty): nothing to launch.
   if (p.M == 0 || p.N == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(),
-                                  "bnext_norm_bwd_cuda", [&] {
-                                    using T = at::opmath_type<scalar_t>;
-                                    const scalar_t* dy = p.dy.const_data_ptr<scalar_t>();
-                                    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-                                    const T* mean_p = kCentred ? mean.const_data_ptr<T>() : nullptr;
-                                    const T* rstd_p = rstd.const_data_ptr<T>();
-                                    cuda_kernels::launch_backward<scalar_t, kCentred>(
-                                        {dy, x, mean_p, rstd_p, data_or_null<T>(p.w),
-                                         dx.mutable_data_ptr<scalar_t>(), p.M, p.N},
-                                        columns, dw_col, db_col);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, p.x.scalar_type(), "bnext_norm_bwd_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const scalar_t* dy = p.dy.const_data_ptr<scalar_t>();
+        const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+        const T* mean_p = kCentred ? mean.const_data_ptr<T>() : nullptr;
+        const T* rstd_p = rstd.const_data_ptr<T>();
+        const Tensor w = cuda_kernels::opmath_unless_vector<scalar_t>(
+                             p.N, {dy, x, dx.const_data_ptr()}, p.w, Tensor())
+                             .first;
+        cuda_kernels::launch_backward<scalar_t, kCentred>(
+            {dy, x, mean_p, rstd_p, cuda_kernels::Param<scalar_t>::of(w),
+             dx.mutable_data_ptr<scalar_t>(), p.M, p.N},
+            columns, dw_col, db_col);
+      });
 }
 
 }  // namespace layer_norm
