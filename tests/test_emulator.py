@@ -1,7 +1,9 @@
 """The CPU emulator of CUDA (csrc/emulator/) itself: its reductions, block
-order and the errors it reports where a GPU would hang or refuse a launch, and
-an AddressSanitizer build that must catch a kernel reading past its tensor
-and then run the emulated kernels' cases clean."""
+order and the errors it reports where a GPU would hang or refuse a launch; an
+AddressSanitizer + UBSan build that must catch a kernel reading past its
+tensor, an overflowing index and a misaligned load, and then run the emulated
+kernels' cases clean; and a build contracting multiply-adds as nvcc does,
+which bounds how far a GPU's last bits may stray."""
 
 import os
 import subprocess
@@ -201,17 +203,74 @@ def _selftest_in_subprocess(case, env):
 
 
 @pytest.mark.slow  # builds the library with ASan (minutes), then runs 100 cases 5x slower
-def test_kernels_stay_within_their_tensors_under_address_sanitizer():
+def test_kernels_stay_within_their_tensors_under_address_and_ub_sanitizers():
     """The emulated kernels built with AddressSanitizer, so that every load and
     store is checked against the bounds of its tensor (what compute-sanitizer's
-    memcheck does on a GPU): first a kernel that reads one element past its
-    tensor must be caught, then the selection must run clean."""
+    memcheck does on a GPU), and with UBSan: first a kernel that reads one
+    element past its tensor, one whose index overflows and one that reads a
+    misaligned float must be caught, then the selection must run clean."""
     env = _asan_env()
     bad = _selftest_in_subprocess("out_of_bounds", env)
     assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr, bad.stderr[-2000:]
+    # UBSan, built in with it: a 32-bit index that overflows, a misaligned float.
+    for case, finding in [
+        ("signed_overflow", "signed integer overflow"),
+        ("misaligned_scalar", "load of misaligned address"),
+    ]:
+        bad = _selftest_in_subprocess(case, env)
+        assert bad.returncode != 0 and f"runtime error: {finding}" in bad.stderr, (
+            case,
+            bad.stderr[-2000:],
+        )
     run = run_pytest(ASAN_SELECTION, env, 1800)
     assert run.returncode == 0, failure_report(run, 3000, 3000)
     assert "AddressSanitizer" not in run.stderr.replace("ASan doesn't fully support", "")
+    assert "runtime error:" not in run.stderr
+
+
+# How far apart (normwise, in float32 eps) the contracted and the default
+# builds' results may be. Measured: at most 1.4 (Batch Renorm's d, channels-
+# last), 0.3-0.8 for most outputs; both builds stay within 1.6 eps of float64.
+FMA_BOUND_EPS = 4
+
+
+@pytest.mark.slow  # builds the emulator with contraction (minutes)
+def test_fma_contraction_bounds_the_last_bits_a_gpu_changes(tmp_path):
+    """nvcc contracts a*b+c into one fused multiply-add by default, the host
+    compiler does not: a GPU's results differ from the emulator's (and the CPU
+    kernels') in their last bits. The emulator built contracting wherever gcc
+    can (tests/contraction_cases.py runs it in a subprocess) must contract
+    (some results change), stay within the float32 tolerance of float64 that
+    every build is held to, and differ from the default build by a few
+    roundings of the result's size at most: the bound a GPU comparison meets."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no fused multiply-add")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import contraction_cases
+    from emulated_cuda import load
+
+    from torch_bnext.testing import REL_TOL, rel_err
+
+    saved = tmp_path / "fused.pt"
+    run = subprocess.run(
+        [sys.executable, "tests/contraction_cases.py", str(saved)],
+        cwd=ROOT,
+        env=dict(os.environ, BNEXT_EMULATOR_FMA="1"),
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    fused = torch.load(saved)
+    plain = contraction_cases.results(load())
+    exact = contraction_cases.results(torch.ops.bnext, torch.float64)
+    eps = torch.finfo(torch.float32).eps
+    apart = {k: rel_err(fused[k], plain[k]) / eps for k in plain}
+    report = ", ".join(f"{k} {v:.2g}" for k, v in apart.items())
+    assert sum(v > 0 for v in apart.values()) >= len(apart) // 2, "no contraction? " + report
+    for k, want in exact.items():
+        assert rel_err(fused[k], want) <= REL_TOL[torch.float32], k
+    assert max(apart.values()) <= FMA_BOUND_EPS, "differences in float32 eps: " + report
 
 
 def test_mutation_catalogue_still_applies():

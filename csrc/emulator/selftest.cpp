@@ -9,7 +9,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "common/cuda_launch.cuh"
@@ -193,6 +195,23 @@ __global__ void misaligned_vector_kernel(double* out) {
   if (threadIdx.x == 0) out[0] = cuda::load_vec<2>(out + 1).v[0];
 }
 
+// A 32-bit element offset that overflows: 65536 rows of 32768 values make
+// 2**31. Undefined, seen only by UBSan's build; volatile keeps the compiler
+// from folding it (or from widening it to unsigned, which UBSan would miss).
+__global__ void signed_overflow_kernel(double* out) {
+  volatile int rows = 65536;
+  volatile int width = 32768;
+  const int offset = rows * width;
+  if (threadIdx.x == 0) out[0] = offset;
+}
+
+// A float read through a pointer one byte past an aligned address: x86 reads
+// it, a GPU faults, UBSan's alignment check reports it.
+__global__ void misaligned_scalar_kernel(double* out) {
+  volatile std::uintptr_t address = reinterpret_cast<std::uintptr_t>(out) + 1;
+  if (threadIdx.x == 0) out[1] = *reinterpret_cast<const float*>(address);
+}
+
 // Two blocks of 64 threads copy `input` (at least 128 * stride floats, or 4x
 // that with `vector`) to a new tensor.
 at::Tensor strided_copy(const at::Tensor& input, int64_t stride, bool vector) {
@@ -242,6 +261,10 @@ at::Tensor selftest(const std::string& name) {
     cuda::launch(uninitialised_shared_kernel, dim3(2), dim3(32), p);
   } else if (name == "misaligned_vector") {
     cuda::launch(misaligned_vector_kernel, dim3(1), dim3(32), p);
+  } else if (name == "signed_overflow") {
+    cuda::launch(signed_overflow_kernel, dim3(1), dim3(32), p);
+  } else if (name == "misaligned_scalar") {
+    cuda::launch(misaligned_scalar_kernel, dim3(1), dim3(32), p);
   } else if (name == "too_many_threads") {
     cuda::launch(reductions_kernel, dim3(1), dim3(2048), p);
   } else if (name == "grid_y_too_large") {
