@@ -202,3 +202,41 @@ def test_one_launch_when_one_block_row_suffices(emu):
     finally:
         emu.set_num_sms(old)
     assert (one, two) == (1, 2)
+
+
+def test_launches_of_a_training_step(emu):
+    """ATen's CUDA Batch Norm makes a training step's forward in 3 launches
+    (statistics; their inversion with the running update; the map), and
+    torch.nn's module a 4th for num_batches_tracked += 1; the backward in 2
+    (the sums, the map). Ours: the reduction and, where blocks share a
+    channel (to fill the GPU where ATen gives a channel one block), the merge
+    of their partials; the map, which works out each channel's coefficients
+    itself (and in the backward, the weight gradient); the running update,
+    which counts the step too (no aten op). So 4 and 3 here, 3 and 2 without
+    partials; evaluation 1, as in ATen."""
+    old = emu.num_sms()
+    x = _input((64, 64, 7, 7), False, torch.float32)
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    rm, rv, steps = torch.zeros(64), torch.ones(64), torch.tensor(5)
+    try:
+        emu.set_num_sms(132)  # partials: the merge is a launch of its own
+        before = emu.launch_count()
+        emu.batch_norm_stats(x)
+        stats = emu.launch_count() - before
+        before = emu.launch_count()
+        with torch.profiler.profile() as prof:
+            _, mean, var = emu.batch_norm_train(x, w, b, 1e-5)
+            emu.batch_norm_update_stats(rm, rv, steps, mean, var, 0.1, x.numel() // 64)
+        train = emu.launch_count() - before
+        dy = _input((64, 64, 7, 7), False, torch.float32, seed=1)
+        before = emu.launch_count()
+        emu.batch_norm_backward(dy, x, mean, var, w, 1e-5, True)
+        backward = emu.launch_count() - before
+        before = emu.launch_count()
+        emu.batch_norm_infer(x, rm, rv, w, b, 1e-5)
+        infer = emu.launch_count() - before
+    finally:
+        emu.set_num_sms(old)
+    assert (stats, train, backward, infer) == (2, 4, 3, 1)
+    assert steps.item() == 6
+    assert not [e.name for e in prof.events() if e.name in ("aten::add_", "aten::add")]

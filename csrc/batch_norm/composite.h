@@ -6,8 +6,13 @@
 // K must provide:
 //   std::tuple<Tensor, Tensor> stats(x)                     mean, biased var (opmath)
 //   Tensor elemt(x, mean, scale, shift)                      (x - mean) * scale + shift
+//   Tensor normalize(x, mean, var, weight, bias, eps)        the same with ForwardStep's
+//                                                            scale and shift
 //   std::tuple<Tensor, Tensor> backward_reduce(dy, x, mean)  sum dy, sum dy * (x - mean)
 //   Tensor backward_elemt(dy, x, mean, a, k, c)              a * dy + k * (x - mean) + c
+//   std::tuple<Tensor, Tensor> backward_normalize(dy, x, mean, var, weight, r, d, sum_dy,
+//       sum_dy_xmu, eps, training, count)                    the same with BackwardStep's
+//                                                            a, k, c; and the weight grad
 //   void for_each_channel(int64_t C, F f)                    f(c) for c in [0, C)
 //   struct DeviceGuard { explicit DeviceGuard(at::Device); }  makes the device current
 // where x and dy are canonical (common/layout.h) and per-channel tensors are
@@ -78,12 +83,18 @@ struct BackwardStep {
   T* c_out;
   T eps;
   bool training;
+  // The coefficients alone and the weight gradient alone, for a map that
+  // works them out where it uses them (the CUDA backend's).
+  C10_HOST_DEVICE BackwardCoeffs<T> coeffs(int64_t c, T sum_dy, T sum_dy_xmu, int64_t count) const {
+    const T w_c = load_or(weight, c, T(1)) * load_or(r, c, T(1));
+    return backward_coeffs(inv_std(var[c], eps), w_c, sum_dy, sum_dy_xmu, count, training);
+  }
+  C10_HOST_DEVICE T weight_grad(int64_t c, T sum_dy, T sum_dy_xmu) const {
+    return load_or(r, c, T(1)) * sum_dy_xmu * inv_std(var[c], eps) + load_or(d, c, T(0)) * sum_dy;
+  }
   C10_HOST_DEVICE void operator()(int64_t c, T sum_dy, T sum_dy_xmu, int64_t count) const {
-    const T invstd = inv_std(var[c], eps);
-    const T r_c = load_or(r, c, T(1));
-    const T w_c = load_or(weight, c, T(1)) * r_c;
-    const auto co = backward_coeffs(invstd, w_c, sum_dy, sum_dy_xmu, count, training);
-    grad_weight[c] = r_c * sum_dy_xmu * invstd + load_or(d, c, T(0)) * sum_dy;
+    const auto co = coeffs(c, sum_dy, sum_dy_xmu, count);
+    grad_weight[c] = weight_grad(c, sum_dy, sum_dy_xmu);
     a[c] = co.a;
     k[c] = co.k;
     c_out[c] = co.c;
@@ -94,20 +105,22 @@ inline Tensor empty_channel_vector(const Tensor& x, at::ScalarType opmath) {
   return at::empty({x.size(1)}, x.options().dtype(opmath));
 }
 
-// y = (x - mean) * scale + shift for given per-channel opmath mean/var.
+// y = (x - mean) * scale + shift for given per-channel opmath mean/var, with
+// ForwardStep's scale and shift worked out by a pass of their own: the CPU
+// backend's K::normalize (a GPU's works them out inside its elementwise
+// kernel, which saves a launch).
 template <class K>
-Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const Tensor& weight,
-                 const Tensor& bias, double eps) {
+Tensor normalize_in_two_passes(const Tensor& x, const Tensor& mean, const Tensor& var,
+                               const Tensor& weight, const Tensor& bias, double eps) {
   const auto opmath = mean.scalar_type();
-  const Tensor w = per_channel(weight, opmath);
-  const Tensor b = per_channel(bias, opmath);
   const Tensor scale = empty_channel_vector(x, opmath);
   const Tensor shift = empty_channel_vector(x, opmath);
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_forward_coeffs", [&] {
     const scalar_t* var_p = var.const_data_ptr<scalar_t>();
-    const ForwardStep<scalar_t> step{
-        data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), scale.mutable_data_ptr<scalar_t>(),
-        shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
+    const ForwardStep<scalar_t> step{data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias),
+                                     scale.mutable_data_ptr<scalar_t>(),
+                                     shift.mutable_data_ptr<scalar_t>(),
+                                     static_cast<scalar_t>(eps)};
     K::for_each_channel(x.size(1),
                         [=] C10_HOST_DEVICE(int64_t c) { step(c, scalar_t(0), var_p[c]); });
   });
@@ -200,6 +213,22 @@ inline std::tuple<Tensor, Tensor> param_grads(const Tensor& grad_weight, const T
   return {grad_weight.to(dtype), sum_dy.to(dtype)};
 }
 
+// dx = a * dy + k * (x - mean) + c and the weight gradient, with BackwardStep's
+// coefficients worked out by a pass of their own: the CPU backend's
+// K::backward_normalize (a GPU's works them out inside its elementwise
+// kernel, which saves a launch). Returns (dx, grad_weight in opmath).
+template <class K>
+std::tuple<Tensor, Tensor> backward_in_two_passes(const Tensor& dy, const Tensor& x,
+                                                  const Tensor& mean, const Tensor& var,
+                                                  const Tensor& weight, const Tensor& r,
+                                                  const Tensor& d, const Tensor& sum_dy,
+                                                  const Tensor& sum_dy_xmu, double eps,
+                                                  bool training, int64_t count) {
+  const BackwardCoefficients co =
+      backward_coefficients<K>(sum_dy, sum_dy_xmu, var, weight, r, d, eps, training, count);
+  return {K::backward_elemt(dy, x, mean, co.a, co.k, co.c), co.grad_weight};
+}
+
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const OptTensor& weight,
                                                     const OptTensor& bias, double eps) {
@@ -210,16 +239,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train(const Tensor& input, const O
   const auto opmath = opmath_dtype(x.scalar_type());
   const Tensor w = per_channel(value_or_undefined(weight), opmath);
   const Tensor b = per_channel(value_or_undefined(bias), opmath);
-  const Tensor scale = empty_channel_vector(x, opmath);
-  const Tensor shift = empty_channel_vector(x, opmath);
-  std::tuple<Tensor, Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_batch_norm_train", [&] {
-    const ForwardStep<scalar_t> step{
-        data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), scale.mutable_data_ptr<scalar_t>(),
-        shift.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(eps)};
-    result = stats_normalize<K, scalar_t>(x, scale, shift, step, PlainElemt<K>{});
-  });
-  return result;
+  const auto [mean, var] = K::stats(x);
+  return {K::normalize(x, mean, var, w, b, eps), mean, var};
 }
 
 template <class K>
@@ -230,8 +251,8 @@ Tensor batch_norm_infer(const Tensor& input, const Tensor& mean, const Tensor& v
   check_args("bnext::batch_norm_infer", input, w, b, mean, var);
   const typename K::DeviceGuard guard(input.device());
   const auto opmath = opmath_dtype(input.scalar_type());
-  return normalize<K>(canonical(input), per_channel(mean, opmath), per_channel(var, opmath), w, b,
-                      eps);
+  return K::normalize(canonical(input), per_channel(mean, opmath), per_channel(var, opmath),
+                      per_channel(w, opmath), per_channel(b, opmath), eps);
 }
 
 // Gradients of y = (x - mean) * invstd * weight' + bias', where in training
@@ -258,10 +279,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor
   const Tensor d = per_channel(d_in, opmath);
 
   const auto [sum_dy, sum_dy_xmu] = K::backward_reduce(dy, x, mean);
-  const BackwardCoefficients co =
-      backward_coefficients<K>(sum_dy, sum_dy_xmu, var, w, r, d, eps, training, count);
-  const auto [grad_weight, grad_bias] = param_grads(co.grad_weight, sum_dy, weight);
-  return {K::backward_elemt(dy, x, mean, co.a, co.k, co.c), grad_weight, grad_bias};
+  const auto [dx, grad_w] =
+      K::backward_normalize(dy, x, mean, var, w, r, d, sum_dy, sum_dy_xmu, eps, training, count);
+  const auto [grad_weight, grad_bias] = param_grads(grad_w, sum_dy, weight);
+  return {dx, grad_weight, grad_bias};
 }
 
 // running = momentum * batch + (1 - momentum) * running, with the unbiased
@@ -321,6 +342,11 @@ void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor&
   const Tensor var = var_in.contiguous();
   // The step count stays on the device: reading it on the host would synchronise.
   const Tensor steps_i64 = momentum.has_value() ? Tensor() : steps.to(at::kLong);
+  // With a fixed momentum no channel reads the count, so channel 0 counts the
+  // step in the same pass (on a GPU, a launch fewer); the cumulative average
+  // reads it in every channel, which must all see it before it changes.
+  const bool count_in_pass = momentum.has_value() && steps.defined() && C > 0 &&
+                             steps.scalar_type() == at::kLong && steps.is_contiguous();
   AT_DISPATCH_FLOATING_TYPES(opmath, "bnext_update_stats", [&] {
     scalar_t* rm_p = rm.mutable_data_ptr<scalar_t>();
     scalar_t* rv_p = rv.mutable_data_ptr<scalar_t>();
@@ -328,8 +354,10 @@ void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor&
     const scalar_t* var_p = var.const_data_ptr<scalar_t>();
     const int64_t* steps_p = steps_i64.defined() ? steps_i64.const_data_ptr<int64_t>() : nullptr;
     const int64_t* count_p = count_i64.defined() ? count_i64.const_data_ptr<int64_t>() : nullptr;
+    int64_t* counted_p = count_in_pass ? steps.mutable_data_ptr<int64_t>() : nullptr;
     const auto fixed = static_cast<scalar_t>(momentum.value_or(0.0));
     K::for_each_channel(C, [=] C10_HOST_DEVICE(int64_t c) {
+      if (counted_p != nullptr && c == 0) ++*counted_p;
       const scalar_t m =
           steps_p != nullptr ? scalar_t(1) / static_cast<scalar_t>(steps_p[0] + 1) : fixed;
       rm_p[c] = running_update(rm_p[c], mean_p[c], m);
@@ -339,7 +367,7 @@ void update_stats_impl(const char* op, const Tensor& running_mean, const Tensor&
   });
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);
   if (!rv.is_same(running_var)) running_var.copy_(rv);
-  if (steps.defined()) steps.add_(1);
+  if (steps.defined() && !count_in_pass) steps.add_(1);
 }
 
 template <class K>

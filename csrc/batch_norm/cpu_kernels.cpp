@@ -467,6 +467,22 @@ Tensor CpuBackend::elemt(const Tensor& x, const Tensor& mean, const Tensor& scal
   return out;
 }
 
+// The coefficients' passes are loops over the channels here, not launches.
+Tensor CpuBackend::normalize(const Tensor& x, const Tensor& mean, const Tensor& var,
+                             const Tensor& weight, const Tensor& bias, double eps) {
+  return normalize_in_two_passes<CpuBackend>(x, mean, var, weight, bias, eps);
+}
+
+std::tuple<Tensor, Tensor> CpuBackend::backward_normalize(const Tensor& dy, const Tensor& x,
+                                                          const Tensor& mean, const Tensor& var,
+                                                          const Tensor& weight, const Tensor& r,
+                                                          const Tensor& d, const Tensor& sum_dy,
+                                                          const Tensor& sum_dy_xmu, double eps,
+                                                          bool training, int64_t count) {
+  return backward_in_two_passes<CpuBackend>(dy, x, mean, var, weight, r, d, sum_dy, sum_dy_xmu, eps,
+                                            training, count);
+}
+
 std::tuple<Tensor, Tensor> CpuBackend::backward_reduce(const Tensor& dy, const Tensor& x,
                                                        const Tensor& mean) {
   Tensor sum_dy = at::zeros({x.size(1)}, mean.options());

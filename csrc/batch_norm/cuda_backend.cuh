@@ -38,10 +38,18 @@ struct CudaBackend {
   static std::tuple<Tensor, Tensor> stats(const Tensor& x);
   static Tensor elemt(const Tensor& x, const Tensor& mean, const Tensor& scale,
                       const Tensor& shift);
+  static Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var,
+                          const Tensor& weight, const Tensor& bias, double eps);
   static std::tuple<Tensor, Tensor> backward_reduce(const Tensor& dy, const Tensor& x,
                                                     const Tensor& mean);
   static Tensor backward_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                const Tensor& a, const Tensor& k, const Tensor& c);
+  static std::tuple<Tensor, Tensor> backward_normalize(const Tensor& dy, const Tensor& x,
+                                                       const Tensor& mean, const Tensor& var,
+                                                       const Tensor& weight, const Tensor& r,
+                                                       const Tensor& d, const Tensor& sum_dy,
+                                                       const Tensor& sum_dy_xmu, double eps,
+                                                       bool training, int64_t count);
 
   // With an activation (contract: batch_norm_act/composite.h). Templates
   // (Unit is never given) so that only a unit that calls them compiles their

@@ -557,21 +557,90 @@ void reduce(const R& r, const P& p, const ChannelView& v, const Tensor& like) {
 // affine result into the stored value. With kResidual, `residual` is loaded
 // like x.
 
-// Batch Norm: x - mean, stored as it is.
+// Batch Norm's own ends, whatever the channel holds besides its mean: x - mean,
+// dy as loaded, the result stored as it is.
 template <typename scalar_t_>
-struct PlainEnds {
+struct PlainMap {
   using scalar_t = scalar_t_;
   using T = at::opmath_type<scalar_t>;
   static constexpr bool kResidual = false;
+  template <class Channel>
+  __device__ __forceinline__ T center(const Channel& co, T x) const {
+    return x - co.mean;
+  }
+  template <class Channel>
+  __device__ __forceinline__ T grad(const Channel& /*co*/, T /*xmu*/, T dy) const {
+    return dy;
+  }
+  __device__ __forceinline__ T epilogue(T y, T /*residual*/) const { return y; }
+};
+
+// Batch Norm with the coefficients as given (a, k, c vectors).
+template <typename scalar_t_>
+struct PlainEnds : PlainMap<scalar_t_> {
+  using T = typename PlainMap<scalar_t_>::T;
   struct Channel {
     T mean;
   };
   const T* mean;
   __device__ __forceinline__ Channel channel(int64_t c) const { return {mean[c]}; }
-  __device__ __forceinline__ T center(const Channel& co, T x) const { return x - co.mean; }
-  __device__ __forceinline__ T grad(const Channel& /*co*/, T /*xmu*/, T dy) const { return dy; }
-  __device__ __forceinline__ T epilogue(T y, T /*residual*/) const { return y; }
 };
+
+// Ends that work out the channel's coefficients where they are used, once
+// per plane or thread, instead of reading those of a launch of their own
+// before the map: Channel holds (mean, a, k, c) and coeffs_at takes them.
+template <class E>
+constexpr bool kOwnCoeffs = false;
+// Ends one thread per channel of which also writes the weight gradient.
+template <class E>
+constexpr bool kWritesWeightGrad = false;
+
+// Batch Norm's forward from the statistics (ForwardStep's arithmetic).
+template <typename scalar_t_>
+struct StatsEnds : PlainMap<scalar_t_> {
+  using T = typename PlainMap<scalar_t_>::T;
+  struct Channel {
+    T mean, a, k, c;
+  };
+  const T* mean;
+  const T* var;
+  const T* weight;  // null: 1
+  const T* bias;    // null: 0
+  T eps;
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    const auto co =
+        forward_coeffs(inv_std(var[c], eps), load_or(weight, c, T(1)), load_or(bias, c, T(0)));
+    return {mean[c], T(0), co.scale, co.shift};
+  }
+};
+template <typename S>
+constexpr bool kOwnCoeffs<StatsEnds<S>> = true;
+
+// Batch Norm's (and Renorm's) backward from the two sums (BackwardStep's
+// arithmetic); the weight gradient is written by one thread per channel.
+template <typename scalar_t_>
+struct StepGradEnds : PlainMap<scalar_t_> {
+  using T = typename PlainMap<scalar_t_>::T;
+  struct Channel {
+    T mean, a, k, c;
+  };
+  const T* mean;
+  const T* sum_dy;
+  const T* sum_dy_xmu;
+  BackwardStep<T> step;
+  int64_t count;
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    const auto co = step.coeffs(c, sum_dy[c], sum_dy_xmu[c], count);
+    return {mean[c], co.a, co.k, co.c};
+  }
+  __device__ __forceinline__ void write_weight_grad(int64_t c) const {
+    step.grad_weight[c] = step.weight_grad(c, sum_dy[c], sum_dy_xmu[c]);
+  }
+};
+template <typename S>
+constexpr bool kOwnCoeffs<StepGradEnds<S>> = true;
+template <typename S>
+constexpr bool kWritesWeightGrad<StepGradEnds<S>> = true;
 
 // The backward of an activation without a residual: g = dy * act'(u)
 // recomputed from x as ActGradPrologue computes it (never stored).
@@ -662,7 +731,12 @@ struct ChannelCoeffs {
 template <bool kWithGrad, class E>
 __device__ __forceinline__ ChannelCoeffs<E> coeffs_at(const AffineArgs<E>& p, int64_t ch) {
   using T = typename E::T;
-  return {p.ends.channel(ch), kWithGrad ? p.a[ch] : T(0), p.k[ch], p.c[ch]};
+  if constexpr (kOwnCoeffs<E>) {
+    const auto own = p.ends.channel(ch);
+    return {own, own.a, own.k, own.c};
+  } else {
+    return {p.ends.channel(ch), kWithGrad ? p.a[ch] : T(0), p.k[ch], p.c[ch]};
+  }
 }
 
 template <bool kWithGrad, class E, typename T>
@@ -708,6 +782,9 @@ __global__ void __launch_bounds__(kElemtThreads)
   for (int64_t plane = blockIdx.y * ppb + threadIdx.x / tpp; plane < planes;
        plane += gridDim.y * ppb) {
     const auto co = coeffs_at<kWithGrad>(p, plane % C);
+    if constexpr (kWritesWeightGrad<E>) {
+      if (plane < C && blockIdx.x == 0 && lane == 0) p.ends.write_weight_grad(plane);
+    }
     const int64_t start = plane * S;
     const RaggedPlane<VEC> ragged(start, S);
     const int64_t base = start + ragged.head;
@@ -733,6 +810,11 @@ __global__ void __launch_bounds__(kElemtThreads)
   ChannelCoeffs<E> co[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) co[e] = coeffs_at<kWithGrad>(p, c0 + e);
+  if constexpr (kWritesWeightGrad<E>) {
+    if (blockIdx.y == 0 && threadIdx.y == 0) {
+      for (int e = 0; e < VEC; ++e) p.ends.write_weight_grad(c0 + e);
+    }
+  }
   const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows;
        row += step) {
@@ -811,7 +893,8 @@ Tensor affine_map(const Tensor& g, const Tensor& x, const Tensor& mean, const Te
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_affine_cuda", [&] {
         using T = at::opmath_type<scalar_t>;
-        affine_into<kWithGrad>(g, x, out, PlainEnds<scalar_t>{mean.const_data_ptr<T>()}, a, k, c);
+        affine_into<kWithGrad>(g, x, out, PlainEnds<scalar_t>{{}, mean.const_data_ptr<T>()}, a, k,
+                               c);
       });
   return out;
 }
@@ -916,6 +999,32 @@ Tensor CudaBackend::elemt(const Tensor& x, const Tensor& mean, const Tensor& sca
   return cuda_kernels::affine_map<false>(Tensor(), x, mean, Tensor(), scale, shift);
 }
 
+Tensor CudaBackend::normalize(const Tensor& x, const Tensor& mean, const Tensor& var,
+                              const Tensor& weight, const Tensor& bias, double eps) {
+  Tensor out = empty_same_layout(x, x.scalar_type());
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_normalize_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        using E = cuda_kernels::StatsEnds<scalar_t>;
+        const E ends{{},
+                     mean.const_data_ptr<T>(),
+                     var.const_data_ptr<T>(),
+                     data_or_null<T>(weight),
+                     data_or_null<T>(bias),
+                     static_cast<T>(eps)};
+        const cuda_kernels::AffineArgs<E> p{nullptr,
+                                            x.const_data_ptr<scalar_t>(),
+                                            out.mutable_data_ptr<scalar_t>(),
+                                            nullptr,
+                                            nullptr,
+                                            nullptr,
+                                            ends};
+        cuda_kernels::launch_affine<E, false>(p, channel_view(x));
+      });
+  return out;
+}
+
 std::tuple<Tensor, Tensor> CudaBackend::backward_reduce(const Tensor& dy, const Tensor& x,
                                                         const Tensor& mean) {
   cuda_kernels::check_same_device("bnext::batch_norm_backward_reduce", dy, x);
@@ -931,6 +1040,52 @@ Tensor CudaBackend::backward_elemt(const Tensor& dy, const Tensor& x, const Tens
                                    const Tensor& a, const Tensor& k, const Tensor& c) {
   cuda_kernels::check_same_device("bnext::batch_norm_backward_elemt", dy, x);
   return cuda_kernels::affine_map<true>(dy, x, mean, a, k, c);
+}
+
+std::tuple<Tensor, Tensor> CudaBackend::backward_normalize(const Tensor& dy, const Tensor& x,
+                                                           const Tensor& mean, const Tensor& var,
+                                                           const Tensor& weight, const Tensor& r,
+                                                           const Tensor& d, const Tensor& sum_dy,
+                                                           const Tensor& sum_dy_xmu, double eps,
+                                                           bool training, int64_t count) {
+  // No element, no thread to write the weight gradient.
+  if (x.numel() == 0) {
+    return backward_in_two_passes<CudaBackend>(dy, x, mean, var, weight, r, d, sum_dy, sum_dy_xmu,
+                                               eps, training, count);
+  }
+  cuda_kernels::check_same_device("bnext::batch_norm_backward", dy, x);
+  Tensor dx = empty_same_layout(x, x.scalar_type());
+  Tensor grad_weight = at::empty({var.numel()}, var.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bnext_backward_normalize_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        using E = cuda_kernels::StepGradEnds<scalar_t>;
+        const BackwardStep<T> step{var.const_data_ptr<T>(),
+                                   data_or_null<T>(weight),
+                                   data_or_null<T>(r),
+                                   data_or_null<T>(d),
+                                   grad_weight.mutable_data_ptr<T>(),
+                                   nullptr,
+                                   nullptr,
+                                   nullptr,
+                                   static_cast<T>(eps),
+                                   training};
+        const E ends{{},
+                     mean.const_data_ptr<T>(),
+                     sum_dy.const_data_ptr<T>(),
+                     sum_dy_xmu.const_data_ptr<T>(),
+                     step,
+                     count};
+        const cuda_kernels::AffineArgs<E> p{dy.const_data_ptr<scalar_t>(),
+                                            x.const_data_ptr<scalar_t>(),
+                                            dx.mutable_data_ptr<scalar_t>(),
+                                            nullptr,
+                                            nullptr,
+                                            nullptr,
+                                            ends};
+        cuda_kernels::launch_affine<E, true>(p, channel_view(x));
+      });
+  return {dx, grad_weight};
 }
 
 #endif  // BNEXT_DEFINE_BATCH_NORM_CUDA_BACKEND
