@@ -170,6 +170,33 @@ def test_float32_params_beside_16_bit_rows(dtype, N, emu):
     _check_rms_norm(emu, x, dy, w.float(), weight_grads=[True])
 
 
+# aten::to of a tensor already in the dtype returns it, with no copy.
+_CASTS = ("aten::_to_copy", "aten::copy_")
+
+
+@pytest.mark.parametrize("N", [1000, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_parameter_gradients_come_from_the_merge(dtype, N, emu, num_sms):
+    """The merge of the column partials rounds the gradients to the 16-bit
+    parameters' dtype itself: a backward of 300 rows (short rows of 1000, long
+    ones of 4096) is the dx kernel and the merge, with no cast after them
+    (ATen's CUDA LayerNorm: 2 launches too)."""
+    x, dy, w, b = _inputs(300, N, dtype)
+    mean, rstd = BN.layer_norm_fwd(x, [N], w, b, EPS)[1:]
+    rms_rstd = BN.rms_norm_fwd(x, [N], w, EPS)[1]
+    before = emu.launch_count()
+    with torch.profiler.profile() as prof:
+        _, dw, db = emu.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
+        launches = emu.launch_count() - before
+        _, rdw = emu.rms_norm_bwd(dy, x, rms_rstd, w, EPS, True)
+    assert not [e.name for e in prof.events() if e.name in _CASTS]
+    assert launches == 2
+    assert dw.dtype == db.dtype == rdw.dtype == dtype
+    cpu = BN.layer_norm_bwd(dy, x, mean, rstd, w, EPS, [True, True])
+    for got, want in ((dw, cpu[1]), (db, cpu[2])):
+        assert _err(got, want) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("N", ROW_LENGTHS)
 def test_single_row(N, emu):
     x, dy, w, b = _inputs(1, N, torch.float32)
@@ -294,26 +321,28 @@ def test_column_sums_launches(emu):
 
 
 # One row (a grid of one block): 1 launch when the column sums are fused, 2
-# (dx, then the column kernel) when not. The register budget is 32 values of
-# dw per thread: short rows of up to 1024 values in every lane-group plan and
-# KV bound (1, a quarter, all of the budget), long rows up to 32 values and
-# 16 vectors per thread (512 threads: N <= 16384 with vectors, 8192 without),
-# vector and scalar loads; float64 never.
+# (dx, then the column kernel) when not; 16-bit gradients one more, the merge
+# that rounds them to the parameters' dtype (where a cast would follow). The
+# register budget is 32 values of dw per thread: short rows of up to 1024
+# values in every lane-group plan and KV bound (1, a quarter, all of the
+# budget), long rows up to 32 values and 16 vectors per thread (512 threads:
+# N <= 16384 with vectors, 8192 without), vector and scalar loads; float64
+# never.
 FUSION_CASES = [
     (torch.float32, 64, 0, 1),  # short, a vector per lane
     (torch.float32, 256, 0, 1),  # short, KV 2 (a quarter of the budget)
     (torch.float32, 1024, 0, 1),  # short, KV 8 (all of it)
-    (torch.bfloat16, 1024, 0, 1),  # short, KV 4 (8-value vectors)
-    (torch.float16, 40, 0, 1),  # short, groups of 8 lanes
+    (torch.bfloat16, 1024, 0, 2),  # short, KV 4 (8-value vectors)
+    (torch.float16, 40, 0, 2),  # short, groups of 8 lanes
     (torch.float32, 1000, 1, 1),  # short, scalar loads, KV 32
     (torch.float32, 5000, 0, 1),  # long, KV 4
     (torch.float32, 12288, 0, 1),  # long, KV 8
-    (torch.bfloat16, 16384, 0, 1),  # long, KV 4 = all of the budget
+    (torch.bfloat16, 16384, 0, 2),  # long, KV 4 = all of the budget
     (torch.float32, 3000, 1, 1),  # long, scalar loads, KV 16
-    (torch.bfloat16, 8192, 1, 1),  # long, scalar loads, 16 per thread
+    (torch.bfloat16, 8192, 1, 2),  # long, scalar loads, 16 per thread
     (torch.float32, 16388, 0, 2),  # long, 4097 vectors: over the budget
-    (torch.bfloat16, 16392, 0, 2),
-    (torch.bfloat16, 8200, 1, 2),  # scalar loads, 17 per thread: over the budget
+    (torch.bfloat16, 16392, 0, 3),
+    (torch.bfloat16, 8200, 1, 3),  # scalar loads, 17 per thread: over the budget
     (torch.float64, 64, 0, 2),  # float64: twice the registers per value
     (torch.float64, 1024, 0, 2),
     (torch.float64, 5000, 0, 2),

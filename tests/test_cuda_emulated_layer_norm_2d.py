@@ -303,6 +303,29 @@ def test_launches(emu):
     assert counts == [1, 1, 1, 1, 1] + [1, 2, 2, 1, 2]
 
 
+@pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"]
+)
+def test_16_bit_parameter_gradients_from_the_merge(memory_format, emu):
+    """bfloat16 parameters (a model cast to bfloat16): the merge of the dx
+    kernel's partials writes their gradients in bfloat16, with no cast after
+    it. The one copy left is the weight's to float32 before the kernels (the
+    _2d ops read opmath parameters)."""
+    x, dy, w, b = _inputs((4, 16, 6, 6), torch.bfloat16)
+    w, b = w.bfloat16(), b.bfloat16()
+    x, dy = (t.contiguous(memory_format=memory_format) for t in (x, dy))
+    _, mean, rstd = emu.layer_norm_2d_fwd(x, w, b, EPS)
+    with torch.profiler.profile() as prof:
+        before = emu.launch_count()
+        _, dw, db = emu.layer_norm_2d_bwd(dy, x, mean, rstd, w, EPS, [True, True])
+        launches = emu.launch_count() - before
+    copies = [e.name for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")]
+    assert copies == ["aten::_to_copy", "aten::copy_"] and launches == 2
+    ref = _reference(x, dy, w, b, centred=True)
+    _check("dw", dw, ref, TOL[torch.bfloat16], torch.bfloat16)
+    _check("db", db, ref, TOL[torch.bfloat16], torch.bfloat16)
+
+
 # (N, C, *): the grid's stride (blocks * 32 positions) within a plane (S = 576)
 # and over several planes at once (S = 25, 4), with 1, 4 and 4 lanes.
 STRIDED_SHAPES = [

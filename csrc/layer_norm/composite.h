@@ -5,14 +5,14 @@
 //   template <bool kCentred> void forward(p, eps, out, mean, rstd)
 //       rows of p.x normalised into out; mean (kCentred only) and rstd filled
 //   template <bool kCentred> void backward(p, mean, rstd, columns, dx, dw_col, db_col)
-//       dx; with `columns`, the opmath column sums of dy * xhat (and of dy when
-//       kCentred) added into the zeroed dw_col (db_col)
+//       dx; with `columns`, the column sums of dy * xhat (and of dy when
+//       kCentred) written into dw_col (db_col), of column_dtype<K>
 //   template <bool kCentred> void channel_forward(p, eps, out, mean, rstd)
 //   template <bool kCentred> void channel_backward(p, mean, rstd, columns, dx, dw_col, db_col)
 //       the same over the C values S apart of every position (b, s) of a
 //       ChannelProblem (the _2d ops on NCHW-like input); out and dx are
 //       contiguous (B, C, S), mean and rstd (B, S); with `columns` the sums
-//       are written (not added) into dw_col (db_col)
+//       are written into dw_col (db_col), of column_dtype<K>
 // kCentred = true is LayerNorm, false is RMSNorm (mean 0, no bias).
 #pragma once
 
@@ -45,7 +45,17 @@ inline Tensor in_input_layout(const Tensor& out, const Tensor& input) {
   return like.copy_(out);
 }
 
-// The (N,) opmath column sums of dweight or dbias, undefined unless `wanted`.
+// The dtype the backend writes the column sums in: the gradients' own where
+// they are the 16-bit input's and the backend reads such parameters (its
+// kNarrowParams; its merge rounds to them, so no cast launches follow), else
+// opmath.
+template <class K>
+at::ScalarType column_dtype(at::ScalarType grad_dtype, const Tensor& input) {
+  const auto opmath = opmath_dtype(input.scalar_type());
+  return K::kNarrowParams && grad_dtype == input.scalar_type() ? grad_dtype : opmath;
+}
+
+// The (N,) column sums of dweight or dbias, undefined unless `wanted`.
 // The backends write every value when there are rows: zeros (a memset before
 // kernels that overwrite it, on a GPU) only without rows.
 inline Tensor column_sums_buffer(bool wanted, const RowProblem& p, const at::TensorOptions& o) {
@@ -53,8 +63,8 @@ inline Tensor column_sums_buffer(bool wanted, const RowProblem& p, const at::Ten
   return p.M > 0 ? at::empty({p.N}, o) : at::zeros({p.N}, o);
 }
 
-// A requested parameter gradient of `param_shape`, in `dtype`, from an opmath
-// column sum; not requested gives an empty (0,) tensor, as the fake kernels do.
+// A requested parameter gradient of `param_shape`, in `dtype`, from a column
+// sum; not requested gives an empty (0,) tensor, as the fake kernels do.
 inline Tensor finish_param_grad(const Tensor& column_sum, bool requested, const RowProblem& p,
                                 at::ScalarType dtype) {
   if (!requested) return at::empty({0}, p.x.options().dtype(dtype));
@@ -116,14 +126,15 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
   const RowProblem p =
       prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kLikeInput, K::kNarrowParams);
   const bool columns = output_mask[0] || output_mask[1];
+  const auto dtype = param_grad_dtype(w, input);
+  const auto col_opts = rstd.options().dtype(column_dtype<K>(dtype, input));
   Tensor dx = at::empty(input.sizes(), p.x.options());
-  Tensor dw_col = column_sums_buffer(columns, p, rstd.options());
-  Tensor db_col = column_sums_buffer(columns, p, rstd.options());
+  Tensor dw_col = column_sums_buffer(columns, p, col_opts);
+  Tensor db_col = column_sums_buffer(columns, p, col_opts);
   if (p.M > 0) {
     K::template backward<true>(p, mean.contiguous(), rstd.contiguous(), columns, dx, dw_col,
                                db_col);
   }
-  const auto dtype = param_grad_dtype(w, input);
   return {dx, finish_param_grad(dw_col, output_mask[0], p, dtype),
           finish_param_grad(db_col, output_mask[1], p, dtype)};
 }
@@ -138,13 +149,14 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
   TORCH_CHECK(w.defined() || !weight_grad, op, ": grad_weight requested without a weight");
   const RowProblem p =
       prepare_backward(op, grad_out, input, rstd, w, ParamDtype::kAnyFloat, K::kNarrowParams);
+  const auto dtype = param_grad_dtype(w, input);
   Tensor dx = at::empty(input.sizes(), p.x.options());
-  Tensor dw_col = column_sums_buffer(weight_grad, p, rstd.options());
+  Tensor dw_col =
+      column_sums_buffer(weight_grad, p, rstd.options().dtype(column_dtype<K>(dtype, input)));
   Tensor no_db;
   if (p.M > 0)
     K::template backward<false>(p, Tensor(), rstd.contiguous(), weight_grad, dx, dw_col, no_db);
-  return {in_input_layout(dx, input),
-          finish_param_grad(dw_col, weight_grad, p, param_grad_dtype(w, input))};
+  return {in_input_layout(dx, input), finish_param_grad(dw_col, weight_grad, p, dtype)};
 }
 
 // ------------------------------------------------------------- the _2d ops
@@ -175,18 +187,20 @@ std::tuple<Tensor, Tensor, Tensor> norm_2d_fwd(const char* op, const Tensor& inp
   return {out, mean, rstd};
 }
 
-// (dx, dw, db); dw and db are opmath (C,) column sums, undefined unless
-// `columns`.
+// (dx, dw, db); dw and db are (C,) column sums of column_dtype<K>, undefined
+// unless `columns`.
 template <class K, bool kCentred>
 std::tuple<Tensor, Tensor, Tensor> norm_2d_bwd(const Tensor& grad_out, const Tensor& input,
                                                const Tensor& mean, const Tensor& rstd,
                                                const Tensor& weight, bool columns) {
+  const auto col_opts =
+      rstd.options().dtype(column_dtype<K>(param_grad_dtype(weight, input), input));
   const Tensor rows = channel_rows(input);
   if (rows.is_contiguous()) {
     const RowProblem p = channel_row_problem(rows, channel_rows(grad_out), weight, Tensor());
     Tensor dx = at::empty(rows.sizes(), rows.options());
-    Tensor dw = column_sums_buffer(columns, p, rstd.options());
-    Tensor db = column_sums_buffer(columns && kCentred, p, rstd.options());
+    Tensor dw = column_sums_buffer(columns, p, col_opts);
+    Tensor db = column_sums_buffer(columns && kCentred, p, col_opts);
     if (p.M > 0) {
       K::template backward<kCentred>(p, kCentred ? mean.contiguous() : Tensor(), rstd.contiguous(),
                                      columns, dx, dw, db);
@@ -195,8 +209,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_2d_bwd(const Tensor& grad_out, const Ten
   }
   const ChannelProblem p = channel_problem(input, grad_out, weight, Tensor());
   Tensor dx = at::empty(input.sizes(), p.x.options());
-  Tensor dw = columns ? at::empty({p.C}, rstd.options()) : Tensor();
-  Tensor db = columns && kCentred ? at::empty({p.C}, rstd.options()) : Tensor();
+  Tensor dw = columns ? at::empty({p.C}, col_opts) : Tensor();
+  Tensor db = columns && kCentred ? at::empty({p.C}, col_opts) : Tensor();
   // An empty input counts as contiguous rows: the channel kernels see values.
   K::template channel_backward<kCentred>(p, kCentred ? mean.contiguous() : Tensor(),
                                          rstd.contiguous(), columns, dx, dw, db);

@@ -29,8 +29,9 @@
 //     them into row blockIdx.x of a [grid, C] opmath buffer (written by the
 //     block's first tile, then read-modify-written by the same thread: no
 //     races, the tiles in order). A merge kernel (cuda_kernels.cuh's
-//     column_merge_kernel) adds the grid's rows in a fixed order; with one
-//     block the kernel writes dw_col / db_col directly. The cost: 10 (RMSNorm
+//     column_merge_kernel) adds the grid's rows in a fixed order and rounds
+//     16-bit gradients to their dtype; with one block the kernel writes
+//     opmath dw_col / db_col directly. The cost: 10 (RMSNorm
 //     5) shuffles per 32 elements, and per 32 elements one read and one write
 //     of an opmath partial per sum, which stay in L2 (grid * C values); no
 //     second read of dy and x by a separate column kernel (LayerNorm forward
@@ -366,22 +367,21 @@ void launch_channel_backward(ChannelBackwardArgs<scalar_t> a, bool columns, Tens
     cuda::launch(kernel, plan.grid, plan.block, a);
     return;
   }
-  T* dw = dw_col.mutable_data_ptr<T>();
-  T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
   const int64_t parts = plan.grid.x;
-  if (parts == 1) {
-    a.dw_parts = dw;
-    a.db_parts = db;
+  if (writes_columns_directly<scalar_t>(parts, dw_col)) {
+    a.dw_parts = dw_col.mutable_data_ptr<T>();
+    a.db_parts = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
     cuda::launch(kernel, plan.grid, plan.block, a);
     return;
   }
   // Every partial is written by the dx kernel (each block has a tile).
-  Tensor dw_parts = at::empty({parts, a.C}, dw_col.options());
-  Tensor db_parts = kCentred ? at::empty({parts, a.C}, dw_col.options()) : Tensor();
+  const auto opts = dw_col.options().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor dw_parts = at::empty({parts, a.C}, opts);
+  Tensor db_parts = kCentred ? at::empty({parts, a.C}, opts) : Tensor();
   a.dw_parts = dw_parts.mutable_data_ptr<T>();
   a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   cuda::launch(kernel, plan.grid, plan.block, a);
-  launch_merge<T, kCentred, 1>(a.dw_parts, a.db_parts, parts, a.C, dw, db);
+  merge_into<scalar_t, kCentred, 1>(a.dw_parts, a.db_parts, parts, a.C, dw_col, db_col);
 }
 
 }  // namespace cuda_kernels

@@ -23,7 +23,8 @@
 //     kernels goes away (LayerNorm forward + backward: 5 tensor passes, not
 //     7). At the end a block merges its row groups' sums in a fixed order and
 //     writes one partial row; a merge kernel adds the gridDim.x rows (none
-//     with one block). The registers bound a thread's columns (kernels
+//     with one block) and writes 16-bit parameters' gradients in their dtype,
+//     so that no cast launch follows. The registers bound a thread's columns (kernels
 //     templated on KV, its most vectors): float64 and rows over the budget
 //     (kFusedColumnValues) keep the separate column kernels, where block
 //     (tile, part) adds 32 vectors of columns over its part of the rows with
@@ -398,14 +399,15 @@ __device__ __forceinline__ ColumnSums<T, VEC, kCentred> zero_sums() {
 }
 
 // Row `part` of out_dw / out_db (leading dimension N) gets the VEC sums of
-// columns c0, ...
-template <typename T, int VEC, bool kCentred>
-__device__ __forceinline__ void store_sums(const ColumnSums<T, VEC, kCentred>& s, T* out_dw,
-                                           T* out_db, int64_t offset) {
+// columns c0, ..., rounded to O: opmath for partial rows, or the 16-bit
+// parameters' dtype for the merged gradients.
+template <typename T, int VEC, bool kCentred, typename O>
+__device__ __forceinline__ void store_sums(const ColumnSums<T, VEC, kCentred>& s, O* out_dw,
+                                           O* out_db, int64_t offset) {
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    out_dw[offset + e] = s.v[e];
-    if constexpr (kCentred) out_db[offset + e] = s.v[VEC + e];
+    out_dw[offset + e] = static_cast<O>(s.v[e]);
+    if constexpr (kCentred) out_db[offset + e] = static_cast<O>(s.v[VEC + e]);
   }
 }
 
@@ -692,11 +694,11 @@ __global__ void __launch_bounds__(kColumnThreads)
 
 // A block of kColumnThreads: thread (tx, ty) adds parts ty, ty + blockDim.y,
 // ... of its VEC columns in order, and the blockDim.y lanes merge by a fixed
-// tree (launch_merge picks the block's shape).
-template <typename T, bool kCentred, int VEC>
+// tree (launch_merge picks the block's shape). The totals are stored as O.
+template <typename T, bool kCentred, int VEC, typename O>
 __global__ void __launch_bounds__(kColumnThreads)
-    column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, T* dw,
-                        T* db) {
+    column_merge_kernel(const T* dw_parts, const T* db_parts, int64_t num_parts, int64_t N, O* dw,
+                        O* db) {
   using S = ColumnSums<T, VEC, kCentred>;
   BNEXT_SHARED(S, scratch, kColumnThreads);
   const int64_t width = static_cast<int64_t>(blockDim.x) * VEC;
@@ -727,15 +729,40 @@ __global__ void __launch_bounds__(kColumnThreads)
 // than a warp's row segment when the columns are few, so that the merge keeps
 // a block per SM (tiles of 32 lanes made 16 blocks of 4096 columns), down to
 // a 32-byte sector per row.
-template <typename T, bool kCentred, int VEC>
-void launch_merge(const T* dw_parts, const T* db_parts, int64_t parts, int64_t N, T* dw, T* db) {
+template <typename T, bool kCentred, int VEC, typename O>
+void launch_merge(const T* dw_parts, const T* db_parts, int64_t parts, int64_t N, O* dw, O* db) {
   constexpr int kMinTile = std::max<int>(1, cuda::kSectorBytes / (VEC * sizeof(T)));
   int tile = kColumnTile;
   while (tile > kMinTile && cuda::ceil_div(N, tile * VEC) < cuda::num_sms()) tile /= 2;
   const int64_t grid_x = std::min(cuda::ceil_div(N, tile * VEC), cuda::max_grid_x());
-  cuda::launch(column_merge_kernel<T, kCentred, VEC>, dim3(static_cast<unsigned>(grid_x)),
+  cuda::launch(column_merge_kernel<T, kCentred, VEC, O>, dim3(static_cast<unsigned>(grid_x)),
                dim3(static_cast<unsigned>(tile), static_cast<unsigned>(kColumnThreads / tile)),
                dw_parts, db_parts, parts, N, dw, db);
+}
+
+// dw_col and db_col come in opmath or, for 16-bit parameters, in their dtype
+// (composite.h's column_dtype), which the merge rounds to: no cast launches
+// after it. A kernel of a single block writes opmath sums there directly;
+// 16-bit ones always come through the merge, a partial row of one.
+template <typename scalar_t>
+bool writes_columns_directly(int64_t parts, const Tensor& dw_col) {
+  using T = at::opmath_type<scalar_t>;
+  return parts == 1 && dw_col.scalar_type() == c10::CppTypeToScalarType<T>::value;
+}
+
+template <typename scalar_t, bool kCentred, int VEC>
+void merge_into(const at::opmath_type<scalar_t>* dw_parts,
+                const at::opmath_type<scalar_t>* db_parts, int64_t parts, int64_t N, Tensor& dw_col,
+                Tensor& db_col) {
+  using T = at::opmath_type<scalar_t>;
+  if (dw_col.scalar_type() == c10::CppTypeToScalarType<T>::value) {
+    launch_merge<T, kCentred, VEC>(dw_parts, db_parts, parts, N, dw_col.mutable_data_ptr<T>(),
+                                   kCentred ? db_col.mutable_data_ptr<T>() : nullptr);
+  } else {
+    launch_merge<T, kCentred, VEC>(dw_parts, db_parts, parts, N,
+                                   dw_col.mutable_data_ptr<scalar_t>(),
+                                   kCentred ? db_col.mutable_data_ptr<scalar_t>() : nullptr);
+  }
 }
 
 // Vector loads need rows of whole vectors starting 16-byte aligned, and
@@ -827,22 +854,22 @@ void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_c
       cuda::ceil_div(a.M, std::clamp<int64_t>(cuda::ceil_div(target, grid_x), 1, max_parts));
   const int64_t parts = cuda::ceil_div(a.M, rows_per_part);
   const dim3 block(kColumnTile, kColumnLanes);
-  T* dw = dw_col.mutable_data_ptr<T>();
-  T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
-  if (parts == 1) {
+  if (writes_columns_directly<scalar_t>(parts, dw_col)) {
     cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
-                 dim3(static_cast<unsigned>(grid_x)), block, a, rows_per_part, dw, db);
+                 dim3(static_cast<unsigned>(grid_x)), block, a, rows_per_part,
+                 dw_col.mutable_data_ptr<T>(), kCentred ? db_col.mutable_data_ptr<T>() : nullptr);
     return;
   }
   // Every partial is written by the first kernel.
-  Tensor dw_parts = at::empty({parts, a.N}, dw_col.options());
-  Tensor db_parts = kCentred ? at::empty({parts, a.N}, dw_col.options()) : Tensor();
+  const auto opts = dw_col.options().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor dw_parts = at::empty({parts, a.N}, opts);
+  Tensor db_parts = kCentred ? at::empty({parts, a.N}, opts) : Tensor();
   T* dw_p = dw_parts.mutable_data_ptr<T>();
   T* db_p = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
                dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts)), block, a,
                rows_per_part, dw_p, db_p);
-  launch_merge<T, kCentred, VEC>(dw_p, db_p, parts, a.N, dw, db);
+  merge_into<scalar_t, kCentred, VEC>(dw_p, db_p, parts, a.N, dw_col, db_col);
 }
 
 template <typename scalar_t, bool kCentred>
@@ -881,22 +908,21 @@ void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& sh
   RowPlan plan = fit_grid(shape, kernel);
   const int64_t fused = cuda::num_sms() * std::max<int64_t>(1, kFusedThreadsPerSm / plan.block.x);
   plan.grid.x = static_cast<unsigned>(std::min<int64_t>(plan.grid.x, fused));
-  T* dw = dw_col.mutable_data_ptr<T>();
-  T* db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
   const int64_t parts = plan.grid.x;
-  if (parts == 1) {
-    a.dw_parts = dw;
-    a.db_parts = db;
+  if (writes_columns_directly<scalar_t>(parts, dw_col)) {
+    a.dw_parts = dw_col.mutable_data_ptr<T>();
+    a.db_parts = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
     cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
     return;
   }
   // Every partial is written by the dx kernel (blocks without rows write zeros).
-  Tensor dw_parts = at::empty({parts, a.N}, dw_col.options());
-  Tensor db_parts = kCentred ? at::empty({parts, a.N}, dw_col.options()) : Tensor();
+  const auto opts = dw_col.options().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor dw_parts = at::empty({parts, a.N}, opts);
+  Tensor db_parts = kCentred ? at::empty({parts, a.N}, opts) : Tensor();
   a.dw_parts = dw_parts.mutable_data_ptr<T>();
   a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
-  launch_merge<T, kCentred, VEC>(a.dw_parts, a.db_parts, parts, a.N, dw, db);
+  merge_into<scalar_t, kCentred, VEC>(a.dw_parts, a.db_parts, parts, a.N, dw_col, db_col);
 }
 
 // dx with the fused column sums, if the thread's share of a row fits the
