@@ -588,20 +588,27 @@ struct PlainEnds : PlainMap<scalar_t_> {
 
 // Ends that work out the channel's coefficients where they are used, once
 // per plane or thread, instead of reading those of a launch of their own
-// before the map: Channel holds (mean, a, k, c) and coeffs_at takes them.
-template <class E>
-constexpr bool kOwnCoeffs = false;
-// Ends one thread per channel of which also writes the weight gradient.
-template <class E>
-constexpr bool kWritesWeightGrad = false;
-
-// Batch Norm's forward from the statistics (ForwardStep's arithmetic).
+// before the map: their Channel holds (mean, a, k, c) and coeffs_at takes them.
 template <typename scalar_t_>
-struct StatsEnds : PlainMap<scalar_t_> {
+struct OwnCoeffsMap : PlainMap<scalar_t_> {
   using T = typename PlainMap<scalar_t_>::T;
   struct Channel {
     T mean, a, k, c;
   };
+};
+template <class E>
+constexpr bool kOwnCoeffs = std::is_base_of_v<OwnCoeffsMap<typename E::scalar_t>, E>;
+// Ends with write_weight_grad(c), which one thread per channel calls.
+template <class E, class = void>
+constexpr bool kWritesWeightGrad = false;
+template <class E>
+constexpr bool kWritesWeightGrad<E, std::void_t<decltype(&E::write_weight_grad)>> = true;
+
+// Batch Norm's forward from the statistics (ForwardStep's arithmetic).
+template <typename scalar_t_>
+struct StatsEnds : OwnCoeffsMap<scalar_t_> {
+  using T = typename PlainMap<scalar_t_>::T;
+  using Channel = typename OwnCoeffsMap<scalar_t_>::Channel;
   const T* mean;
   const T* var;
   const T* weight;  // null: 1
@@ -613,17 +620,13 @@ struct StatsEnds : PlainMap<scalar_t_> {
     return {mean[c], T(0), co.scale, co.shift};
   }
 };
-template <typename S>
-constexpr bool kOwnCoeffs<StatsEnds<S>> = true;
 
 // Batch Norm's (and Renorm's) backward from the two sums (BackwardStep's
-// arithmetic); the weight gradient is written by one thread per channel.
+// arithmetic), and the weight gradient.
 template <typename scalar_t_>
-struct StepGradEnds : PlainMap<scalar_t_> {
+struct StepGradEnds : OwnCoeffsMap<scalar_t_> {
   using T = typename PlainMap<scalar_t_>::T;
-  struct Channel {
-    T mean, a, k, c;
-  };
+  using Channel = typename OwnCoeffsMap<scalar_t_>::Channel;
   const T* mean;
   const T* sum_dy;
   const T* sum_dy_xmu;
@@ -637,10 +640,6 @@ struct StepGradEnds : PlainMap<scalar_t_> {
     step.grad_weight[c] = step.weight_grad(c, sum_dy[c], sum_dy_xmu[c]);
   }
 };
-template <typename S>
-constexpr bool kOwnCoeffs<StepGradEnds<S>> = true;
-template <typename S>
-constexpr bool kWritesWeightGrad<StepGradEnds<S>> = true;
 
 // The backward of an activation without a residual: g = dy * act'(u)
 // recomputed from x as ActGradPrologue computes it (never stored).
