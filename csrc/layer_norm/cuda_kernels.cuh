@@ -23,16 +23,17 @@
 //     kernels goes away (LayerNorm forward + backward: 5 tensor passes, not
 //     7). At the end a block merges its row groups' sums in a fixed order and
 //     writes one partial row; a merge kernel adds the gridDim.x rows (none
-//     with one block) and writes 16-bit parameters' gradients in their dtype,
-//     so that no cast launch follows. The registers bound a thread's columns (kernels
-//     templated on KV, its most vectors): float64 and rows over the budget
-//     (kFusedColumnValues) keep the separate column kernels, where block
-//     (tile, part) adds 32 vectors of columns over its part of the rows with
-//     coalesced loads, 8 row lanes each summing a strided subset in order,
-//     merged by a fixed shared-memory tree, then a second kernel merges the
-//     parts the same way (none when one part suffices). No atomics: the
-//     partition depends on the shape and the SM count only, so results are
-//     bitwise reproducible on one GPU model.
+//     with one block) and writes 16-bit parameters' gradients in their
+//     dtype, so that no cast launch follows. The registers bound a thread's
+//     columns (kernels templated on KV, its most vectors): float64 and rows
+//     over the budget (kFusedColumnValues) keep the separate column kernels,
+//     where block (tile, part) adds 32 vectors of columns over its part of
+//     the rows with coalesced loads, 8 row lanes each summing a strided
+//     subset in order, merged by a fixed shared-memory tree, then a second
+//     kernel merges the parts the same way (none when one part suffices and
+//     the sums are opmath). No atomics: the partition depends on the shape
+//     and the SM count only, so results are bitwise reproducible on one GPU
+//     model.
 // The arithmetic is the CPU kernels' (bnext/layer_norm_math.h).
 #pragma once
 
