@@ -213,7 +213,11 @@ def test_launches_of_a_training_step(emu):
     of their partials; the map, which works out each channel's coefficients
     itself (and in the backward, the weight gradient); the running update,
     which counts the step too (no aten op). So 4 and 3 here, 3 and 2 without
-    partials; evaluation 1, as in ATen."""
+    partials; evaluation 1, as in ATen. The backward's third launch is the
+    price of filling the GPU: ATen's NCHW reduction gives each of these 64
+    channels one block, on a GPU of 132 SMs; its channels-last one, which
+    splits channels over blocks as we do, zeroes a semaphore buffer first
+    (at::zeros, a launch too) so that the last block merges."""
     old = emu.num_sms()
     x = _input((64, 64, 7, 7), False, torch.float32)
     w, b = torch.rand(64) + 0.5, torch.randn(64)
