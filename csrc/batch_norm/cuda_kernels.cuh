@@ -868,18 +868,20 @@ void launch_affine(const AffineArgs<E>& p, const ChannelView& v) {
 }
 
 // out = epilogue(a * g + k * center(x) + c) elementwise (no a, g without
-// kWithGrad); x, g and out canonical in one layout.
+// kWithGrad); x, g and out canonical in one layout. Ends that work out their
+// own coefficients (kOwnCoeffs) take undefined a, k and c.
 template <bool kWithGrad, class E>
 void affine_into(const Tensor& g, const Tensor& x, const Tensor& out, const E& ends,
                  const Tensor& a, const Tensor& k, const Tensor& c) {
   using scalar_t = typename E::scalar_t;
   using T = typename E::T;
+  constexpr bool kGiven = !kOwnCoeffs<E>;
   const AffineArgs<E> p{kWithGrad ? g.const_data_ptr<scalar_t>() : nullptr,
                         x.const_data_ptr<scalar_t>(),
                         out.mutable_data_ptr<scalar_t>(),
-                        kWithGrad ? a.const_data_ptr<T>() : nullptr,
-                        k.const_data_ptr<T>(),
-                        c.const_data_ptr<T>(),
+                        kWithGrad && kGiven ? a.const_data_ptr<T>() : nullptr,
+                        kGiven ? k.const_data_ptr<T>() : nullptr,
+                        kGiven ? c.const_data_ptr<T>() : nullptr,
                         ends};
   launch_affine<E, kWithGrad>(p, channel_view(x));
 }
@@ -1012,14 +1014,7 @@ Tensor CudaBackend::normalize(const Tensor& x, const Tensor& mean, const Tensor&
                      data_or_null<T>(weight),
                      data_or_null<T>(bias),
                      static_cast<T>(eps)};
-        const cuda_kernels::AffineArgs<E> p{nullptr,
-                                            x.const_data_ptr<scalar_t>(),
-                                            out.mutable_data_ptr<scalar_t>(),
-                                            nullptr,
-                                            nullptr,
-                                            nullptr,
-                                            ends};
-        cuda_kernels::launch_affine<E, false>(p, channel_view(x));
+        cuda_kernels::affine_into<false>(Tensor(), x, out, ends, Tensor(), Tensor(), Tensor());
       });
   return out;
 }
@@ -1075,14 +1070,7 @@ std::tuple<Tensor, Tensor> CudaBackend::backward_normalize(const Tensor& dy, con
                      sum_dy_xmu.const_data_ptr<T>(),
                      step,
                      count};
-        const cuda_kernels::AffineArgs<E> p{dy.const_data_ptr<scalar_t>(),
-                                            x.const_data_ptr<scalar_t>(),
-                                            dx.mutable_data_ptr<scalar_t>(),
-                                            nullptr,
-                                            nullptr,
-                                            nullptr,
-                                            ends};
-        cuda_kernels::launch_affine<E, true>(p, channel_view(x));
+        cuda_kernels::affine_into<true>(dy, x, dx, ends, Tensor(), Tensor(), Tensor());
       });
   return {dx, grad_weight};
 }
