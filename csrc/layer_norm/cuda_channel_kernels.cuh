@@ -354,11 +354,11 @@ void launch_channel_forward(ChannelForwardArgs<scalar_t> a) {
 }
 
 // dx, and with `columns` dw_col (and db_col): from the kernel directly when
-// its grid is one block, else through the [grid, C] partials and their merge.
+// its grid is one block and the sums are opmath, else through the [grid, C]
+// partials and their merge (ColumnOut).
 template <typename scalar_t, bool kCentred>
 void launch_channel_backward(ChannelBackwardArgs<scalar_t> a, bool columns, Tensor& dw_col,
                              Tensor& db_col) {
-  using T = at::opmath_type<scalar_t>;
   const auto kernel = columns ? channel_backward_kernel<scalar_t, kCentred, true>
                               : channel_backward_kernel<scalar_t, kCentred, false>;
   const ChannelPlan plan = channel_plan(a.P, a.C, kernel);
@@ -367,21 +367,12 @@ void launch_channel_backward(ChannelBackwardArgs<scalar_t> a, bool columns, Tens
     cuda::launch(kernel, plan.grid, plan.block, a);
     return;
   }
-  const int64_t parts = plan.grid.x;
-  if (writes_columns_directly<scalar_t>(parts, dw_col)) {
-    a.dw_parts = dw_col.mutable_data_ptr<T>();
-    a.db_parts = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
-    cuda::launch(kernel, plan.grid, plan.block, a);
-    return;
-  }
-  // Every partial is written by the dx kernel (each block has a tile).
-  const auto opts = dw_col.options().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor dw_parts = at::empty({parts, a.C}, opts);
-  Tensor db_parts = kCentred ? at::empty({parts, a.C}, opts) : Tensor();
-  a.dw_parts = dw_parts.mutable_data_ptr<T>();
-  a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
+  // Block b writes row b of the sums (each block has a tile).
+  ColumnOut<scalar_t, kCentred> out(plan.grid.x, a.C, dw_col, db_col);
+  a.dw_parts = out.dw;
+  a.db_parts = out.db;
   cuda::launch(kernel, plan.grid, plan.block, a);
-  merge_into<scalar_t, kCentred, 1>(a.dw_parts, a.db_parts, parts, a.C, dw_col, db_col);
+  out.template merge<1>();
 }
 
 }  // namespace cuda_kernels

@@ -741,30 +741,50 @@ void launch_merge(const T* dw_parts, const T* db_parts, int64_t parts, int64_t N
                dw_parts, db_parts, parts, N, dw, db);
 }
 
-// dw_col and db_col come in opmath or, for 16-bit parameters, in their dtype
-// (composite.h's column_dtype), which the merge rounds to: no cast launches
-// after it. A kernel of a single block writes opmath sums there directly;
-// 16-bit ones always come through the merge, a partial row of one.
-template <typename scalar_t>
-bool writes_columns_directly(int64_t parts, const Tensor& dw_col) {
+// Where a kernel of `parts` partial rows of N columns puts its column sums,
+// and their merge. dw_col and db_col come in opmath or, for 16-bit
+// parameters, in their dtype (composite.h's column_dtype), which the merge
+// rounds to: no cast launch follows it. A kernel of one partial row writes
+// opmath sums there directly; otherwise it writes [parts, N] opmath rows
+// (every one of them), which merge() adds up into dw_col and db_col.
+template <typename scalar_t, bool kCentred>
+struct ColumnOut {
   using T = at::opmath_type<scalar_t>;
-  return parts == 1 && dw_col.scalar_type() == c10::CppTypeToScalarType<T>::value;
-}
-
-template <typename scalar_t, bool kCentred, int VEC>
-void merge_into(const at::opmath_type<scalar_t>* dw_parts,
-                const at::opmath_type<scalar_t>* db_parts, int64_t parts, int64_t N, Tensor& dw_col,
-                Tensor& db_col) {
-  using T = at::opmath_type<scalar_t>;
-  if (dw_col.scalar_type() == c10::CppTypeToScalarType<T>::value) {
-    launch_merge<T, kCentred, VEC>(dw_parts, db_parts, parts, N, dw_col.mutable_data_ptr<T>(),
-                                   kCentred ? db_col.mutable_data_ptr<T>() : nullptr);
-  } else {
-    launch_merge<T, kCentred, VEC>(dw_parts, db_parts, parts, N,
-                                   dw_col.mutable_data_ptr<scalar_t>(),
-                                   kCentred ? db_col.mutable_data_ptr<scalar_t>() : nullptr);
+  static constexpr auto kOpmath = c10::CppTypeToScalarType<T>::value;
+  ColumnOut(int64_t parts, int64_t N, Tensor& dw_col, Tensor& db_col)
+      : parts(parts), N(N), dw_col(dw_col), db_col(db_col) {
+    if (parts == 1 && dw_col.scalar_type() == kOpmath) {
+      dw = dw_col.mutable_data_ptr<T>();
+      db = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
+      return;
+    }
+    const auto opts = dw_col.options().dtype(kOpmath);
+    dw_parts = at::empty({parts, N}, opts);
+    db_parts = kCentred ? at::empty({parts, N}, opts) : Tensor();
+    dw = dw_parts.mutable_data_ptr<T>();
+    db = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
   }
-}
+  // After the kernel: the merge launch, where it wrote partial rows.
+  template <int VEC>
+  void merge() {
+    if (!dw_parts.defined()) return;
+    if (dw_col.scalar_type() == kOpmath) {
+      launch_merge<T, kCentred, VEC>(dw, db, parts, N, dw_col.mutable_data_ptr<T>(),
+                                     kCentred ? db_col.mutable_data_ptr<T>() : nullptr);
+    } else {
+      launch_merge<T, kCentred, VEC>(dw, db, parts, N, dw_col.mutable_data_ptr<scalar_t>(),
+                                     kCentred ? db_col.mutable_data_ptr<scalar_t>() : nullptr);
+    }
+  }
+  int64_t parts;
+  int64_t N;
+  Tensor& dw_col;
+  Tensor& db_col;
+  Tensor dw_parts;  // undefined where the kernel writes dw_col directly
+  Tensor db_parts;
+  T* dw = nullptr;  // where the kernel writes
+  T* db = nullptr;
+};
 
 // Vector loads need rows of whole vectors starting 16-byte aligned, and
 // parameters aligned to their vector (of opmath or 16-bit values).
@@ -845,7 +865,6 @@ void launch_forward(const ForwardArgs<scalar_t>& a) {
 // rows fills the GPU, else partials per part merged by a second launch.
 template <typename scalar_t, bool kCentred, int VEC>
 void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_col) {
-  using T = at::opmath_type<scalar_t>;
   const int64_t tiles = cuda::ceil_div(a.N, kColumnTile * VEC);
   const int64_t grid_x = std::min(tiles, cuda::max_grid_x());
   const int64_t target = 4 * cuda::num_sms();
@@ -855,22 +874,12 @@ void column_sums_vec(const ColumnArgs<scalar_t>& a, Tensor& dw_col, Tensor& db_c
       cuda::ceil_div(a.M, std::clamp<int64_t>(cuda::ceil_div(target, grid_x), 1, max_parts));
   const int64_t parts = cuda::ceil_div(a.M, rows_per_part);
   const dim3 block(kColumnTile, kColumnLanes);
-  if (writes_columns_directly<scalar_t>(parts, dw_col)) {
-    cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
-                 dim3(static_cast<unsigned>(grid_x)), block, a, rows_per_part,
-                 dw_col.mutable_data_ptr<T>(), kCentred ? db_col.mutable_data_ptr<T>() : nullptr);
-    return;
-  }
-  // Every partial is written by the first kernel.
-  const auto opts = dw_col.options().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor dw_parts = at::empty({parts, a.N}, opts);
-  Tensor db_parts = kCentred ? at::empty({parts, a.N}, opts) : Tensor();
-  T* dw_p = dw_parts.mutable_data_ptr<T>();
-  T* db_p = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
+  // Block (tile, part) writes row `part` of the sums.
+  ColumnOut<scalar_t, kCentred> out(parts, a.N, dw_col, db_col);
   cuda::launch(column_partials_kernel<scalar_t, kCentred, VEC>,
                dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts)), block, a,
-               rows_per_part, dw_p, db_p);
-  merge_into<scalar_t, kCentred, VEC>(dw_p, db_p, parts, a.N, dw_col, db_col);
+               rows_per_part, out.dw, out.db);
+  out.template merge<VEC>();
 }
 
 template <typename scalar_t, bool kCentred>
@@ -900,30 +909,20 @@ constexpr int kFusedColumnValues = 32;
 // as many blocks as the registers allow added a third.
 constexpr int kFusedThreadsPerSm = 256;
 
-// The gridDim.x partial rows merged into dw_col / db_col; with one block the
-// kernel writes them directly, in a single launch.
+// The gridDim.x partial rows merged into dw_col / db_col; with one block and
+// opmath sums the kernel writes them directly, in a single launch.
 template <typename scalar_t, bool kCentred, int VEC, int KV>
 void launch_fused(void (*kernel)(BackwardArgs<scalar_t>, int), const RowPlan& shape,
                   BackwardArgs<scalar_t> a, Tensor& dw_col, Tensor& db_col) {
-  using T = at::opmath_type<scalar_t>;
   RowPlan plan = fit_grid(shape, kernel);
   const int64_t fused = cuda::num_sms() * std::max<int64_t>(1, kFusedThreadsPerSm / plan.block.x);
   plan.grid.x = static_cast<unsigned>(std::min<int64_t>(plan.grid.x, fused));
-  const int64_t parts = plan.grid.x;
-  if (writes_columns_directly<scalar_t>(parts, dw_col)) {
-    a.dw_parts = dw_col.mutable_data_ptr<T>();
-    a.db_parts = kCentred ? db_col.mutable_data_ptr<T>() : nullptr;
-    cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
-    return;
-  }
-  // Every partial is written by the dx kernel (blocks without rows write zeros).
-  const auto opts = dw_col.options().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor dw_parts = at::empty({parts, a.N}, opts);
-  Tensor db_parts = kCentred ? at::empty({parts, a.N}, opts) : Tensor();
-  a.dw_parts = dw_parts.mutable_data_ptr<T>();
-  a.db_parts = kCentred ? db_parts.mutable_data_ptr<T>() : nullptr;
+  // Block b writes row b of the sums (blocks without rows write zeros).
+  ColumnOut<scalar_t, kCentred> out(plan.grid.x, a.N, dw_col, db_col);
+  a.dw_parts = out.dw;
+  a.db_parts = out.db;
   cuda::launch(kernel, plan.grid, plan.block, a, plan.group);
-  merge_into<scalar_t, kCentred, VEC>(a.dw_parts, a.db_parts, parts, a.N, dw_col, db_col);
+  out.template merge<VEC>();
 }
 
 // dx with the fused column sums, if the thread's share of a row fits the
